@@ -181,3 +181,16 @@ def test_trainer_test_loop_sees_every_key_and_skip(tmp_path: Path) -> None:
     trainer.test(module, datamodule=dm, verbose=False)
     assert sorted(module.keys) == [str(i) for i in range(5)]
     assert module.skipped == [{"key": "5", "reason": f"missing image file {tmp_path / 'missing.png'}"}]
+
+
+def test_datamodule_is_cli_configurable() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(ClipDataModule, "data")
+    cfg = parser.parse_args(["--data.kind=refcoco", "--data.path=r.jsonl", "--data.box_format=xyxy",
+                             "--data.partition=borderline", "--data.partition_thresholds=[0.2,0.3]", "--data.caption_choice=best"])
+    dm = ClipDataModule(**vars(cfg.data))
+    assert dm.hparams.kind == "refcoco" and dm.hparams.partition_thresholds == (0.2, 0.3)
+    with pytest.raises(Exception):
+        parser.parse_args(["--data.kind=parquet"])

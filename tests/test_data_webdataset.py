@@ -139,3 +139,9 @@ def test_truncated_tar_and_missing_shard_reported_once(tmp_path: Path) -> None:
     shard_skips = [it for it in items if "skip" in it and "/" not in it["key"]]
     assert sorted(it["key"] for it in shard_skips) == ["00001", "00002"]
     assert "unreadable shard" in shard_skips[0]["skip"]
+
+
+def test_pipe_urls_use_webdatasets_opener(tmp_path: Path) -> None:
+    expected = write_shards(tmp_path, [2])
+    items = list(ShardDataset(f"pipe:cat {tmp_path / '00000.tar'}", PRE))
+    assert sorted(it["key"] for it in items) == sorted(expected)

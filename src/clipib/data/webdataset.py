@@ -130,6 +130,7 @@ class ShardDataset(IterableDataset):
         failed: set = set()
 
         def handler(exn: Exception) -> bool:
+            """webdataset exception handler: record a shard-level skip, then continue."""
             item = self._error_item(exn)
             if item["key"] not in failed:  # a truncated tar raises twice (member, then stream): report once
                 failed.add(item["key"])
