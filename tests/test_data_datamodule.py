@@ -141,7 +141,7 @@ def test_datamodule_webdataset_two_ranks(tmp_path: Path) -> None:
     dm.set_transforms(PRE, TOK)
     keys, _ = collect(dm, 2)
     assert sorted(keys) == sorted(expected)
-    with pytest.raises(ValueError, match="map-style"):
+    with pytest.raises(ValueError, match="table kind"):
         ClipDataModule(kind="webdataset", path="x.tar", sample=3)
 
 
@@ -194,3 +194,12 @@ def test_datamodule_is_cli_configurable() -> None:
     assert dm.hparams.kind == "refcoco" and dm.hparams.partition_thresholds == (0.2, 0.3)
     with pytest.raises(Exception):
         parser.parse_args(["--data.kind=parquet"])
+
+
+def test_bad_option_combinations_fail_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="table kind"):
+        ClipDataModule(kind="synthetic", mismatched=True)
+    dm = ClipDataModule(kind="csv", path="")
+    dm.set_transforms(PRE, TOK)
+    with pytest.raises(ValueError, match="path is required"):
+        dm.test_dataloader()

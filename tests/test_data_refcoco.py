@@ -113,3 +113,13 @@ def test_jsonl_items_box_and_mask(tmp_path: Path) -> None:
     batch = ClipCollate(open_clip.get_tokenizer("ViT-B-32"), (32, 32))(items)
     assert tuple(batch["box"].shape) == (2, 4) and tuple(batch["mask"].shape) == (2, 32, 32)
     assert batch["has_mask"].tolist() == [True, False] and len(batch["skipped"]) == 2
+
+
+def test_collate_keeps_pretokenized_ids_and_extra_fields() -> None:
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    items = [{"key": str(i), "image": torch.zeros(3, 32, 32), "caption": "a red square", "ids": torch.full((77,), i),
+              "gold_tokens": torch.ones(77, dtype=torch.bool), "colour": "red", "matched": torch.tensor(i == 0)} for i in range(2)]
+    batch = ClipCollate(tok, (32, 32))(items + [{"key": "bad", "skip": "missing caption"}])
+    assert batch["ids"][:, 0].tolist() == [0, 1] and tuple(batch["gold_tokens"].shape) == (2, 77)
+    assert batch["colour"] == ["red", "red"] and batch["matched"].tolist() == [True, False]
+    assert batch["skipped"] == [{"key": "bad", "reason": "missing caption"}] and "has_mask" not in batch

@@ -102,7 +102,9 @@ def resolve_transforms(model: str) -> Tuple[Preprocess, Tokenizer]:
     """
     try:
         from clipib.models.loading import load_transforms  # type: ignore[attr-defined]
-    except ImportError:
+    except ImportError as exn:  # the foundation is not there yet; a broken one still raises
+        if not isinstance(exn, ModuleNotFoundError) and "load_transforms" not in str(exn):
+            raise
         load_transforms = None
     if load_transforms is not None:
         return load_transforms(model)
@@ -122,7 +124,9 @@ class ClipCollate:
     "caption": list[str], "matched": BoolTensor[B], "skipped": list[{"key", "reason"}]}`` plus
     ``"box"`` FloatTensor[B, 4] when every sample has one, and ``"mask"`` BoolTensor[B, H, W] with
     ``"has_mask"`` BoolTensor[B] when any sample has one (all-False rows where it has none). ``B`` may be
-    0 when a whole batch was skipped; ``"skipped"`` is then non-empty.
+    0 when a whole batch was skipped; ``"skipped"`` is then non-empty. Items that carry ``"ids"`` are not
+    re-tokenized; any other field every sample has is passed on (tensors stacked, anything else listed),
+    e.g. the shapes world's ``"gold_tokens"``.
     """
 
     def __init__(self, tokenizer: Tokenizer, image_size: Tuple[int, int], context_length: Optional[int] = None):
@@ -141,7 +145,10 @@ class ClipCollate:
         }
         if good:
             batch["image"] = torch.stack([it["image"] for it in good])  # [B, 3, H, W]
-            batch["ids"] = self.tokenizer(batch["caption"]).long()  # [B, ctx]
+            if all("ids" in it for it in good):  # the dataset tokenized already (e.g. with gold tokens)
+                batch["ids"] = torch.stack([torch.as_tensor(it["ids"]) for it in good]).long()
+            else:
+                batch["ids"] = self.tokenizer(batch["caption"]).long()  # [B, ctx]
         else:
             batch["image"] = torch.empty(0, 3, *self.image_size)
             batch["ids"] = torch.empty(0, self.context_length, dtype=torch.long)
@@ -151,4 +158,8 @@ class ClipCollate:
             blank = torch.zeros(self.image_size, dtype=torch.bool)
             batch["mask"] = torch.stack([it.get("mask", blank) for it in good])  # [B, H, W]
             batch["has_mask"] = torch.tensor(["mask" in it for it in good], dtype=torch.bool)  # [B]
+        extra = set(good[0]) - set(batch) - {"box", "mask"} if good else set()
+        for name in sorted(n for n in extra if all(n in it for it in good)):
+            values = [it[name] for it in good]  # other fields every sample has: tensors stacked, else a list
+            batch[name] = torch.stack([torch.as_tensor(v) for v in values]) if isinstance(values[0], torch.Tensor) else values
         return batch

@@ -41,7 +41,7 @@ class ClipDataModule(LightningDataModule):
     Args:
         kind: ``webdataset`` (shards), ``tsv`` (Conceptual Captions), ``csv`` (``caption,file_path``),
             ``flickr8k`` (``en_val.json``), ``folders`` (class folders + ``prompt``), ``refcoco``
-            (grounding JSON lines), ``synthetic`` (the shapes world, wired in separately).
+            (grounding JSON lines), ``synthetic`` (the shapes world's test split).
         path: shard pattern(s) / table file / folder root.
         image_root: folder that image references are relative to (default: the table's folder).
         model: open_clip model name whose preprocess and tokenizer are used.
@@ -55,6 +55,8 @@ class ClipDataModule(LightningDataModule):
         box_format: ``refcoco`` box layout in the file, ``xywh`` (COCO) or ``xyxy``.
         tsv_header: the TSV has a header line.
         split: webdataset split mode, ``auto`` | ``shard`` | ``sample`` (:mod:`clipib.data.webdataset`).
+        synthetic_size, synthetic_seed, synthetic_mismatch_rate: the shapes world's test split
+            (``clipib.data.synthetic.ShapesDataset``; its pairs carry their own mismatches).
     """
 
     def __init__(
@@ -79,11 +81,14 @@ class ClipDataModule(LightningDataModule):
         box_format: Literal["xywh", "xyxy"] = "xywh",
         tsv_header: bool = False,
         split: Literal["auto", "shard", "sample"] = "auto",
+        synthetic_size: int = 1024,
+        synthetic_seed: int = 2,
+        synthetic_mismatch_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if kind == "webdataset" and (sample or mismatched or partition):
-            raise ValueError("sample / mismatched / partition need a map-style kind, not streamed webdataset shards")
+        if kind in ("webdataset", "synthetic") and (sample or mismatched or partition):
+            raise ValueError(f"sample / mismatched / partition need a table kind, not {kind!r}")
         self.score: Optional[selection.Score] = None
         self.info: Dict[str, Any] = {"kind": kind}
         self._transforms: Optional[Tuple[Preprocess, Tokenizer]] = None
@@ -128,8 +133,6 @@ class ClipDataModule(LightningDataModule):
             return read_folders(hp.path, hp.prompt, hp.per_class, hp.synonyms, hp.annotations)
         if hp.kind == "refcoco":
             return read_refcoco(hp.path, hp.image_root, box_format=hp.box_format)
-        if hp.kind == "synthetic":
-            raise NotImplementedError("kind='synthetic' is served by clipib.data.synthetic, not wired in yet")
         raise ValueError(f"unknown data kind {hp.kind!r}")
 
     def _scorer(self) -> selection.Score:
@@ -171,6 +174,10 @@ class ClipDataModule(LightningDataModule):
 
     def build_dataset(self) -> Dataset:
         """The dataset for this rank (shards split for it; map-style rows selected)."""
+        if self.hparams.kind == "synthetic":
+            return self._synthetic()
+        if not self.hparams.path:
+            raise ValueError(f"data.path is required for kind={self.hparams.kind!r}")
         preprocess = self.transforms[0]
         if self.hparams.kind == "webdataset":
             # without a trainer, leave rank discovery to webdataset (RANK/WORLD_SIZE, torch.distributed)
@@ -179,6 +186,16 @@ class ClipDataModule(LightningDataModule):
         rows = self.select(self.read_rows())
         cls = GroundingDataset if self.hparams.kind == "refcoco" else PairDataset
         return cls(rows, preprocess)
+
+    def _synthetic(self) -> Dataset:
+        """The shapes world's test split (``clipib.data.synthetic``, a separate module)."""
+        try:
+            from clipib.data.synthetic import ShapesDataset
+        except ImportError as exn:
+            raise ValueError(f"kind='synthetic' needs clipib.data.synthetic.ShapesDataset ({exn})") from None
+        hp, (preprocess, tokenizer) = self.hparams, self.transforms
+        return ShapesDataset(size=hp.synthetic_size, seed=hp.synthetic_seed, split="test",
+                             mismatch_rate=hp.synthetic_mismatch_rate, preprocess=preprocess, tokenizer=tokenizer)
 
     @property
     def dataset(self) -> Dataset:
