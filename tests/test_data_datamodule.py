@@ -88,9 +88,9 @@ def collect(dm: ClipDataModule, world: int) -> tuple:
     return keys, skipped
 
 
-@pytest.mark.parametrize("world,batch_size", [(1, 4), (2, 2), (2, 3)])
-def test_datamodule_csv_exactly_once_over_ranks(tmp_path: Path, world: int, batch_size: int) -> None:
-    dm = ClipDataModule(kind="csv", path=str(write_csv(tmp_path, 6)), batch_size=batch_size, model="ViT-B-32")
+@pytest.mark.parametrize("world,batch_size,workers", [(1, 4, 0), (2, 2, 0), (2, 3, 0), (2, 2, 2)])
+def test_datamodule_csv_exactly_once_over_ranks(tmp_path: Path, world: int, batch_size: int, workers: int) -> None:
+    dm = ClipDataModule(kind="csv", path=str(write_csv(tmp_path, 6)), batch_size=batch_size, num_workers=workers)
     dm.set_transforms(PRE, TOK)
     keys, skipped = collect(dm, world)
     assert sorted(keys, key=int) == [str(i) for i in range(6)] and skipped == ["6"]

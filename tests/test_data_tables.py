@@ -32,19 +32,20 @@ def save_image(path: Path, color=None, size=(24, 16)) -> Path:
 def test_tsv_rows_urls_paths_and_missing(tmp_path: Path) -> None:
     save_image(tmp_path / "imgs" / "a.jpg")
     save_image(tmp_path / "imgs" / "sub" / "b.png")
-    (tmp_path / "cc.tsv").write_text(
-        "a dog on grass\thttps://host.example/path/a.jpg?x=1\n"
-        "a red car\tsub/b.png\n"
-        "a missing picture\tnowhere.jpg\n"
-        "no tab on this line\n"
+    (tmp_path / "cc.tsv").write_bytes(
+        b"a dog on grass\thttps://host.example/path/a.jpg?x=1\n"
+        b'a "red" car\tsub/b.png\r\n'
+        b"a missing picture\tnowhere.jpg\n"
+        b"no tab on this line\n"
+        b"caf\xe9 latin-1\tsub/b.png\n"
     )
     rows = read_tsv(tmp_path / "cc.tsv", tmp_path / "imgs")
-    assert [r["key"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["key"] for r in rows] == ["0", "1", "2", "3", "4"] and "malformed" in rows[4]["skip"]
     assert rows[0]["image"] == str(tmp_path / "imgs" / "a.jpg") and rows[0]["caption"] == "a dog on grass"
     assert "skip" not in rows[1] and rows[1]["image"].endswith("sub/b.png")
     assert rows[2]["skip"].startswith("missing image file") and rows[3]["skip"].startswith("malformed row")
     items = [PairDataset(rows, PRE)[i] for i in range(4)]
-    assert tuple(items[0]["image"].shape) == (3, 32, 32) and items[1]["caption"] == "a red car"
+    assert tuple(items[0]["image"].shape) == (3, 32, 32) and items[1]["caption"] == 'a "red" car'
     assert [("skip" in it) for it in items] == [False, False, True, True]
 
 

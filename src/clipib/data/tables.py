@@ -49,20 +49,22 @@ def resolve_image(ref: str, image_root: Path) -> Path:
 def read_tsv(path: PathLike, image_root: Optional[PathLike] = None, header: bool = False) -> List[Row]:
     """Conceptual Captions TSV: ``caption<TAB>url_or_path`` per line (no header unless ``header``).
 
-    Images resolve through :func:`resolve_image` against ``image_root`` (default: the TSV's folder).
+    No quoting (captions may contain quotes). Images resolve through :func:`resolve_image` against
+    ``image_root`` (default: the TSV's folder). A line that is not UTF-8 or has no tab is a skip row.
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
+    lines = path.read_bytes().splitlines()[1 if header else 0 :]
     rows: List[Row] = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if header:
-            next(reader, None)
-        for i, fields in enumerate(reader):
-            if len(fields) < 2:
-                rows.append({"key": str(i), "image": "", "caption": "", "skip": "malformed row (need caption<TAB>image)"})
-                continue
-            rows.append(_image_row(str(i), resolve_image(fields[1].strip(), root), fields[0]))
+    for i, raw in enumerate(lines):
+        try:
+            fields = raw.decode("utf-8").split("\t")
+        except UnicodeDecodeError:
+            fields = []
+        if len(fields) < 2:
+            rows.append({"key": str(i), "image": "", "caption": "", "skip": "malformed row (need UTF-8 caption<TAB>image)"})
+            continue
+        rows.append(_image_row(str(i), resolve_image(fields[1].strip(), root), fields[0]))
     return rows
 
 
