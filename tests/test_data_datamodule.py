@@ -160,8 +160,9 @@ class KeyRecorder:
         import lightning.pytorch as pl
 
         class Recorder(pl.LightningModule):
-            def __init__(self) -> None:
+            def __init__(self, model: str = "another-model", batch_size: int = 1) -> None:
                 super().__init__()
+                self.save_hyperparameters()  # keys shared with the datamodule, other values: must not clash
                 self.keys, self.skipped = [], []
 
             def test_step(self, batch, batch_idx):
@@ -177,7 +178,8 @@ def test_trainer_test_loop_sees_every_key_and_skip(tmp_path: Path) -> None:
     dm = ClipDataModule(kind="csv", path=str(write_csv(tmp_path, 5)), batch_size=2)
     dm.set_transforms(PRE, TOK)
     module = KeyRecorder.make()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=pl.loggers.CSVLogger(tmp_path), enable_progress_bar=False,
+                         enable_model_summary=False)
     trainer.test(module, datamodule=dm, verbose=False)
     assert sorted(module.keys) == [str(i) for i in range(5)]
     assert module.skipped == [{"key": "5", "reason": f"missing image file {tmp_path / 'missing.png'}"}]

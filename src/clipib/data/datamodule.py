@@ -86,7 +86,9 @@ class ClipDataModule(LightningDataModule):
         synthetic_mismatch_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # logger=False: Lightning refuses to log when a key (model, batch_size, ...) is in both the module's
+        # and the datamodule's hparams with different values; LightningCLI's config.yaml keeps these anyway.
+        self.save_hyperparameters(logger=False)
         if kind in ("webdataset", "synthetic") and (sample or mismatched or partition):
             raise ValueError(f"sample / mismatched / partition need a table kind, not {kind!r}")
         self.score: Optional[selection.Score] = None
