@@ -172,6 +172,7 @@ class RecordWriter(Callback):
             run = self.run_dir(trainer)
             skipped = read_skips(run)
             write_summary(run, pl_module.final_summary, {"skipped": {"n": len(skipped), "samples": skipped}})
+            print((run / "summary.md").read_text())
             if self.resumed:
                 print(f"resumed: {self.resumed} pairs were already finished in {run} and were not recomputed")
 
