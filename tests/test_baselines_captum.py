@@ -96,7 +96,7 @@ def test_kernel_shap_efficiency(tiny_clip, pairs):
 
 
 def test_kernel_shap_recovers_a_linear_model():
-    """On a model linear in its features, the Shapley values are w_i (x_i − x'_i); the exact WLS surrogate finds them."""
+    """Linear model: the Shapley values are w_i (x_i − x'_i); the exact WLS surrogate finds them."""
     gen = torch.Generator().manual_seed(0)
     w, x = torch.randn(6, generator=gen), torch.randn(1, 6, generator=gen)
     explainer = CaptumKernelShap(lambda v: v @ w + 0.5)

@@ -1,4 +1,4 @@
-"""Integrated Gradients (Sundararajan, Taly, Yan, ICML 2017) on pixels and on token embeddings, via Captum.
+"""Integrated Gradients (Sundararajan, Taly, Yan, ICML 2017) on pixels and token embeddings, via Captum.
 
 ``IG_i(x) = (x_i − x'_i) ∫_0^1 ∂F(x' + α(x − x'))/∂x_i dα`` with ``F = cos(f(x), e_other)``, the cosine of the
 explained tower's embedding with the other modality's clean embedding. Completeness:

@@ -114,7 +114,7 @@ class KernelShap(Attributor):
             perturbations_per_eval=self.internal_batch_size,
             return_input_shape=False,
         )
-        return coefs.reshape(m)
+        return coefs.reshape(m).to(x.device)  # the surrogate is fitted on the CPU
 
     def _image_value(self, images: Tensor, target: Tensor) -> Tensor:
         return cosine(self.clip.image.encode(images), target)  # [N]
@@ -135,7 +135,8 @@ class KernelShap(Attributor):
 
     def _text_value(self, content: Tensor, ids: Tensor, target: Tensor) -> Tensor:
         """Score of ``ids`` ``[1, eot+1]`` with its content tokens replaced by ``content`` ``[N, eot−1]``."""
-        full = torch.cat([ids[:, :1].expand(content.shape[0], 1), content, ids[:, -1:].expand(content.shape[0], 1)], 1)
+        n = content.shape[0]
+        full = torch.cat([ids[:, :1].expand(n, 1), content, ids[:, -1:].expand(n, 1)], dim=1)  # [N, eot+1]
         pool_at = torch.full((full.shape[0],), full.shape[1] - 1, device=full.device, dtype=torch.long)
         emb = self.clip.text.encode_embeddings(self.clip.text.token_embeddings(full), pool_at)  # [N, E]
         return cosine(emb, target)
