@@ -1,0 +1,85 @@
+"""Reference inputs, token positions and per-pair random streams shared by the gradient / perturbation baselines.
+
+Not a method: importing it registers nothing.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Literal, Tuple
+
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import Tensor
+
+from clipib.models.split import SplitCLIP
+
+PAD_ID = 0
+"""The id open_clip's tokenizers pad with (in the OpenAI BPE vocabulary it is also the token ``!``)."""
+
+Fill = Literal["black", "mean", "zero"]
+FILLS = ("black", "mean", "zero")
+
+
+def normalisation(clip: SplitCLIP, like: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, std)`` ``[3, 1, 1]`` the model's preprocessing normalises with.
+
+    Read from the image tower (open_clip stores them as ``visual.image_mean`` / ``image_std``); OpenAI's
+    constants when the tower does not carry them.
+    """
+    visual = clip.model.visual
+    mean = getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or OPENAI_DATASET_STD
+    as_t = lambda v: torch.as_tensor(v, dtype=like.dtype, device=like.device).view(-1, 1, 1)  # noqa: E731
+    return as_t(mean), as_t(std)
+
+
+def reference_image(clip: SplitCLIP, images: Tensor, fill: Fill) -> Tensor:
+    """A reference ("absent") image for each preprocessed image ``[B, 3, H, W]``, in the model's input space.
+
+    ``"black"``: pixel value 0 in [0, 1] pixel space, i.e. ``−mean/std`` after normalisation.
+    ``"mean"``: each image's own per-channel mean (what ROAR-style removal fills with).
+    ``"zero"``: 0 after normalisation, i.e. the preprocessing's dataset-mean colour.
+    """
+    if fill == "black":
+        mean, std = normalisation(clip, images)
+        return (-mean / std).expand_as(images)
+    if fill == "mean":
+        return images.mean(dim=(-2, -1), keepdim=True).expand_as(images)
+    if fill == "zero":
+        return torch.zeros_like(images)
+    raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
+
+
+def content_tokens(clip: SplitCLIP, ids: Tensor) -> Tensor:
+    """``[B, ctx]`` bool, True strictly between SOT (position 0) and EOT: the tokens perturbation methods remove."""
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    return (pos[None] > 0) & (pos[None] < clip.text.eot_positions(ids)[:, None])
+
+
+def cosine(emb: Tensor, target: Tensor) -> Tensor:
+    """Row-wise cosine of L2-normalised embeddings ``[N, E]`` with targets ``[N, E]`` (or ``[1, E]``), ``[N]``."""
+    return (emb * target).sum(-1)
+
+
+def patch_feature_mask(clip: SplitCLIP, device: torch.device) -> Tensor:
+    """``[1, 1, H, W]`` long: the index ``row * gw + col`` of the patch each pixel belongs to."""
+    (h, w), (gh, gw) = clip.image_size, clip.grid
+    rows = torch.arange(h, device=device) * gh // h  # [H]
+    cols = torch.arange(w, device=device) * gw // w  # [W]
+    return (rows[:, None] * gw + cols[None, :])[None, None]
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A 62-bit seed drawn from ``generator`` (advances it)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+@contextmanager
+def pair_rng(generator: torch.Generator) -> Iterator[None]:
+    """Run a block whose library code samples from torch's global CPU RNG (Captum's samplers) on a stream
+    seeded from ``generator``; the global RNG state is restored afterwards."""
+    seed = draw_seed(generator)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
