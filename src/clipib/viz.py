@@ -31,8 +31,9 @@ def mean_std(preprocess: Callable) -> Tuple[Tuple[float, ...], Tuple[float, ...]
 
 
 def to_uint8(image: Tensor, preprocess: Callable) -> np.ndarray:
-    """A preprocessed image ``[3, H, W]`` back to uint8 ``[H, W, 3]`` (what the model saw)."""
-    mean, std = mean_std(preprocess)
+    """A preprocessed image ``[3, H, W]`` back to uint8 ``[H, W, 3]`` (what the model saw); ``preprocess`` is the
+    torchvision transform (or anything with a ``normalization`` ``(mean, std)`` attribute, like SplitCLIP)."""
+    mean, std = getattr(preprocess, "normalization", None) or mean_std(preprocess)
     img = image.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     return (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 

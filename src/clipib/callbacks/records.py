@@ -25,7 +25,6 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from clipib.attribution import Attribution
 
 
 def read_records(run_dir: Path) -> List[Dict[str, Any]]:

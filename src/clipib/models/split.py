@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 from torch import Tensor, nn
@@ -236,6 +237,14 @@ class SplitCLIP(nn.Module):
     def context_length(self) -> int:
         """Text context length."""
         return self.text.context_length
+
+    @property
+    def normalization(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+        """Per-channel ``(mean, std)`` of the preprocess's Normalize step (OpenAI's if it has none)."""
+        for t in getattr(self.preprocess, "transforms", []):
+            if hasattr(t, "mean") and hasattr(t, "std"):
+                return tuple(t.mean), tuple(t.std)
+        return OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     @property
     def device(self) -> torch.device:

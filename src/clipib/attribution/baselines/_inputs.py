@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from typing import Iterator, Literal, Tuple
 
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor
 
 from clipib.models.split import SplitCLIP
@@ -24,12 +23,9 @@ FILLS = ("black", "mean", "zero")
 def normalisation(clip: SplitCLIP, like: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel ``(mean, std)`` ``[3, 1, 1]`` the model's preprocessing normalises with.
 
-    Read from the image tower (open_clip stores them as ``visual.image_mean`` / ``image_std``); OpenAI's
-    constants when the tower does not carry them.
+    Read from the model's preprocess (:attr:`SplitCLIP.normalization`).
     """
-    visual = clip.model.visual
-    mean = getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN
-    std = getattr(visual, "image_std", None) or OPENAI_DATASET_STD
+    mean, std = clip.normalization
     as_t = lambda v: torch.as_tensor(v, dtype=like.dtype, device=like.device).view(-1, 1, 1)  # noqa: E731
     return as_t(mean), as_t(std)
 
