@@ -24,7 +24,7 @@ to ``[B, L]``; α and ε are rescaled to the same size in standard deviations: p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Literal, Optional
+from typing import List, Literal, Optional, Union
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ from clipib.attribution.baselines._cosine import ScoreFn, image_cosine, pixel_no
 from clipib.models.split import SplitCLIP
 
 Variant = Literal["smooth", "sharp"]
+Bound = Union[float, Tensor]
 
 
 @dataclass
@@ -50,13 +51,14 @@ class StepRule:
     """How :func:`mfaba` steps: ``variant``, step ``alpha``, L∞ bound ``eps`` and box ``[low, high]``.
 
     ``alpha``, ``eps``, ``low``, ``high`` are floats or tensors broadcastable to one row of ``x``; None = no bound.
+    ``eps`` bounds the ``"smooth"`` variant only (the package's sharp path has no L∞ bound).
     """
 
     variant: Variant = "smooth"
-    alpha: object = 0.001
-    eps: Optional[object] = 0.3
-    low: Optional[object] = None
-    high: Optional[object] = None
+    alpha: Bound = 0.001
+    eps: Optional[Bound] = 0.3
+    low: Optional[Bound] = None
+    high: Optional[Bound] = None
 
     def next(self, x0: Tensor, x: Tensor, grad: Tensor) -> Tensor:
         """The point after ``x`` given ``∇f(x)``, projected onto the L∞ ball and the box."""
@@ -72,7 +74,7 @@ class StepRule:
         return nxt
 
 
-def _as(value: object, like: Tensor) -> Tensor:
+def _as(value: Bound, like: Tensor) -> Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
