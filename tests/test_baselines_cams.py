@@ -142,6 +142,10 @@ def test_mfaba_sum_rule_on_linear_function():
         path = mfaba(lambda z: z @ w, x, rule, steps=30)
         torch.testing.assert_close(path.attribution.sum(1), path.start - path.end, rtol=0, atol=1e-12)
         assert (path.start > path.end).all()  # the path lowers the score
+    stop = float((x @ w).min()) - 0.1  # every row can reach it within 30 smooth steps of 0.05
+    path = mfaba(lambda z: z @ w, x, StepRule("smooth", 0.05, None), steps=30, stop_at=stop)
+    torch.testing.assert_close(path.attribution.sum(1), path.start - path.end, rtol=0, atol=1e-12)
+    assert (path.end <= stop).all() and (path.end > stop - 0.05 * w.abs().sum()).all()  # stopped at the crossing
 
 
 @pytest.mark.parametrize("variant, alpha", [("smooth", 0.001), ("sharp", 0.0001)])

@@ -69,8 +69,10 @@ class StepRule:
             nxt = x - 100 * self.alpha * grad / norm.view(-1, *[1] * (grad.ndim - 1))
         if self.eps is not None and self.variant == "smooth":
             nxt = x0 + torch.maximum(torch.minimum(nxt - x0, _as(self.eps, x)), -_as(self.eps, x))
+        if self.high is not None:
+            nxt = torch.minimum(nxt, _as(self.high, x))
         if self.low is not None:
-            nxt = torch.maximum(torch.minimum(nxt, _as(self.high, x)), _as(self.low, x))
+            nxt = torch.maximum(nxt, _as(self.low, x))
         return nxt
 
 
