@@ -12,7 +12,6 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torchvision.transforms import Normalize
 
 from clipib.models.split import SplitCLIP
 
@@ -56,13 +55,9 @@ def text_cosine(clip: SplitCLIP, ids: Tensor, target: Tensor) -> TextInput:
 
 
 def pixel_normalisation(clip: SplitCLIP) -> Optional[Tuple[Tensor, Tensor]]:
-    """``(mean, std)`` ``[3]`` of the ``Normalize`` step of ``clip.preprocess``, or None if it has none.
+    """``(mean, std)`` ``[3]`` float64 of the model's preprocess (:attr:`SplitCLIP.normalization`).
 
     Preprocessed pixels are ``(p − mean) / std`` for raw pixels ``p`` in [0, 1].
     """
-    for step in getattr(clip.preprocess, "transforms", []):
-        if isinstance(step, Normalize):
-            mean = torch.as_tensor(step.mean, dtype=torch.float64)
-            std = torch.as_tensor(step.std, dtype=torch.float64)
-            return mean, std
-    return None
+    mean, std = clip.normalization
+    return torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
