@@ -103,6 +103,8 @@ def test_datamodule_sample_mismatch_partition_with_score(tmp_path: Path) -> None
     dm.score = lambda images, captions: images.mean(dim=(1, 2, 3))  # brighter image = "more similar"
     keys, skipped = collect(dm, 1)
     assert len(keys) == 3 and skipped == [] and dm.info["rows"] == 3
+    sims = next(iter(dm.test_dataloader()))["similarity"]
+    assert len(sims) == 3 and min(sims) >= dm.info["partition_bounds"][1]
     assert all("|" in k for k in keys)
     assert dm.info["partition_bounds"][0] <= dm.info["partition_bounds"][1]
     dm2 = ClipDataModule(kind="csv", path=str(write_csv(tmp_path, 12)), partition="noisy")
