@@ -103,6 +103,8 @@ def test_datamodule_sample_mismatch_partition_with_score(tmp_path: Path) -> None
     dm.score = lambda images, captions: images.mean(dim=(1, 2, 3))  # brighter image = "more similar"
     keys, skipped = collect(dm, 1)
     assert len(keys) == 3 and skipped == [] and dm.info["rows"] == 3
+    sims = next(iter(dm.test_dataloader()))["similarity"]
+    assert len(sims) == 3 and min(sims) >= dm.info["partition_bounds"][1]
     assert all("|" in k for k in keys)
     assert dm.info["partition_bounds"][0] <= dm.info["partition_bounds"][1]
     dm2 = ClipDataModule(kind="csv", path=str(write_csv(tmp_path, 12)), partition="noisy")
@@ -205,3 +207,19 @@ def test_bad_option_combinations_fail_clearly(tmp_path: Path) -> None:
     dm.set_transforms(PRE, TOK)
     with pytest.raises(ValueError, match="path is required"):
         dm.test_dataloader()
+
+
+def test_partition_with_the_modules_clip(tmp_path: Path, tiny_clip) -> None:
+    """No score set: the DataModule scores with the LightningModule's ``clip`` (cosine of the pair)."""
+    from clipib.data.selection import clip_scorer
+
+    tiny = str(Path(__file__).parent / "data" / "tiny-clip.json")
+    dm = ClipDataModule(kind="csv", path=str(write_csv(tmp_path, 9)), model=tiny, partition="noisy", batch_size=4)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, lightning_module=SimpleNamespace(clip=tiny_clip))
+    batch = next(iter(dm.test_dataloader()))
+    assert tuple(batch["image"].shape[1:]) == (3, *tiny_clip.image_size) and len(batch["key"]) == 3
+    assert max(batch["similarity"]) < dm.info["partition_bounds"][0]
+    want = torch.nn.functional.cosine_similarity(
+        tiny_clip.image.encode(batch["image"]), tiny_clip.text.encode(tiny_clip.tokenize(batch["caption"])))
+    assert torch.allclose(clip_scorer(tiny_clip)(batch["image"], batch["caption"]), want, atol=1e-5)
+    assert torch.allclose(torch.tensor(batch["similarity"]), want, atol=1e-5)

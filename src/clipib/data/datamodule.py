@@ -14,7 +14,9 @@ Options are applied to map-style rows in this order: read -> ``sample`` -> Flick
 ``mismatched`` -> ``partition``. The caption choice (``caption_choice="best"``) and ``partition``
 need a scoring callable ``score(images [B,3,H,W], captions) -> Tensor[B]`` (cosine similarity of
 each pair; it moves images to its own device): set ``datamodule.score``, or give the LightningModule
-a ``score_pairs`` method; it is looked up when the first dataloader is built, after every ``setup``.
+a ``score_pairs`` method, else the module's ``clip`` (a SplitCLIP) is used through
+:func:`~clipib.data.selection.clip_scorer`; it is looked up when the first dataloader is built, after
+every ``setup``.
 """
 
 from __future__ import annotations
@@ -138,10 +140,13 @@ class ClipDataModule(LightningDataModule):
         raise ValueError(f"unknown data kind {hp.kind!r}")
 
     def _scorer(self) -> selection.Score:
+        """``self.score``, else the LightningModule's ``score_pairs``, else cosine with its ``clip``."""
         module = self.trainer.lightning_module if self.trainer is not None else None
         score = self.score or getattr(module, "score_pairs", None)
+        if score is None and getattr(module, "clip", None) is not None:
+            score = selection.clip_scorer(module.clip)
         if score is None:
-            raise ValueError("this data option needs CLIP scores: set datamodule.score or define LightningModule.score_pairs")
+            raise ValueError("this data option needs CLIP scores: set datamodule.score, or give the module score_pairs or clip")
         return score
 
     def _score(self, rows: List[Row]) -> List[Optional[List[float]]]:

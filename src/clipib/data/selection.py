@@ -13,7 +13,7 @@ caller (the evaluating LightningModule) supplies it; this module never loads a m
 from __future__ import annotations
 
 import random
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -59,6 +59,22 @@ def mismatch_rows(rows: Sequence[Row], seed: int) -> List[Row]:
         out[usable[dst]] = {**row, "caption": other["caption"], "key": f"{row['key']}|{other['key']}", "matched": False}
         out[usable[dst]].pop("candidates", None)
     return out
+
+
+def clip_scorer(clip: Any) -> Score:
+    """Scoring callable from a :class:`clipib.SplitCLIP`: cosine of each (image, caption) pair.
+
+    Images are moved to the model's device; both towers return L2-normalised embeddings, so the
+    cosine is their dot product.
+    """
+
+    def score(images: torch.Tensor, captions: List[str]) -> torch.Tensor:
+        with torch.no_grad():
+            ids = clip.tokenize(captions).to(clip.device)  # [B, ctx]
+            img = clip.image.encode(images.to(device=clip.device, dtype=clip.dtype))  # [B, E]
+            return (img * clip.text.encode(ids)).sum(-1).float().cpu()  # [B]
+
+    return score
 
 
 def score_rows(

@@ -184,6 +184,8 @@ class PairDataset(Dataset):
             return skip_item(row["key"], image_error(exn))
         item = {"key": row["key"], "image": self.preprocess(image), "caption": row["caption"]}
         item["matched"] = bool(row.get("matched", True))
+        if "similarity" in row:  # set by the caption choice / partition: the CLIP score used to select
+            item["similarity"] = float(row["similarity"])
         try:
             item.update(self.extras(row, image.size))
         except (ValueError, KeyError, TypeError, IndexError) as exn:
