@@ -14,8 +14,8 @@ Images (a feature = one pixel, all channels):
   is 0 in normalised space (the dataset mean colour); a float / per-channel sequence is used as given
   (normalised space). ``mean`` / ``std`` default to OpenAI CLIP's (``open_clip.constants``).
 * insertion reveals pixels on a Gaussian-blurred copy of the image (InputIBA: kernel 29, sigma 15 at
-  224 px). clipib scales both with the input size: ``sigma = 15 * size / 224`` and the kernel to the
-  nearest odd integer to ``29 * size / 224`` (at least 3), per axis. Blurring the normalised tensor
+  224 px). clipib scales both with the input size, per axis: ``sigma = 15 * size / 224`` and the
+  kernel's radius, ``kernel = 2 * max(1, round(14 * size / 224)) + 1`` (5 at 32 px, 9 at 64 px). Blurring the normalised tensor
   equals blurring the pixels (normalisation is per-channel affine, the kernel sums to one).
 
 Text (a feature = one content token strictly between SOT and EOT; SOT and EOT are always kept):
@@ -58,10 +58,10 @@ def blur_params(height: int, width: int) -> tuple[list[int], list[float]]:
         >>> blur_params(224, 224), blur_params(32, 64)
         (([29, 29], [15.0, 15.0]), ([9, 5], [4.285714285714286, 2.142857142857143]))
     """
-    def odd(v: float) -> int:
-        return max(3, 2 * int(round((v - 1) / 2)) + 1)
+    def kernel(size: int) -> int:  # the radius (14 at 224 px) scales; kernel = 2 * radius + 1
+        return 2 * max(1, round(14 * size / 224)) + 1
 
-    return [odd(29 * width / 224), odd(29 * height / 224)], [15.0 * width / 224, 15.0 * height / 224]
+    return [kernel(width), kernel(height)], [15.0 * width / 224, 15.0 * height / 224]
 
 
 def blurred_canvas(images: Tensor) -> Tensor:
