@@ -64,13 +64,19 @@ class SampleMeanMetric(Metric):
         return self.total / self.count
 
     def summary(self) -> dict[str, Tensor]:
-        """``{"mean", "std", "n", "skipped"}``; std is the sample std (0 when n < 2)."""
-        n = self.count
-        mean = self.total / n
-        var = (self.total_sq - n * mean**2) / (n - 1).clamp(min=1)
-        std = var.clamp(min=0).sqrt() if n > 1 else torch.zeros_like(var)
-        return {"mean": mean, "std": std, "n": n, "skipped": self.skipped}
+        """``{"mean", "std", "n", "skipped"}`` over all processes; std is the sample std (0 when n < 2)."""
+        with self.synced():
+            n = self.count.clone()
+            mean = self.total / n
+            var = (self.total_sq - n * mean**2) / (n - 1).clamp(min=1)
+            std = var.clamp(min=0).sqrt() if n > 1 else torch.zeros_like(var)
+            return {"mean": mean, "std": std, "n": n, "skipped": self.skipped.clone()}
 
+    def synced(self):
+        """Context in which the states hold the all-process values (as inside ``compute``)."""
+        return self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        )
 
 def nanquantile_linear(x: Tensor, q: Tensor | float) -> Tensor:
     """Row-wise quantiles of ``x [B, N]`` ignoring NaN, linear interpolation (NumPy's default).

@@ -250,4 +250,5 @@ class InsertionDeletion(SampleMeanMetric):
     def compute_curves(self) -> tuple[Tensor, Tensor]:
         """``(fractions [S+1], mean curve [S+1])`` over all scored samples on all processes."""
         fractions = torch.linspace(0.0, 1.0, self.steps + 1, dtype=torch.float64)
-        return fractions, self.curve_sum / self.count
+        with self.synced():
+            return fractions, self.curve_sum / self.count
