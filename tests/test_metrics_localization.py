@@ -108,3 +108,13 @@ def test_bad_input_is_one_clear_error():
         localization_iou(torch.rand(1, 4, 4), torch.zeros(1, 3))
     with pytest.raises(ValueError, match="NaN"):
         localization_iou(torch.full((1, 4, 4), math.nan), torch.tensor([[0.0, 0.0, 2.0, 2.0]]))
+
+
+def test_bool_mask_vs_boxes_with_four_pixel_wide_maps():
+    maps = torch.zeros(2, 4, 4)
+    maps[:, 0, 0] = 1.0
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0]] * 4] * 2)  # [B, K=4, 4]: box-shaped and map-shaped
+    assert pointing_game(maps, boxes).tolist() == [1.0, 1.0]
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[:, 3, 3] = True
+    assert pointing_game(maps, mask).tolist() == [0.0, 0.0]

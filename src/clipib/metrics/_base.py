@@ -46,7 +46,7 @@ class SampleMeanMetric(Metric):
         self.add_state("count", default=zero.clone(), dist_reduce_fx="sum")
         self.add_state("skipped", default=zero.clone(), dist_reduce_fx="sum")
 
-    def update(self, values: Tensor) -> None:  # noqa: D102 - overridden by subclasses
+    def update(self, values: Tensor) -> None:
         """Accumulate per-sample values ``[B]`` directly (NaN = skipped)."""
         self._accumulate(values)
 

@@ -12,7 +12,8 @@ Conventions (clipib's choices; the papers do not state them):
 
 * Boxes are ``xyxy`` in map pixels; pixel ``(i, j)`` (row, column) is inside a box when its centre
   ``(j + 0.5, i + 0.5)`` satisfies ``x0 <= j + 0.5 < x1`` and ``y0 <= i + 0.5 < y1``. Several boxes
-  per sample (``[B, K, 4]``) are united; a row containing NaN is ignored (use it as padding).
+  per sample (``[B, K, 4]``) are united; a row containing NaN is ignored (use it as padding). A
+  target is read as a mask when it is boolean (or has the maps' shape and is not box-shaped).
 * Percentile threshold: ``t`` = the linear-interpolation ``q``-quantile of the map's values (NumPy's
   default); the prediction is ``map > t`` ("scores higher than the threshold", M2IB). **Ties at the
   top**: when no pixel is strictly above ``t`` (a plateau at the maximum), the plateau ``map >= t`` is
@@ -75,9 +76,12 @@ def _target_mask(maps: Tensor, target: Tensor) -> Tensor:
         raise ValueError(f"maps must be [B, H, W], got shape {tuple(maps.shape)}")
     if not torch.isfinite(maps).all():
         raise ValueError("maps contain NaN or inf")
-    if target.shape == maps.shape:
+    boxes_like = target.shape[-1] == 4 and target.shape[0] == maps.shape[0] and target.ndim in (2, 3)
+    if target.dtype == torch.bool or (target.shape == maps.shape and not boxes_like):
+        if target.shape != maps.shape:
+            raise ValueError(f"mask must have the maps' shape {tuple(maps.shape)}, got {tuple(target.shape)}")
         return target.bool()
-    if target.shape[-1] == 4 and target.shape[0] == maps.shape[0] and target.ndim in (2, 3):
+    if boxes_like:
         return boxes_to_mask(target, (maps.shape[1], maps.shape[2]))
     raise ValueError(
         f"target must be a mask {tuple(maps.shape)} or boxes [B, 4] / [B, K, 4], got {tuple(target.shape)}"
