@@ -145,6 +145,7 @@ def image_insertion_deletion(
         x = torch.where(sel, base, images) if mode == "deletion" else torch.where(sel, images, base)
         curve.append(score_fn(x).detach().double().reshape(b))
     curves = torch.stack(curve, dim=1)  # [B, S+1]
+    fractions = fractions.to(curves.device)
     return torch.trapezoid(curves, fractions, dim=1), fractions, curves
 
 
@@ -179,6 +180,7 @@ def text_insertion_deletion(
         x = torch.where(sel, blank, ids) if mode == "deletion" else torch.where(content & ~sel, blank, ids)
         curve.append(score_fn(x).detach().double().reshape(ids.shape[0]))
     curves = torch.stack(curve, dim=1)  # [B, S+1]
+    fractions = fractions.to(curves.device)
     return torch.trapezoid(curves, fractions, dim=1), fractions, curves
 
 
@@ -249,6 +251,6 @@ class InsertionDeletion(SampleMeanMetric):
 
     def compute_curves(self) -> tuple[Tensor, Tensor]:
         """``(fractions [S+1], mean curve [S+1])`` over all scored samples on all processes."""
-        fractions = torch.linspace(0.0, 1.0, self.steps + 1, dtype=torch.float64)
+        fractions = torch.linspace(0.0, 1.0, self.steps + 1, dtype=torch.float64, device=self.curve_sum.device)
         with self.synced():
             return fractions, self.curve_sum / self.count

@@ -76,6 +76,7 @@ def _target_mask(maps: Tensor, target: Tensor) -> Tensor:
         raise ValueError(f"maps must be [B, H, W], got shape {tuple(maps.shape)}")
     if not torch.isfinite(maps).all():
         raise ValueError("maps contain NaN or inf")
+    target = target.to(maps.device)
     boxes_like = target.shape[-1] == 4 and target.shape[0] == maps.shape[0] and target.ndim in (2, 3)
     if target.dtype == torch.bool or (target.shape == maps.shape and not boxes_like):
         if target.shape != maps.shape:
