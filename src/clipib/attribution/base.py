@@ -1,0 +1,201 @@
+"""The attribution result, the method interface and the method registry.
+
+Every method is an :class:`Attributor`: built from a :class:`~clipib.models.split.SplitCLIP` alone with its
+paper's defaults, called as ``method.attribute(images, ids, modality, seeds)``, returning an
+:class:`Attribution`. Subclasses implement :meth:`Attributor.image_scores` and/or
+:meth:`Attributor.text_scores` (raw scores, method units); this class does the rest (targets, per-sample
+noise streams, normalisation, resizing, masking outside SOT..EOT).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, List, Literal, Optional, Sequence, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clipib.models.split import SplitCLIP, Tower
+
+Modality = Literal["image", "text", "both"]
+METHODS: Dict[str, Type["Attributor"]] = {}
+"""Registry ``name -> Attributor subclass``; filled by :func:`register`."""
+
+
+def register(name: str):
+    """Class decorator adding an :class:`Attributor` to :data:`METHODS` under ``name``."""
+
+    def wrap(cls: Type["Attributor"]) -> Type["Attributor"]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass
+class Attribution:
+    """Attribution maps of a batch of image-text pairs.
+
+    Attributes:
+        image: ``[B, H, W]`` in [0, 1] at input resolution (min-max per sample), or None.
+        image_grid: ``[B, gh, gw]`` raw scores on the patch grid, method units, sign kept, or None.
+        text: ``[B, ctx]`` in [0, 1] (min-max over SOT..EOT per sample), 0 outside SOT..EOT, or None.
+        text_raw: ``[B, ctx]`` raw scores, 0 outside SOT..EOT, or None.
+        scalars: per-pair diagnostics ``name -> [B]`` (e.g. a bottleneck's final loss terms).
+    """
+
+    image: Optional[Tensor] = None
+    image_grid: Optional[Tensor] = None
+    text: Optional[Tensor] = None
+    text_raw: Optional[Tensor] = None
+    scalars: Dict[str, Tensor] = field(default_factory=dict)
+
+
+def minmax(x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """Min-max normalise each row of ``x`` ``[B, ...]`` to [0, 1] over ``valid`` entries (0 elsewhere).
+
+    A constant row maps to 0.
+    """
+    flat = x.flatten(1)
+    ok = torch.ones_like(flat, dtype=torch.bool) if valid is None else valid.flatten(1)
+    lo = flat.masked_fill(~ok, math.inf).amin(1, keepdim=True)
+    hi = flat.masked_fill(~ok, -math.inf).amax(1, keepdim=True)
+    span = hi - lo
+    out = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(flat))
+    return out.masked_fill(~ok, 0).view_as(x)
+
+
+def scaled_layer(paper_layer: int, paper_depth: int, n_layers: int) -> int:
+    """A paper's layer index on a ``paper_depth``-block tower mapped to a tower of ``n_layers`` blocks.
+
+    Proportional, rounded half up, kept in ``1..n_layers − 1`` so at least one block follows (both papers
+    leave blocks after theirs). ``scaled_layer(10, 12, 12) == 10``; ``scaled_layer(10, 12, 6) == 5``.
+    """
+    return max(1, min(n_layers - 1, math.floor(paper_layer * n_layers / paper_depth + 0.5)))
+
+
+def sample_generators(seeds: Sequence[int]) -> List[torch.Generator]:
+    """One CPU generator per pair, seeded like ``torch.manual_seed(seed)`` seeds the default generator."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+class Attributor:
+    """Interface of every attribution method.
+
+    Subclasses set :attr:`modalities`, implement :meth:`image_scores` / :meth:`text_scores`, and register
+    themselves with :func:`register`.
+    """
+
+    name: ClassVar[str] = ""
+    modalities: ClassVar[tuple] = ("image", "text")
+    PAPER_LAYER: ClassVar[Optional[int]] = None
+    """The layer the method's paper uses on a ``PAPER_DEPTH``-block tower (layered methods only)."""
+    PAPER_DEPTH: ClassVar[int] = 12
+
+    def __init__(self, clip: SplitCLIP, seed: int = 0, layer: Optional[int] = None) -> None:
+        self.clip = clip
+        self.seed = seed
+        self.layer = layer
+
+    def layer_for(self, tower: Tower) -> int:
+        """The layer the method acts on in ``tower``: ``self.layer``, or the paper's depth scaled to the tower."""
+        if self.layer is None:
+            if self.PAPER_LAYER is None:
+                raise ValueError(f"{type(self).__name__} needs an explicit layer")
+            return scaled_layer(self.PAPER_LAYER, self.PAPER_DEPTH, tower.n_layers)
+        if not 0 <= self.layer <= tower.n_layers:
+            raise ValueError(f"layer={self.layer} outside 0..{tower.n_layers}")
+        return self.layer
+
+    # --- to implement ----------------------------------------------------------------------------------
+    def image_scores(
+        self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]
+    ) -> Tensor:
+        """Raw image scores ``[B, gh, gw]`` (patch grid) or ``[B, H, W]`` (pixels).
+
+        ``target`` ``[B, E]`` is the clean, normalised text embedding each image is explained against.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not attribute images")
+
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+        """Raw token scores ``[B, L]`` for ``L <= ctx`` positions (only SOT..EOT are read).
+
+        ``target`` ``[B, E]`` is the clean, normalised image embedding each text is explained against.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not attribute text")
+
+    # --- shared machinery ------------------------------------------------------------------------------
+    def _check(self, images: Tensor, ids: Tensor, modality: str, seeds: Optional[Sequence[int]]) -> List[int]:
+        if modality not in ("image", "text", "both"):
+            raise ValueError(f"modality must be 'image', 'text' or 'both', got {modality!r}")
+        if images.ndim != 4 or ids.ndim != 2 or images.shape[0] != ids.shape[0]:
+            raise ValueError(f"expected images [B,3,H,W] and ids [B,ctx] with equal B, got "
+                             f"{tuple(images.shape)} and {tuple(ids.shape)}")
+        if tuple(images.shape[-2:]) != self.clip.image_size:
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, the model takes {self.clip.image_size}")
+        wanted = ("image", "text") if modality == "both" else (modality,)
+        for m in wanted:
+            if m not in self.modalities:
+                raise ValueError(f"{self.name or type(self).__name__} does not attribute {m}")
+        if seeds is None:
+            return [self.seed] * images.shape[0]
+        if len(seeds) != images.shape[0]:
+            raise ValueError(f"got {len(seeds)} seeds for {images.shape[0]} pairs")
+        return [int(s) for s in seeds]
+
+    def attribute(
+        self, images: Tensor, ids: Tensor, modality: Modality = "both", seeds: Optional[Sequence[int]] = None
+    ) -> Attribution:
+        """Attribute a batch of pairs. Each pair's result equals a call on that pair alone.
+
+        Args:
+            images: preprocessed images ``[B, 3, H, W]``.
+            ids: token ids ``[B, ctx]``.
+            modality: ``"image"``, ``"text"`` or ``"both"`` (image first, then text, one noise stream per pair).
+            seeds: one seed per pair for the random methods (default: ``self.seed`` for every pair).
+        """
+        gens = sample_generators(self._check(images, ids, modality, seeds))
+        with torch.no_grad():
+            e_img = self.clip.image.encode(images)  # [B, E]
+            e_txt = self.clip.text.encode(ids)  # [B, E]
+        out = Attribution()
+        self.scalars: Dict[str, Tensor] = {}
+        if modality in ("image", "both"):
+            with torch.enable_grad():
+                raw = self.image_scores(images, ids, e_txt, gens).detach()
+            out.image_grid, out.image = self._image_maps(raw)
+        if modality in ("text", "both"):
+            with torch.enable_grad():
+                raw = self.text_scores(images, ids, e_img, gens).detach()
+            out.text_raw, out.text = self._text_maps(raw, ids)
+        out.scalars = self.scalars
+        return out
+
+    def _image_maps(self, raw: Tensor) -> tuple:
+        """``(image_grid, image)`` from raw scores on the grid or at pixel resolution."""
+        size, grid = self.clip.image_size, self.clip.grid
+        raw = raw.float()
+        if tuple(raw.shape[-2:]) == grid:
+            up = F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+            return raw, minmax(up)
+        if tuple(raw.shape[-2:]) == size:
+            return F.adaptive_avg_pool2d(raw[:, None], grid)[:, 0], minmax(raw)
+        raise ValueError(f"image scores of shape {tuple(raw.shape)} match neither grid {grid} nor size {size}")
+
+    def _text_maps(self, raw: Tensor, ids: Tensor) -> tuple:
+        """``(text_raw, text)`` padded to the context, 0 outside SOT..EOT."""
+        raw = raw.float()
+        full = raw.new_zeros(ids.shape)
+        full[:, : raw.shape[1]] = raw[:, : ids.shape[1]]
+        valid = valid_tokens(self.clip, ids)
+        full = full.masked_fill(~valid, 0)
+        return full, minmax(full, valid)
+
+
+def valid_tokens(clip: SplitCLIP, ids: Tensor) -> Tensor:
+    """``[B, ctx]`` bool, True on SOT..EOT of each row."""
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    return pos[None] <= clip.text.eot_positions(ids)[:, None]

@@ -1,0 +1,76 @@
+"""M2IB: Multi-Modal Information Bottleneck attribution (Wang, Rudner, Wilson, NeurIPS 2023).
+
+Defaults are the paper's and its reference code's (Sec. 4.1, App. A; REFERENCE_NOTES §1): β = 0.1 for both
+towers, 10 Adam steps at lr 1, 10 noise copies per step, α initialised to 5, the bottleneck on the output of
+0-based block 9 of 12 (clipib ``layer=10``), noise N(0, I) on the un-normalised hidden state (the paper's σ²
+has no effect in the reference code). The image map is the capacity without CLS on the patch grid,
+bilinearly resized and min-max normalised; the text map one capacity per SOT..EOT token, min-max.
+
+Noise: with ``seeds=[s]`` a pair draws from a CPU generator seeded with ``s`` in the official order and shapes
+(image map first, ``[copies, T, D]`` per step, then the text map ``[copies, L, D]`` per step), so
+``attribute(x, ids, "both", seeds=[s])`` reproduces the official code run after ``torch.manual_seed(s)``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from clipib.attribution.base import Attributor, register, valid_tokens
+from clipib.attribution.bottleneck import Bottleneck, BottleneckResult
+from clipib.models.split import SplitCLIP
+
+
+@register("m2ib")
+class M2IB(Attributor):
+    """Multi-modal information bottleneck: loss ``β·KL − cos`` per pair, map = last KL summed over channels.
+
+    Args:
+        clip: the model.
+        layer: bottleneck position (residual stream after ``layer`` blocks); None = the paper's 10 of 12,
+            scaled to each tower's depth.
+        beta: compression weight β (paper: 0.1; App. A grid {1, 0.1, 0.01}).
+        steps, lr, copies: optimisation (paper: 10, 1.0, 10).
+        seed: noise seed of every pair when ``attribute`` gets no ``seeds``.
+        alpha_init: initial α (reference: 5).
+    """
+
+    PAPER_LAYER, PAPER_DEPTH = 10, 12
+
+    def __init__(
+        self,
+        clip: SplitCLIP,
+        layer: Optional[int] = None,
+        beta: float = 0.1,
+        steps: int = 10,
+        lr: float = 1.0,
+        copies: int = 10,
+        seed: int = 0,
+        alpha_init: float = 5.0,
+    ) -> None:
+        super().__init__(clip, seed=seed, layer=layer)
+        self.beta = beta
+        self.bottleneck = Bottleneck(steps=steps, lr=lr, copies=copies, alpha_init=alpha_init)
+
+    def objective(self, emb: Tensor, target: Tensor, kl: Tensor) -> Tensor:
+        """``β·KL − mean_copies cos(emb, target)`` per pair."""
+        return self.beta * kl - (emb * target[:, None]).sum(-1).mean(1)
+
+    def _record(self, modality: str, res: BottleneckResult) -> None:
+        for key in ("kl", "fit", "loss"):
+            self.scalars[f"{modality}_{key}"] = getattr(res, key)
+
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+        tower = self.clip.image
+        res = self.bottleneck.run(tower, images, self.layer_for(tower), target, generators, self.objective)
+        self._record("image", res)
+        return res.capacity[:, 1:].reshape(-1, *self.clip.grid)  # drop CLS: [B, gh, gw]
+
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+        tower = self.clip.text
+        valid = valid_tokens(self.clip, ids)
+        res = self.bottleneck.run(tower, ids, self.layer_for(tower), target, generators, self.objective, valid)
+        self._record("text", res)
+        return res.capacity  # [B, L]

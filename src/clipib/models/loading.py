@@ -1,0 +1,158 @@
+"""Loading open_clip models as frozen :class:`~clipib.models.split.SplitCLIP` objects, offline-friendly.
+
+``model`` is an open_clip model name (``"ViT-B-32-quickgelu"``), the path of an open_clip JSON model
+config, or ``"clipib-shapes"`` (the small CLIP clipib ships, trained on its synthetic world).
+``pretrained`` is an open_clip tag (``"openai"``), a local checkpoint (``.safetensors`` or a torch state
+dict, read with ``weights_only=True``), ``None`` for random weights, or ``"default"``: the shipped weights
+for ``clipib-shapes``, ``"openai"`` for every other model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Callable, Optional, Tuple, Union
+
+import open_clip
+from open_clip.transform import PreprocessCfg, image_transform_v2
+import torch
+
+from clipib.models.split import SplitCLIP
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+SHIPPED_MODELS = {
+    "clipib-shapes": (
+        PACKAGE_DIR / "model_configs" / "clipib-shapes.json",
+        PACKAGE_DIR / "assets" / "clipib-shapes.safetensors",
+    ),
+}
+DEFAULT = "default"
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """Raised with a one-line, user-facing message when a model or its weights cannot be loaded."""
+
+
+def _register(model: str) -> str:
+    """Make ``model`` known to open_clip and return the name open_clip knows it by."""
+    if model in SHIPPED_MODELS:
+        config = SHIPPED_MODELS[model][0]
+    elif model.endswith(".json"):
+        config = Path(model)
+        if not config.is_file():
+            raise ModelLoadError(f"model config not found: {model}")
+    else:
+        if open_clip.get_model_config(model) is None:
+            raise ModelLoadError(
+                f"unknown model '{model}': use an open_clip name (e.g. ViT-B-32-quickgelu), "
+                "a JSON config path, or clipib-shapes"
+            )
+        return model
+    open_clip.add_model_config(str(config))
+    return config.stem
+
+
+def _resolve_pretrained(model: str, name: str, pretrained: Optional[str]) -> Optional[str]:
+    """Turn ``pretrained`` into what open_clip's ``create_model`` takes (a tag, a file path or None)."""
+    if pretrained == DEFAULT:
+        if model in SHIPPED_MODELS:
+            weights = SHIPPED_MODELS[model][1]
+            if not weights.is_file():
+                raise ModelLoadError(f"the shipped weights of {model} are missing: {weights}")
+            return str(weights)
+        pretrained = "openai"
+    if pretrained is None or pretrained == "none":
+        return None
+    if os.path.exists(pretrained):
+        if not os.path.isfile(pretrained):
+            raise ModelLoadError(f"--pretrained must be a checkpoint file, got a directory: {pretrained}")
+        return pretrained
+    if pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        raise ModelLoadError(
+            f"'{pretrained}' is neither a file nor a known open_clip tag for {name} "
+            f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})"
+        )
+    return pretrained
+
+
+@contextlib.contextmanager
+def _quiet(offline: bool):
+    """Silence open_clip's and huggingface_hub's logging; with ``offline``, forbid Hub requests."""
+    import huggingface_hub.constants as hub
+
+    was_offline, was_disabled = hub.HF_HUB_OFFLINE, logging.root.manager.disable
+    hub.HF_HUB_OFFLINE = offline or was_offline
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = was_offline
+        logging.disable(was_disabled)
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the Hub's name resolves and a TCP connection opens within ``timeout`` seconds."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _create(name: str, weights: Optional[str], device: Union[str, torch.device]):
+    """``create_model_and_transforms`` from a file, the local cache, or (if reachable) the Hub."""
+    is_file = weights is None or os.path.isfile(weights)
+    for offline in ((False,) if is_file else (True, False)):
+        if not offline and not is_file and not _hub_reachable():
+            break
+        try:
+            with _quiet(offline):
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=weights, device=device, weights_only=True
+                )
+            return model, preprocess
+        except Exception as err:  # open_clip raises RuntimeError, safetensors/pickle their own
+            if is_file:
+                raise ModelLoadError(f"cannot load {name} from {weights}: {str(err).splitlines()[0][:300]}") from err
+    raise ModelLoadError(
+        f"cannot download open_clip weights '{weights}' for {name} (no network, not in the local cache): "
+        "pass --pretrained PATH with a local checkpoint (.safetensors or state dict)"
+    )
+
+
+def load_clip(
+    model: str = "ViT-B-32-quickgelu",
+    pretrained: Optional[str] = DEFAULT,
+    device: Union[str, torch.device] = "cpu",
+) -> SplitCLIP:
+    """Load a CLIP model, frozen and in eval mode, split into towers that can be cut at any block.
+
+    Args:
+        model: open_clip model name, path of an open_clip JSON config, or ``"clipib-shapes"``.
+        pretrained: open_clip tag, local checkpoint path, ``None`` (random weights) or ``"default"``.
+        device: where the model lives.
+
+    Raises:
+        ModelLoadError: unknown model, missing file, weights that cannot be downloaded (no network),
+            or an architecture :class:`SplitCLIP` cannot split.
+    """
+    name = _register(model)
+    weights = _resolve_pretrained(model, name, pretrained)
+    clip_model, preprocess = _create(name, weights, device)
+    tokenizer = open_clip.get_tokenizer(name)
+    return SplitCLIP(clip_model, preprocess=preprocess, tokenizer=tokenizer, name=model)
+
+
+def load_transforms(model: str) -> Tuple[Callable, Callable]:
+    """``(preprocess, tokenizer)`` of a model without building it or loading weights."""
+    name = _register(model)
+    cfg = open_clip.get_model_config(name)
+    pp = dict(cfg.get("preprocess_cfg", {}))
+    pp.setdefault("size", cfg["vision_cfg"]["image_size"])
+    preprocess = image_transform_v2(PreprocessCfg(**pp), is_train=False)
+    return preprocess, open_clip.get_tokenizer(name)

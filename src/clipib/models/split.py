@@ -1,0 +1,275 @@
+"""SplitCLIP: an open_clip CLIP whose towers can be cut after any transformer block.
+
+This is the only module that touches open_clip internals (``_embeds``, ``resblocks``, ``_pool``, the text
+tower's attributes). ``tower.suffix(tower.prefix(x, k), k, x) == tower.encode(x)`` for every ``k`` is
+guarded by ``tests/test_split.py`` against open_clip's own ``encode_image`` / ``encode_text``.
+
+Layer index convention (REFERENCE_NOTES §0): ``k`` is the residual stream after ``k`` blocks; ``0`` is the
+output of the embedding stage (after ``ln_pre`` on the vision tower), ``n_layers`` the input of the final
+LayerNorm.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP, CustomTextCLIP
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
+from torch import Tensor, nn
+
+AttnHook = Callable[[int, Tensor], Tensor]
+"""``hook(block_index, attn_probs [B, heads, T, T]) -> attn_probs`` used by :meth:`Tower.suffix`."""
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a CLIP-style ViT + causal text transformer that clipib can split."""
+
+
+def _run_block(block: nn.Module, x: Tensor, mask: Optional[Tensor], index: int, hook: Optional[AttnHook]) -> Tensor:
+    """One residual block; with ``hook``, attention is computed explicitly so its probabilities are in the graph."""
+    if hook is None:
+        return block(x, attn_mask=mask)
+    if not isinstance(block, ResidualAttentionBlock) or not block.attn.batch_first:
+        raise UnsupportedModelError("attention hooks need open_clip's default ResidualAttentionBlock")
+    mha: nn.MultiheadAttention = block.attn
+    y = block.ln_1(x)  # [B, T, D]
+    b, t, d = y.shape
+    heads = mha.num_heads
+    q, k, v = F.linear(y, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (u.reshape(b, t, heads, d // heads).transpose(1, 2) for u in (q, k, v))  # [B, H, T, d/H]
+    logits = q @ k.transpose(-1, -2) * (d // heads) ** -0.5  # [B, H, T, T]
+    if mask is not None:
+        logits = logits + mask.to(logits.dtype)
+    attn = hook(index, logits.softmax(dim=-1))
+    out = (attn @ v).transpose(1, 2).reshape(b, t, d)
+    x = x + block.ls_1(mha.out_proj(out))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+class Tower(nn.Module):
+    """Common interface of the image and text towers."""
+
+    blocks: nn.ModuleList
+
+    @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks."""
+        return len(self.blocks)
+
+    def _mask(self, length: int) -> Optional[Tensor]:
+        return None
+
+    def _check_k(self, k: int) -> None:
+        if not 0 <= k <= self.n_layers:
+            raise ValueError(f"layer k={k} outside 0..{self.n_layers}")
+
+    def _blocks(self, h: Tensor, start: int, stop: int, hook: Optional[AttnHook] = None) -> Tensor:
+        mask = self._mask(h.shape[1])
+        for i in range(start, stop):
+            h = _run_block(self.blocks[i], h, mask, i, hook)
+        return h
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The residual stream before the first block, ``[B, T, D]``."""
+        raise NotImplementedError
+
+    def head(self, h: Tensor, x: Tensor) -> Tensor:
+        """Final norm, pooling and projection of the last residual stream, L2-normalised ``[B, E]``."""
+        raise NotImplementedError
+
+    def prefix(self, x: Tensor, k: int) -> Tensor:
+        """Residual stream after ``k`` blocks, ``[B, T, D]``."""
+        self._check_k(k)
+        return self._blocks(self.embed(x), 0, k)
+
+    def suffix(self, h: Tensor, k: int, x: Tensor, attn_hook: Optional[AttnHook] = None) -> Tensor:
+        """Run blocks ``k..n_layers`` on ``h`` and return the L2-normalised embedding ``[B, E]``.
+
+        ``x`` is the tower's input (its rows aligned with ``h``'s); the text tower reads EOT positions from it.
+        ``attn_hook`` computes attention explicitly and passes its probabilities through the hook.
+        """
+        self._check_k(k)
+        return self.head(self._blocks(h, k, self.n_layers, attn_hook), x)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """L2-normalised embedding ``[B, E]``."""
+        return self.head(self._blocks(self.embed(x), 0, self.n_layers), x)
+
+
+class ImageTower(Tower):
+    """The vision tower of an open_clip ``VisionTransformer``; token 0 is CLS, then the patch grid."""
+
+    def __init__(self, visual: VisionTransformer) -> None:
+        super().__init__()
+        if not isinstance(visual, VisionTransformer):
+            raise UnsupportedModelError(f"image tower {type(visual).__name__} is not an open_clip VisionTransformer")
+        if visual.attn_pool is not None:
+            raise UnsupportedModelError("vision towers with attentional pooling are not supported")
+        self.visual = visual
+        self.blocks = visual.transformer.resblocks
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        """Patch grid ``(gh, gw)``."""
+        return tuple(self.visual.grid_size)
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """Input resolution ``(H, W)``."""
+        return tuple(self.visual.image_size)
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.visual._embeds(x)  # [B, 1+N, D]
+
+    def head(self, h: Tensor, x: Tensor) -> Tensor:
+        pooled, _ = self.visual._pool(h)  # [B, D]
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return F.normalize(pooled, dim=-1)
+
+
+class TextTower(Tower):
+    """The causal text tower; runs on ``ids[:, :L]`` with ``L`` the batch's longest SOT..EOT (exact under
+    the causal mask), so ``prefix`` returns ``[B, L, D]`` with ``L <= context_length``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        text = model.text if isinstance(model, CustomTextCLIP) else model
+        if isinstance(model, CustomTextCLIP) and not isinstance(text, TextTransformer):
+            raise UnsupportedModelError(f"text tower {type(text).__name__} is not an open_clip TextTransformer")
+        if getattr(text, "cls_emb", None) is not None:
+            raise UnsupportedModelError("text towers with a class token (CoCa) are not supported")
+        self.pool_type = text.pool_type if hasattr(text, "pool_type") else model.text_pool_type
+        self.eos_id = getattr(text, "eos_id", getattr(model, "text_eos_id", None))
+        if self.pool_type not in ("argmax", "eos"):
+            raise UnsupportedModelError(f"text pooling '{self.pool_type}' is not supported (argmax or eos only)")
+        if text.attn_mask is None:
+            raise UnsupportedModelError("only causal text towers are supported")
+        self.token_embedding: nn.Embedding = text.token_embedding
+        self.positional_embedding: nn.Parameter = text.positional_embedding
+        self.blocks = text.transformer.resblocks
+        self.ln_final: nn.Module = text.ln_final
+        self.text_projection = text.text_projection
+        self.register_buffer("causal_mask", text.attn_mask, persistent=False)
+
+    @property
+    def context_length(self) -> int:
+        """Token context of the tower."""
+        return self.positional_embedding.shape[0]
+
+    def _mask(self, length: int) -> Optional[Tensor]:
+        return self.causal_mask[:length, :length]
+
+    def eot_positions(self, ids: Tensor) -> Tensor:
+        """Position of the pooled (EOT) token of each row, ``[B]``."""
+        if self.pool_type == "argmax":
+            return ids.argmax(dim=-1)
+        return (ids == self.eos_id).int().argmax(dim=-1)
+
+    def valid_length(self, ids: Tensor) -> int:
+        """Longest SOT..EOT length in the batch."""
+        return int(self.eot_positions(ids).max()) + 1
+
+    def token_embeddings(self, ids: Tensor) -> Tensor:
+        """Rows of the token-embedding table, ``[B, L, D]``."""
+        return self.token_embedding(ids)
+
+    def embed(self, x: Tensor) -> Tensor:
+        ids = x[:, : self.valid_length(x)]
+        return self.token_embeddings(ids) + self.positional_embedding[: ids.shape[1]]  # [B, L, D]
+
+    def _project(self, pooled: Tensor) -> Tensor:
+        if self.text_projection is not None:
+            if isinstance(self.text_projection, nn.Linear):
+                pooled = self.text_projection(pooled)
+            else:
+                pooled = pooled @ self.text_projection
+        return F.normalize(pooled, dim=-1)
+
+    def head(self, h: Tensor, x: Tensor) -> Tensor:
+        return self._pool_at(h, self.eot_positions(x))
+
+    def _pool_at(self, h: Tensor, pool_at: Tensor) -> Tensor:
+        h = self.ln_final(h)  # [B, L, D]
+        return self._project(h[torch.arange(h.shape[0], device=h.device), pool_at])
+
+    def encode_embeddings(self, tok_emb: Tensor, pool_at: Tensor) -> Tensor:
+        """Embed given token-embedding rows ``[B, L, D]`` (positions added here), pooled at ``pool_at`` ``[B]``."""
+        length = int(pool_at.max()) + 1
+        h = tok_emb[:, :length] + self.positional_embedding[:length]
+        return self._pool_at(self._blocks(h, 0, self.n_layers), pool_at)
+
+
+class SplitCLIP(nn.Module):
+    """A frozen open_clip CLIP with :class:`ImageTower` ``image`` and :class:`TextTower` ``text``."""
+
+    def __init__(self, model: nn.Module, preprocess: Callable, tokenizer: Callable, name: str = "") -> None:
+        super().__init__()
+        if not isinstance(model, (CLIP, CustomTextCLIP)):
+            raise UnsupportedModelError(f"{type(model).__name__} is not an open_clip CLIP/CustomTextCLIP model")
+        model.eval().requires_grad_(False)
+        self.model = model
+        self.image = ImageTower(model.visual)
+        self.text = TextTower(model)
+        self.preprocess = preprocess
+        self._tokenizer = tokenizer
+        self.name = name
+
+    def train(self, mode: bool = True) -> "SplitCLIP":
+        """The model stays in eval mode (dropout and patch dropout off)."""
+        return super().train(False)
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        """Patch grid ``(gh, gw)`` of the image tower."""
+        return self.image.grid
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """Input resolution ``(H, W)``."""
+        return self.image.image_size
+
+    @property
+    def context_length(self) -> int:
+        """Text context length."""
+        return self.text.context_length
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return self.text.positional_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the weights."""
+        return self.text.positional_embedding.dtype
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """Token ids ``[B, context_length]`` on the model's device; over-long texts are truncated (EOT kept)
+        with a warning."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        encode = getattr(self._tokenizer, "encode", None)
+        if encode is not None:
+            for text in texts:
+                n = len(encode(text)) + 2
+                if n > self.context_length:
+                    warnings.warn(
+                        f"caption of {n} tokens truncated to the context of {self.context_length}: {text[:60]!r}",
+                        stacklevel=2,
+                    )
+        return self._tokenizer(texts).to(self.device)
+
+    def token_strings(self, ids: Tensor) -> list:
+        """The tokens of one row of ids from SOT to EOT, as strings."""
+        end = int(self.text.eot_positions(ids[None])[0]) + 1
+        decode = getattr(self._tokenizer, "decode", None)
+        if decode is None:
+            return [str(i) for i in ids[:end].tolist()]
+        return [decode([i]).strip() for i in ids[:end].tolist()]
+
+    def similarity(self, images: Tensor, ids: Tensor) -> Tensor:
+        """Cosine similarity of each pair, ``[B]``."""
+        return (self.image.encode(images) * self.text.encode(ids)).sum(-1)

@@ -1,0 +1,105 @@
+"""Pictures of attributions: heat overlays, tokens shaded by score (PNG via PIL, escaped HTML)."""
+
+from __future__ import annotations
+
+import html
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+# Anchor colours of a perceptually ordered ramp (dark purple -> red -> yellow), like matplotlib's "inferno".
+_RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
+
+
+def colormap(x: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] (any shape) to uint8 RGB (shape + (3,))."""
+    x = np.clip(np.nan_to_num(np.asarray(x, dtype=np.float64)), 0, 1) * (len(_RAMP) - 1)
+    lo = np.floor(x).astype(int).clip(0, len(_RAMP) - 2)
+    frac = (x - lo)[..., None]
+    return (_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).round().astype(np.uint8)
+
+
+def mean_std(preprocess: Callable) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The Normalize mean and std inside a torchvision preprocess (OpenAI's if there is none)."""
+    for t in getattr(preprocess, "transforms", []):
+        if hasattr(t, "mean") and hasattr(t, "std"):
+            return tuple(t.mean), tuple(t.std)
+    return (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_uint8(image: Tensor, preprocess: Callable) -> np.ndarray:
+    """A preprocessed image ``[3, H, W]`` back to uint8 ``[H, W, 3]`` (what the model saw)."""
+    mean, std = mean_std(preprocess)
+    img = image.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    return (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def overlay(image: np.ndarray, heat: Tensor, alpha: float = 0.55) -> Image.Image:
+    """Blend ``heat`` ``[H, W]`` in [0, 1] over ``image`` uint8 ``[H, W, 3]``."""
+    colours = colormap(heat.detach().float().cpu().numpy()).astype(np.float64)
+    mixed = (1 - alpha) * image.astype(np.float64) + alpha * colours
+    return Image.fromarray(mixed.round().astype(np.uint8))
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def token_strip(tokens: Sequence[str], scores: Sequence[float], width: int, size: int = 16) -> Image.Image:
+    """Tokens laid out in lines of at most ``width`` pixels, each on a background shaded by its score."""
+    font, pad = _font(size), 4
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes, x, y, line_h = [], pad, pad, size + 2 * pad
+    for tok in tokens:
+        w = int(probe.textlength(tok, font=font)) + 2 * pad
+        if x + w > width - pad and x > pad:
+            x, y = pad, y + line_h + pad
+        boxes.append((x, y, w))
+        x += w + pad
+    canvas = Image.new("RGB", (width, y + line_h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for tok, s, (bx, by, w) in zip(tokens, scores, boxes):
+        colour = tuple(int(c) for c in colormap(np.array(float(s))))
+        draw.rectangle([bx, by, bx + w, by + line_h], fill=colour)
+        ink = "black" if float(s) > 0.6 else "white"
+        draw.text((bx + pad, by + pad), tok, fill=ink, font=font)
+    return canvas
+
+
+def explanation_figure(
+    image: np.ndarray, heat: Optional[Tensor], tokens: Sequence[str], scores: Optional[Sequence[float]],
+    title: str = "", scale: int = 0,
+) -> Image.Image:
+    """The input image, the heat overlay beside it, and the caption's tokens shaded by score below."""
+    h, w = image.shape[:2]
+    scale = scale or max(1, 256 // max(h, w))
+    size = (w * scale, h * scale)
+    left = Image.fromarray(image).resize(size, Image.NEAREST)
+    right = overlay(image, heat).resize(size, Image.NEAREST) if heat is not None else left
+    width = 2 * size[0] + 12
+    strip = token_strip(tokens, scores if scores is not None else [0.0] * len(tokens), width)
+    head = 24 if title else 0
+    fig = Image.new("RGB", (width, head + size[1] + 8 + strip.height), "white")
+    if title:
+        ImageDraw.Draw(fig).text((4, 4), title, fill="black", font=_font(14))
+    fig.paste(left, (0, head))
+    fig.paste(right, (size[0] + 12, head))
+    fig.paste(strip, (0, head + size[1] + 8))
+    return fig
+
+
+def tokens_html(tokens: Sequence[str], scores: Sequence[float]) -> str:
+    """Tokens as HTML spans shaded by score; token text is escaped."""
+    spans = []
+    for tok, s in zip(tokens, scores):
+        r, g, b = (int(c) for c in colormap(np.array(float(s))))
+        ink = "#000" if float(s) > 0.6 else "#fff"
+        spans.append(f'<span style="background:rgb({r},{g},{b});color:{ink};padding:1px 3px" '
+                     f'title="{float(s):.3f}">{html.escape(tok)}</span>')
+    return " ".join(spans)
