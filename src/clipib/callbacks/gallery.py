@@ -1,0 +1,70 @@
+"""TensorBoard gallery: per method, the first pairs of rank 0 with their heat overlay and shaded tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+from lightning.pytorch import Callback, LightningModule, Trainer
+from PIL import Image
+
+from clipib.viz import explanation_figure, to_uint8
+
+
+class Gallery(Callback):
+    """Render the first ``n`` pairs per method (first seed) and log them to TensorBoard as images.
+
+    Also saves ``gallery_<method>.png`` in the run directory (``out_dir`` or ``trainer.default_root_dir``),
+    and logs the run's hyperparameters.
+    """
+
+    def __init__(self, n: int = 8, out_dir: Optional[str] = None) -> None:
+        self.n = n
+        self.out_dir = out_dir
+        self.figures: Dict[str, List[Image.Image]] = {}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.global_rank != 0 or not outputs or not outputs.get("maps"):
+            return
+        clip, first_seed = pl_module.clip, pl_module.seeds[0]
+        b = outputs["batch"]
+        for (method, seed), attr in outputs["maps"].items():
+            figs = self.figures.setdefault(method, [])
+            if seed != first_seed or len(figs) >= self.n:
+                continue
+            for i in range(min(self.n - len(figs), len(b["key"]))):
+                tokens = clip.token_strings(b["ids"][i])
+                scores = attr.text[i, : len(tokens)].tolist() if attr.text is not None else None
+                heat = attr.image[i] if attr.image is not None else None
+                title = f"{method} · {b['key'][i]}"
+                figs.append(explanation_figure(to_uint8(b["image"][i], clip.preprocess), heat, tokens, scores, title))
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        run = Path(self.out_dir or trainer.default_root_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        experiment = getattr(trainer.logger, "experiment", None) if trainer.logger else None
+        for method, figs in self.figures.items():
+            if not figs:
+                continue
+            sheet = stack(figs)
+            sheet.save(run / f"gallery_{method}.png")
+            if experiment is not None and hasattr(experiment, "add_image"):
+                experiment.add_image(f"gallery/{method}", np.asarray(sheet), 0, dataformats="HWC")
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams(dict(pl_module.hparams))
+            if hasattr(experiment, "flush"):
+                experiment.flush()
+
+
+def stack(figures: List[Image.Image], columns: int = 2) -> Image.Image:
+    """Tile figures in a grid, ``columns`` per row."""
+    w = max(f.width for f in figures)
+    h = max(f.height for f in figures)
+    rows = (len(figures) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, fig in enumerate(figures):
+        sheet.paste(fig, ((i % columns) * w, (i // columns) * h))
+    return sheet

@@ -1,0 +1,150 @@
+"""Row selection options: a fixed-seed sample, mismatched pairs, best-of-k captions and the
+noisy / borderline / clean partition by CLIP similarity (AdaIB Table 5).
+
+All work on row lists (:mod:`clipib.data.tables`) before any dataset is built, so every rank builds
+the same dataset. Rows marked ``skip`` are never sampled, shuffled or scored; they stay in the list
+(when no sample is drawn) so they are still reported once.
+
+A *scoring callable* ``score(images, captions) -> Tensor[B]`` gives the CLIP similarity of image
+``i`` (preprocessed, ``[B, 3, H, W]``) with caption ``i`` — the cosine of the two embeddings. The
+caller (the evaluating LightningModule) supplies it; this module never loads a model.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from clipib.data.common import is_skip
+from clipib.data.tables import PairDataset, Row
+
+Score = Callable[[torch.Tensor, List[str]], torch.Tensor]
+PARTS = ("noisy", "borderline", "clean")
+
+
+def sample_rows(rows: Sequence[Row], n: int, seed: int) -> List[Row]:
+    """``n`` usable rows drawn without replacement by ``random.Random(seed)``, in file order.
+
+    The same (rows, n, seed) always gives the same sample, whatever the machine or process count
+    (M2IB draws 500 CC3M rows without a seed; this is the reproducible version). ``n`` at least
+    the number of usable rows keeps them all.
+    """
+    if n <= 0:
+        raise ValueError(f"sample must be positive, got {n}")
+    usable = [i for i, row in enumerate(rows) if "skip" not in row]
+    picked = sorted(random.Random(seed).sample(usable, n)) if n < len(usable) else usable
+    return [rows[i] for i in picked]
+
+
+def mismatch_rows(rows: Sequence[Row], seed: int) -> List[Row]:
+    """Give every usable row another row's caption (``matched=False``): no row keeps its own.
+
+    The permutation is one random cycle (Sattolo's algorithm, ``random.Random(seed)``), so it has
+    no fixed point by construction. Keys become ``"<image key>|<caption key>"``.
+    """
+    usable = [i for i, row in enumerate(rows) if "skip" not in row]
+    if len(usable) < 2:
+        raise ValueError("mismatched pairs need at least 2 usable rows")
+    perm = list(range(len(usable)))
+    rng = random.Random(seed)
+    for i in range(len(perm) - 1, 0, -1):
+        j = rng.randrange(i)  # j < i: Sattolo, a single cycle
+        perm[i], perm[j] = perm[j], perm[i]
+    out = list(rows)
+    for dst, src in enumerate(perm):
+        row, other = rows[usable[dst]], rows[usable[src]]
+        out[usable[dst]] = {**row, "caption": other["caption"], "key": f"{row['key']}|{other['key']}", "matched": False}
+        out[usable[dst]].pop("candidates", None)
+    return out
+
+
+def score_rows(
+    rows: Sequence[Row], preprocess, score: Score, batch_size: int = 32, num_workers: int = 0
+) -> List[Optional[List[float]]]:
+    """Similarity of each row's image with each of its captions (``"candidates"`` or ``[caption]``).
+
+    Returns one list of floats per row, ``None`` for skipped rows and images that fail to load.
+    """
+    loader = DataLoader(PairDataset(list(rows), preprocess), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    out: List[Optional[List[float]]] = []
+    for items in loader:
+        images, captions, owner = [], [], []
+        for item in items:
+            out.append(None)
+            if is_skip(item):
+                continue
+            row = rows[len(out) - 1]
+            for caption in row.get("candidates") or [row["caption"]]:
+                images.append(item["image"])
+                captions.append(caption)
+                owner.append(len(out) - 1)
+        sims: List[float] = []
+        for start in range(0, len(captions), batch_size):
+            chunk = torch.stack(images[start : start + batch_size])  # [b, 3, H, W]
+            with torch.no_grad():
+                sims += score(chunk, captions[start : start + batch_size]).float().flatten().tolist()
+        for index, sim in zip(owner, sims):
+            out[index] = (out[index] or []) + [sim]
+    return out
+
+
+def _mark_unscored(row: Row) -> Row:
+    return row if "skip" in row else {**row, "skip": "image could not be scored"}
+
+
+def choose_best_captions(rows: Sequence[Row], scores: Sequence[Optional[List[float]]]) -> List[Row]:
+    """Per row, keep the candidate caption most similar to the row's *own* image (first on ties).
+
+    NIB's Flickr8k protocol picks the most similar of the 5 captions, but its code scores them
+    against the wrong image (REFERENCE_NOTES §8); here each row is scored with its own image.
+    """
+    out: List[Row] = []
+    for row, sims in zip(rows, scores):
+        if sims is None:
+            out.append(_mark_unscored(row))
+            continue
+        best = max(range(len(sims)), key=lambda k: (sims[k], -k))
+        out.append({**row, "caption": row.get("candidates", [row["caption"]])[best], "similarity": sims[best]})
+    return out
+
+
+def partition_bounds(scores: Sequence[float], thresholds: Optional[Tuple[float, float]] = None) -> Tuple[float, float]:
+    """``(low, high)``: given thresholds, or the terciles of ``scores``.
+
+    AdaIB (App. C, Table 5) splits CC3M / Flickr8k / LAION "manually" by CLIP similarity into noisy
+    (low), borderline (medium) and clean (high) without stating thresholds; clipib's default is equal
+    thirds (terciles), and explicit thresholds reproduce any other split.
+    """
+    if thresholds is not None:
+        low, high = float(thresholds[0]), float(thresholds[1])
+        if low > high:
+            raise ValueError(f"partition thresholds must be (low, high) with low <= high, got {thresholds}")
+        return low, high
+    if not scores:
+        raise ValueError("no scored rows to partition")
+    q = torch.quantile(torch.tensor(list(scores), dtype=torch.float64), torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
+    return float(q[0]), float(q[1])
+
+
+def partition_rows(
+    rows: Sequence[Row], scores: Sequence[Optional[float]], part: str, thresholds: Optional[Tuple[float, float]] = None
+) -> List[Row]:
+    """Rows of one partition: ``noisy`` (s < low), ``borderline`` (low <= s < high), ``clean`` (s >= high).
+
+    ``scores`` holds one similarity per row (``None`` for skipped / unreadable rows, which are kept
+    as skips so they are still reported).
+    """
+    if part not in PARTS:
+        raise ValueError(f"partition must be one of {PARTS}, got {part!r}")
+    low, high = partition_bounds([s for s in scores if s is not None], thresholds)
+    keep = {"noisy": lambda s: s < low, "borderline": lambda s: low <= s < high, "clean": lambda s: s >= high}[part]
+    out: List[Row] = []
+    for row, sim in zip(rows, scores):
+        if sim is None:
+            out.append(_mark_unscored(row))
+        elif keep(sim):
+            out.append({**row, "similarity": sim})
+    return out

@@ -1,0 +1,184 @@
+"""Streaming webdataset shards (LAION-400M style ``.jpg`` + ``.txt``), each sample exactly once.
+
+Shards are given as local paths, brace patterns (``shards/{00000..01241}.tar``, ``::``-separated
+lists) or anything webdataset's ``gopen`` opens (``pipe:curl -s …``, ``http(s)://…``); expansion,
+opening and tar parsing are webdataset's own (``expand_urls``, ``SimpleShardList``,
+``tarfile_to_samples``).
+
+Splitting (``split=``): the rank x DataLoader-worker grid has ``S = world_size * num_workers`` slots,
+slot ``s = rank * num_workers + worker``.
+
+* ``"shard"``: shards are dealt out by rank, then by worker — ``shards[rank::world_size]`` then
+  ``[worker::num_workers]``, exactly what webdataset's ``split_by_node`` / ``split_by_worker`` do,
+  but with the rank passed in explicitly (Lightning knows it; env vars may be unset in spawned
+  workers). Each shard is read by one slot, so each sample is seen once; ranks may get unequal counts.
+* ``"sample"``: every slot reads every shard in the same order and keeps sample ``i`` of the global
+  stream when ``i % S == s`` (decoding only what it keeps). Exact for any number of shards, even
+  fewer shards than slots, at the cost of S-fold reading.
+* ``"auto"`` (default): ``"shard"`` when there are at least ``S`` shards, else ``"sample"``.
+
+Both are deterministic and exact: no sample twice, none missing, and every rank ends by itself (no
+padding, no collective calls), so a rank with fewer samples just finishes earlier.
+
+Corrupt data never raises: a sample with an undecodable or truncated image, a missing image, a
+missing, empty or non-UTF-8 caption becomes a skip marker (key + reason, see
+:mod:`clipib.data.common`); a shard that cannot be opened or a truncated tar becomes a skip marker
+keyed by the shard name. Skips travel in the batches' ``"skipped"`` list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from itertools import islice
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import webdataset as wds
+from torch.utils.data import IterableDataset
+
+from clipib.data.common import IMAGE_ERRORS, Item, Preprocess, decode_caption, decode_image, image_error, skip_item
+
+ShardSpec = Union[str, Sequence[str]]
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+CAPTION_EXTS = ("txt", "caption", "text")
+SPLITS = ("auto", "shard", "sample")
+
+
+def expand_shards(spec: ShardSpec) -> List[str]:
+    """Expand brace patterns / ``::`` lists (webdataset's ``expand_urls``) into a list of shard URLs."""
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    urls = [url for pattern in patterns for url in wds.shardlists.expand_urls(str(pattern))]
+    if not urls:
+        raise ValueError(f"no shards in {spec!r}")
+    return urls
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` names a local file (no ``scheme://`` and no ``pipe:``)."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def shard_name(url: str) -> str:
+    """Stable short name of a shard: the last ``*.tar`` component (``…/00012.tar`` -> ``00012``)."""
+    found = re.findall(r"([^/\s]+?)\.(?:tar\.gz|tgz|tar)\b", url)
+    return found[-1] if found else url
+
+
+def _slice(src: Iterable[Any], start: int, step: int) -> Iterator[Any]:
+    """Every ``step``-th element from ``start`` (webdataset's node/worker splitters, explicit ranks)."""
+    yield from islice(src, start, None, step) if step > 1 else src
+
+
+def worker_grid(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int, int, int]:
+    """``(rank, world_size, worker, num_workers)``: webdataset's ``pytorch_worker_info`` with overrides."""
+    env_rank, env_world, worker, num_workers = wds.utils.pytorch_worker_info()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    return rank, world_size, worker, num_workers
+
+
+class ShardDataset(IterableDataset):
+    """Iterable dataset over webdataset shards yielding clipib items (samples or skip markers).
+
+    Args:
+        shards: shard URLs / brace patterns (see module docstring).
+        preprocess: image transform, PIL -> Tensor[3, H, W].
+        rank, world_size: this process's place; ``None`` reads them like webdataset does
+            (``RANK``/``WORLD_SIZE`` env vars, else ``torch.distributed``).
+        split: ``"auto"`` | ``"shard"`` | ``"sample"`` (module docstring).
+        image_exts, caption_exts: member extensions tried in order for the image and the caption.
+
+    Sample keys are ``"<shard name>/<__key__>"``, unique as long as shard file names are.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSpec,
+        preprocess: Preprocess,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        split: str = "auto",
+        image_exts: Sequence[str] = IMAGE_EXTS,
+        caption_exts: Sequence[str] = CAPTION_EXTS,
+    ) -> None:
+        super().__init__()
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.urls = expand_shards(shards)
+        local = [u for u in self.urls if is_local(u)]
+        if local and not any(os.path.exists(u) for u in local):
+            raise FileNotFoundError(f"none of the {len(local)} shards exists (first: {local[0]})")
+        self.preprocess = preprocess
+        self.rank, self.world_size, self.split = rank, world_size, split
+        self.image_exts, self.caption_exts = tuple(image_exts), tuple(caption_exts)
+
+    def mode(self, slots: int) -> str:
+        """The split actually used with ``slots`` rank x worker slots."""
+        if self.split != "auto":
+            return self.split
+        return "shard" if len(self.urls) >= slots else "sample"
+
+    def __iter__(self) -> Iterator[Item]:
+        """Yield this slot's share of samples and skip markers."""
+        rank, world, worker, n_workers = worker_grid(self.rank, self.world_size)
+        slots, slot = world * n_workers, rank * n_workers + worker
+        mode = self.mode(slots)
+        errors: List[Item] = []
+
+        failed: set = set()
+
+        def handler(exn: Exception) -> bool:
+            """webdataset exception handler: record a shard-level skip, then continue."""
+            item = self._error_item(exn)
+            if item["key"] not in failed:  # a truncated tar raises twice (member, then stream): report once
+                failed.add(item["key"])
+                errors.append(item)
+            return True  # keep going with the next member / shard
+
+        stages: List[Any] = [wds.SimpleShardList(self.urls)]
+        if mode == "shard":
+            stages += [wds.filters.pipelinefilter(_slice)(rank, world), wds.filters.pipelinefilter(_slice)(worker, n_workers)]
+        stages.append(wds.tarfile_to_samples(handler=handler))
+        if mode == "sample":
+            stages.append(wds.filters.pipelinefilter(_slice)(slot, slots))
+        report_errors = mode == "shard" or slot == 0  # in "sample" mode every slot sees the same errors
+        for raw in wds.DataPipeline(*stages):
+            yield from self._drain(errors, report_errors)
+            yield self.decode(raw)
+        yield from self._drain(errors, report_errors)
+
+    @staticmethod
+    def _drain(errors: List[Item], report: bool) -> Iterator[Item]:
+        while errors:
+            item = errors.pop(0)
+            if report:
+                yield item
+
+    def _error_item(self, exn: Exception) -> Item:
+        text = " ".join(str(a) for a in exn.args)
+        urls = [u for u in self.urls if u in text]
+        key = shard_name(max(urls, key=len)) if urls else "<shard>"
+        if isinstance(exn, OSError) and exn.strerror:
+            msg = exn.strerror
+        else:
+            msg = str(exn.args[0]).split(" @ ")[0] if exn.args else ""
+        return skip_item(key, f"unreadable shard ({type(exn).__name__}: {msg})")
+
+    def decode(self, raw: dict) -> Item:
+        """Raw webdataset sample (member bytes by extension) -> clipib item or skip marker."""
+        key = f"{shard_name(raw.get('__url__', ''))}/{raw['__key__']}"
+        image_ext = next((e for e in self.image_exts if e in raw), None)
+        if image_ext is None:
+            return skip_item(key, "missing image")
+        caption_ext = next((e for e in self.caption_exts if e in raw), None)
+        try:
+            caption = decode_caption(raw[caption_ext] if caption_ext else None)
+        except ValueError as exn:
+            return skip_item(key, str(exn))
+        try:
+            image = decode_image(raw[image_ext])
+        except IMAGE_ERRORS as exn:
+            return skip_item(key, image_error(exn))
+        return {"key": key, "image": self.preprocess(image), "caption": caption, "matched": True}
