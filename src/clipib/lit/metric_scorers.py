@@ -1,0 +1,191 @@
+"""Scorers for the metric suite (:mod:`clipib.metrics`), registered in :data:`clipib.lit.scorers.SCORERS`.
+
+Each scorer adapts one metric family to the eval pipeline's per-sample interface
+``scorer(clip, batch, attr, modality) -> {name: Tensor[B]}``; the values are aggregated (mean ± std, NaN
+counted as skipped) and written to the per-sample records by the pipeline. Config names and settings:
+
+============================  ==========================================  ======================================
+``metrics:`` key              settings (defaults)                         values (per modality)
+============================  ==========================================  ======================================
+``confidence``                ``protocol="corrected"``, ``replacement_id=0``  image/text: ``{m}_drop``, ``{m}_incr``
+``localization``              ``q=0.75``                                  image: ``iou``
+``pointing_game``             ``threshold=0.5``, ``tolerance=0``          image: ``pg_iou``, ``pointing_game``
+``ehr``                       ``weighted=True``, ``max_roi_fraction=0.33``  image: ``ehr``
+``insertion_deletion``        ``steps=20``, ``fill="black"``, ``replacement_id=0``  image/text: ``{m}_insertion``, ``{m}_deletion``
+``text_topk``                 ``k=2``                                     text: ``topk_share``, ``topk_hit``
+``mismatch_scalars``          (none)                                      image/text: ``{m}_mass``, ``{m}_entropy``
+============================  ==========================================  ======================================
+
+Ground truth comes from the batch: ``mask`` (preferred) or ``box`` for the image localization metrics,
+``gold_tokens`` for ``text_topk``; a configured metric without its ground truth is one clear error.
+The matched-vs-mismatched AUROC is a dataset-level number: ``mismatch_scalars`` records each pair's map
+mass / entropy (bottleneck methods also put their final loss terms in ``attr.scalars``), and
+:class:`clipib.metrics.MismatchAUROC` turns those and ``batch["matched"]`` into the AUROC.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+from torch import Tensor
+
+from clipib.attribution import Attribution
+from clipib.lit.scorers import register_scorer
+from clipib.metrics import (
+    PROTOCOLS,
+    confidence_drop,
+    confidence_increase,
+    content_positions,
+    effective_heat_ratio,
+    image_confidence_scores,
+    image_insertion_deletion,
+    image_scorer,
+    localization_iou,
+    map_entropy,
+    map_mass,
+    pointing_game,
+    pointing_game_iou,
+    text_confidence_scores,
+    text_insertion_deletion,
+    text_scorer,
+    topk_gold,
+)
+from clipib.models.split import SplitCLIP
+
+
+def _region(batch: Dict[str, Any], metric: str) -> Tensor:
+    """The object region of the batch: ``mask`` if present, else ``box``."""
+    for key in ("mask", "box"):
+        if batch.get(key) is not None:
+            return batch[key]
+    raise ValueError(f"metric {metric!r} needs batch['mask'] or batch['box'] (a grounding dataset)")
+
+
+@register_scorer("confidence")
+class ConfidenceScorer:
+    """Confidence Drop / Increase (M2IB eqs. 17-18) under ``protocol`` (see :mod:`clipib.metrics.confidence`)."""
+
+    def __init__(self, protocol: str = "corrected", replacement_id: int = 0) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"confidence protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        self.protocol, self.replacement_id = protocol, replacement_id
+
+    def names(self, modality: str) -> List[str]:
+        return [f"{modality}_drop", f"{modality}_incr"]
+
+    def __call__(self, clip: SplitCLIP, batch: Dict[str, Any], attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        images, ids = batch["image"], batch["ids"]
+        if modality == "image":
+            orig, pert = image_confidence_scores(clip, images, attr.image, ids, self.protocol)
+        else:
+            orig, pert = text_confidence_scores(clip, images, ids, attr.text, self.protocol, self.replacement_id)
+        return {f"{modality}_drop": confidence_drop(orig, pert), f"{modality}_incr": confidence_increase(orig, pert)}
+
+
+@register_scorer("localization")
+class LocalizationScorer:
+    """IoU of the map binarised at its ``q``-th percentile with the object (M2IB eq. 16)."""
+
+    def __init__(self, q: float = 0.75) -> None:
+        self.q = q
+
+    def names(self, modality: str) -> List[str]:
+        return ["iou"] if modality == "image" else []
+
+    def __call__(self, clip: SplitCLIP, batch: Dict[str, Any], attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        if modality != "image":
+            return {}
+        return {"iou": localization_iou(attr.image, _region(batch, "localization"), self.q)}
+
+
+@register_scorer("pointing_game")
+class PointingGameScorer:
+    """AdaIB's pointing-game IoU (normalised map ``>= threshold``) and the classic pointing game."""
+
+    def __init__(self, threshold: float = 0.5, tolerance: float = 0.0) -> None:
+        self.threshold, self.tolerance = threshold, tolerance
+
+    def names(self, modality: str) -> List[str]:
+        return ["pg_iou", "pointing_game"] if modality == "image" else []
+
+    def __call__(self, clip: SplitCLIP, batch: Dict[str, Any], attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        if modality != "image":
+            return {}
+        region = _region(batch, "pointing_game")
+        return {"pg_iou": pointing_game_iou(attr.image, region, self.threshold),
+                "pointing_game": pointing_game(attr.image, region, self.tolerance)}
+
+
+@register_scorer("ehr")
+class EHRScorer:
+    """Effective Heat Ratio (InputIBA App. F); objects covering more than ``max_roi_fraction`` give NaN."""
+
+    def __init__(self, weighted: bool = True, max_roi_fraction: float = 0.33) -> None:
+        self.weighted, self.max_roi_fraction = weighted, max_roi_fraction
+
+    def names(self, modality: str) -> List[str]:
+        return ["ehr"] if modality == "image" else []
+
+    def __call__(self, clip: SplitCLIP, batch: Dict[str, Any], attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        if modality != "image":
+            return {}
+        return {"ehr": effective_heat_ratio(attr.image, _region(batch, "ehr"), weighted=self.weighted,
+                                            max_roi_fraction=self.max_roi_fraction)}
+
+
+@register_scorer("insertion_deletion")
+class InsertionDeletionScorer:
+    """Insertion and deletion AUC (InputIBA App. D.3), cosine with the other modality at each step."""
+
+    def __init__(self, steps: int = 20, fill: Any = "black", replacement_id: int = 0) -> None:
+        self.steps, self.fill, self.replacement_id = steps, fill, replacement_id
+
+    def names(self, modality: str) -> List[str]:
+        return [f"{modality}_insertion", f"{modality}_deletion"]
+
+    def __call__(self, clip: SplitCLIP, batch: Dict[str, Any], attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        images, ids = batch["image"], batch["ids"]
+        out = {}
+        for mode in ("insertion", "deletion"):
+            if modality == "image":
+                auc = image_insertion_deletion(images, attr.image, image_scorer(clip, ids), mode, self.steps,
+                                               self.fill)[0]
+            else:
+                auc = text_insertion_deletion(ids, attr.text, text_scorer(clip, images, ids), mode, self.steps,
+                                              self.replacement_id, clip.text.eot_positions(ids))[0]
+            out[f"{modality}_{mode}"] = auc
+        return out
+
+
+@register_scorer("text_topk")
+class TextTopKScorer:
+    """Share of the gold tokens among the top-``k`` content tokens, and the all-gold hit."""
+
+    def __init__(self, k: int = 2) -> None:
+        self.k = k
+
+    def names(self, modality: str) -> List[str]:
+        return ["topk_share", "topk_hit"] if modality == "text" else []
+
+    def __call__(self, clip: SplitCLIP, batch: Dict[str, Any], attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        if modality != "text":
+            return {}
+        if batch.get("gold_tokens") is None:
+            raise ValueError("metric 'text_topk' needs batch['gold_tokens']")
+        ids = batch["ids"]
+        share, hit = topk_gold(attr.text, batch["gold_tokens"], ids, self.k, eot=clip.text.eot_positions(ids))
+        return {"topk_share": share, "topk_hit": hit}
+
+
+@register_scorer("mismatch_scalars")
+class MismatchScalarsScorer:
+    """Per-pair map mass (mean raw score) and normalised entropy of the [0, 1] map, for the AUROC."""
+
+    def names(self, modality: str) -> List[str]:
+        return [f"{modality}_mass", f"{modality}_entropy"]
+
+    def __call__(self, clip: SplitCLIP, batch: Dict[str, Any], attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        if modality == "image":
+            return {"image_mass": map_mass(attr.image_grid), "image_entropy": map_entropy(attr.image)}
+        valid = content_positions(batch["ids"], clip.text.eot_positions(batch["ids"]), include_special=True)
+        return {"text_mass": map_mass(attr.text_raw, valid), "text_entropy": map_entropy(attr.text, valid)}

@@ -1,0 +1,63 @@
+"""The metric-suite scorers: registered, consistent with their declared names, equal to the kernels, and
+driven by AttributionModule.test_step on the tiny model."""
+import pytest
+import torch
+
+import clipib
+from clipib.lit.attribution_module import AttributionModule
+from clipib.lit.scorers import SCORERS
+from clipib.metrics import confidence_drop, effective_heat_ratio, image_confidence_scores, localization_iou
+
+ALL = {"confidence": {}, "localization": {"q": 0.6}, "pointing_game": {"tolerance": 1}, "ehr": {},
+       "insertion_deletion": {"steps": 2}, "text_topk": {"k": 2}, "mismatch_scalars": {}}
+TINY = "tests/data/tiny-clip.json"
+
+
+@pytest.fixture(scope="module")
+def batch(pairs):
+    images, ids = pairs
+    n = images.shape[0]
+    mask = torch.zeros(n, *images.shape[-2:], dtype=torch.bool)
+    mask[:, 4:12, 8:20] = True
+    gold = torch.zeros_like(ids, dtype=torch.bool)
+    gold[:, 1] = True
+    return {"image": images, "ids": ids, "key": [f"k{i}" for i in range(n)], "caption": [""] * n,
+            "mask": mask, "gold_tokens": gold}
+
+
+def test_scorers_match_names_and_kernels(tiny_clip, batch):
+    attr = clipib.METHODS["nib"](tiny_clip).attribute(batch["image"], batch["ids"], modality="both")
+    for name, settings in ALL.items():
+        scorer = SCORERS[name](**settings)
+        for mod in ("image", "text"):
+            out = scorer(tiny_clip, batch, attr, mod)
+            assert sorted(out) == sorted(scorer.names(mod)), (name, mod)
+            assert all(v.shape == (4,) for v in out.values())
+    got = SCORERS["localization"](q=0.6)(tiny_clip, batch, attr, "image")["iou"]
+    assert torch.equal(got, localization_iou(attr.image, batch["mask"], 0.6))
+    got = SCORERS["ehr"]()(tiny_clip, batch, attr, "image")["ehr"]
+    assert torch.allclose(got, effective_heat_ratio(attr.image, batch["mask"]), equal_nan=True)
+    got = SCORERS["confidence"](protocol="m2ib")(tiny_clip, batch, attr, "image")["image_drop"]
+    assert torch.allclose(got, confidence_drop(*image_confidence_scores(tiny_clip, batch["image"], attr.image,
+                                                                         batch["ids"], "m2ib")))
+
+
+def test_missing_ground_truth_and_bad_protocol(tiny_clip, batch):
+    attr = clipib.METHODS["nib"](tiny_clip).attribute(batch["image"], batch["ids"], modality="image")
+    plain = {k: v for k, v in batch.items() if k not in ("mask", "gold_tokens")}
+    with pytest.raises(ValueError, match="batch\\['mask'\\] or batch\\['box'\\]"):
+        SCORERS["localization"]()(tiny_clip, plain, attr, "image")
+    with pytest.raises(ValueError, match="gold_tokens"):
+        SCORERS["text_topk"]()(tiny_clip, plain, attr, "text")
+    with pytest.raises(ValueError, match="protocol"):
+        SCORERS["confidence"](protocol="hf")
+
+
+def test_attribution_module_runs_every_metric(batch):
+    module = AttributionModule(model=TINY, pretrained=None, methods={"nib": {}}, metrics=ALL, keep_maps=False)
+    out = module.test_step(batch, 0)
+    assert len(out["records"]) == 4
+    summary = module.summary()["nib"]
+    for key in ("image_drop", "text_incr", "iou", "pg_iou", "pointing_game", "ehr", "image_deletion",
+                "text_insertion", "topk_hit", "image_entropy", "text_mass"):
+        assert key in summary and summary[key]["n"] + summary[key]["skipped"] == 4, key
