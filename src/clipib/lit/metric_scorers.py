@@ -145,14 +145,14 @@ class InsertionDeletionScorer:
 
     def __call__(self, clip: SplitCLIP, batch: Dict[str, Any], attr: Attribution, modality: str) -> Dict[str, Tensor]:
         images, ids = batch["image"], batch["ids"]
+        score = image_scorer(clip, ids) if modality == "image" else text_scorer(clip, images, ids)
         out = {}
         for mode in ("insertion", "deletion"):
             if modality == "image":
-                auc = image_insertion_deletion(images, attr.image, image_scorer(clip, ids), mode, self.steps,
-                                               self.fill)[0]
+                auc = image_insertion_deletion(images, attr.image, score, mode, self.steps, self.fill)[0]
             else:
-                auc = text_insertion_deletion(ids, attr.text, text_scorer(clip, images, ids), mode, self.steps,
-                                              self.replacement_id, clip.text.eot_positions(ids))[0]
+                auc = text_insertion_deletion(ids, attr.text, score, mode, self.steps, self.replacement_id,
+                                              clip.text.eot_positions(ids))[0]
             out[f"{modality}_{mode}"] = auc
         return out
 
