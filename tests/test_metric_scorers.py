@@ -61,3 +61,13 @@ def test_attribution_module_runs_every_metric(batch):
     for key in ("image_drop", "text_incr", "iou", "pg_iou", "pointing_game", "ehr", "image_deletion",
                 "text_insertion", "topk_hit", "image_entropy", "text_mass"):
         assert key in summary and summary[key]["n"] + summary[key]["skipped"] == 4, key
+
+
+def test_region_uses_the_mask_where_present_else_the_box(tiny_clip, batch):
+    attr = clipib.Attribution(image=torch.zeros(4, 32, 32))
+    attr.image[:, 0, 0] = 1.0  # the maximum in the top-left pixel
+    b = dict(batch, box=torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 4), has_mask=torch.tensor([True, False, True, False]))
+    got = SCORERS["pointing_game"]()(tiny_clip, b, attr, "image")["pointing_game"]
+    assert got.tolist() == [0.0, 1.0, 0.0, 1.0]  # the masks miss the top-left pixel, the boxes contain it
+    no_mask = {k: v for k, v in b.items() if k not in ("mask", "has_mask")}
+    assert SCORERS["pointing_game"]()(tiny_clip, no_mask, attr, "image")["pointing_game"].tolist() == [1.0] * 4

@@ -16,7 +16,8 @@ counted as skipped) and written to the per-sample records by the pipeline. Confi
 ``mismatch_scalars``          (none)                                      image/text: ``{m}_mass``, ``{m}_entropy``
 ============================  ==========================================  ======================================
 
-Ground truth comes from the batch: ``mask`` (preferred) or ``box`` for the image localization metrics,
+Ground truth comes from the batch: per sample its ``mask`` where ``has_mask`` says it has one, else its
+``box`` (a batch without ``has_mask`` uses ``mask`` when present) for the image localization metrics;
 ``gold_tokens`` for ``text_topk``; a configured metric without its ground truth is one clear error.
 The matched-vs-mismatched AUROC is a dataset-level number: ``mismatch_scalars`` records each pair's map
 mass / entropy (bottleneck methods also put their final loss terms in ``attr.scalars``), and
@@ -24,7 +25,7 @@ mass / entropy (bottleneck methods also put their final loss terms in ``attr.sca
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import torch
 from torch import Tensor
@@ -33,6 +34,7 @@ from clipib.attribution import Attribution
 from clipib.lit.scorers import register_scorer
 from clipib.metrics import (
     PROTOCOLS,
+    boxes_to_mask,
     confidence_drop,
     confidence_increase,
     content_positions,
@@ -53,12 +55,17 @@ from clipib.metrics import (
 from clipib.models.split import SplitCLIP
 
 
-def _region(batch: Dict[str, Any], metric: str) -> Tensor:
-    """The object region of the batch: ``mask`` if present, else ``box``."""
-    for key in ("mask", "box"):
-        if batch.get(key) is not None:
-            return batch[key]
-    raise ValueError(f"metric {metric!r} needs batch['mask'] or batch['box'] (a grounding dataset)")
+def _region(batch: Dict[str, Any], metric: str, size: Sequence[int]) -> Tensor:
+    """The object region ``BoolTensor[B, H, W]``: the mask where the sample has one (``has_mask``), else its box."""
+    mask, box = batch.get("mask"), batch.get("box")
+    if mask is None and box is None:
+        raise ValueError(f"metric {metric!r} needs batch['mask'] or batch['box'] (a grounding dataset)")
+    if mask is None:
+        return boxes_to_mask(box, (size[-2], size[-1]))
+    has_mask = batch.get("has_mask")
+    if box is None or has_mask is None:
+        return mask.bool()
+    return torch.where(has_mask.bool()[:, None, None], mask.bool(), boxes_to_mask(box, (size[-2], size[-1])))
 
 
 @register_scorer("confidence")
@@ -95,7 +102,7 @@ class LocalizationScorer:
     def __call__(self, clip: SplitCLIP, batch: Dict[str, Any], attr: Attribution, modality: str) -> Dict[str, Tensor]:
         if modality != "image":
             return {}
-        return {"iou": localization_iou(attr.image, _region(batch, "localization"), self.q)}
+        return {"iou": localization_iou(attr.image, _region(batch, "localization", attr.image.shape), self.q)}
 
 
 @register_scorer("pointing_game")
@@ -111,7 +118,7 @@ class PointingGameScorer:
     def __call__(self, clip: SplitCLIP, batch: Dict[str, Any], attr: Attribution, modality: str) -> Dict[str, Tensor]:
         if modality != "image":
             return {}
-        region = _region(batch, "pointing_game")
+        region = _region(batch, "pointing_game", attr.image.shape)
         return {"pg_iou": pointing_game_iou(attr.image, region, self.threshold),
                 "pointing_game": pointing_game(attr.image, region, self.tolerance)}
 
@@ -129,7 +136,8 @@ class EHRScorer:
     def __call__(self, clip: SplitCLIP, batch: Dict[str, Any], attr: Attribution, modality: str) -> Dict[str, Tensor]:
         if modality != "image":
             return {}
-        return {"ehr": effective_heat_ratio(attr.image, _region(batch, "ehr"), weighted=self.weighted,
+        region = _region(batch, "ehr", attr.image.shape)
+        return {"ehr": effective_heat_ratio(attr.image, region, weighted=self.weighted,
                                             max_roi_fraction=self.max_roi_fraction)}
 
 
