@@ -71,3 +71,37 @@ def test_region_uses_the_mask_where_present_else_the_box(tiny_clip, batch):
     assert got.tolist() == [0.0, 1.0, 0.0, 1.0]  # the masks miss the top-left pixel, the boxes contain it
     no_mask = {k: v for k, v in b.items() if k not in ("mask", "has_mask")}
     assert SCORERS["pointing_game"]()(tiny_clip, no_mask, attr, "image")["pointing_game"].tolist() == [1.0] * 4
+
+
+def test_eval_cli_reports_the_metric_suite(tmp_path):
+    """``eval.py test -c <config>`` on a grounding table: every selected metric lands in summary.json."""
+    import json
+
+    import yaml
+    from PIL import Image, ImageDraw
+
+    from clipib.lit.cli import eval_cli
+
+    lines = []
+    for i in range(3):
+        im = Image.new("RGB", (48, 40), (200, 200, 200))
+        ImageDraw.Draw(im).rectangle([10 + 3 * i, 8, 30 + 3 * i, 28], fill=(220, 40, 40))
+        im.save(tmp_path / f"{i}.png")
+        lines.append({"id": f"r{i}", "image": f"{i}.png", "expression": "a red square", "box": [10 + 3 * i, 8, 21, 21]})
+    (tmp_path / "ref.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    metrics = {"confidence": {"protocol": "m2ib"}, "localization": {}, "pointing_game": {}, "ehr": {},
+               "insertion_deletion": {"steps": 2}, "mismatch_scalars": {}}
+    cfg = {
+        "trainer": {"default_root_dir": str(tmp_path / "run"), "logger": False, "enable_progress_bar": False,
+                    "callbacks": [{"class_path": "clipib.callbacks.records.RecordWriter"}]},
+        "model": {"model": TINY, "pretrained": None, "methods": {"nib": {}}, "metrics": metrics},
+        "data": {"class_path": "clipib.data.ClipDataModule",
+                 "init_args": {"kind": "refcoco", "path": str(tmp_path / "ref.jsonl"), "model": TINY, "batch_size": 2}},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    eval_cli(args=["test", "-c", str(tmp_path / "cfg.yaml")])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["nib"]
+    for key in ("image_drop", "image_incr", "text_drop", "text_incr", "iou", "pg_iou", "pointing_game", "ehr",
+                "image_insertion", "image_deletion", "text_insertion", "text_deletion", "image_entropy", "text_mass"):
+        assert summary[key]["n"] + summary[key]["skipped"] == 3, key
+        assert "std" in summary[key]
