@@ -59,5 +59,5 @@ def test_map_helpers():
 def test_bad_input():
     with pytest.raises(ValueError, match="orientation"):
         MismatchAUROC(orientation="up")
-    with pytest.raises(ValueError, match="same length"):
+    with pytest.raises(ValueError, match="differ in length"):
         MismatchAUROC().update(torch.zeros(3), torch.zeros(2, dtype=torch.bool))

@@ -2,19 +2,17 @@
 
 Each scorer adapts one metric family to the eval pipeline's per-sample interface
 ``scorer(clip, batch, attr, modality) -> {name: Tensor[B]}``; the values are aggregated (mean ± std, NaN
-counted as skipped) and written to the per-sample records by the pipeline. Config names and settings:
+counted as skipped) and written to the per-sample records by the pipeline. ``metrics:`` keys (settings,
+defaults) and the values each produces:
 
-============================  ==========================================  ======================================
-``metrics:`` key              settings (defaults)                         values (per modality)
-============================  ==========================================  ======================================
-``confidence``                ``protocol="corrected"``, ``replacement_id=0``  image/text: ``{m}_drop``, ``{m}_incr``
-``localization``              ``q=0.75``                                  image: ``iou``
-``pointing_game``             ``threshold=0.5``, ``tolerance=0``          image: ``pg_iou``, ``pointing_game``
-``ehr``                       ``weighted=True``, ``max_roi_fraction=0.33``  image: ``ehr``
-``insertion_deletion``        ``steps=20``, ``fill="black"``, ``replacement_id=0``  image/text: ``{m}_insertion``, ``{m}_deletion``
-``text_topk``                 ``k=2``                                     text: ``topk_share``, ``topk_hit``
-``mismatch_scalars``          (none)                                      image/text: ``{m}_mass``, ``{m}_entropy``
-============================  ==========================================  ======================================
+- ``confidence`` (``protocol="corrected"``, ``replacement_id=0``): ``{m}_drop``, ``{m}_incr`` for m = image, text
+- ``localization`` (``q=0.75``): ``iou`` (image)
+- ``pointing_game`` (``threshold=0.5``, ``tolerance=0``): ``pg_iou``, ``pointing_game`` (image)
+- ``ehr`` (``weighted=True``, ``max_roi_fraction=0.33``): ``ehr`` (image)
+- ``insertion_deletion`` (``steps=20``, ``fill="black"``, ``replacement_id=0``): ``{m}_insertion``,
+  ``{m}_deletion`` for m = image, text
+- ``text_topk`` (``k=2``): ``topk_share``, ``topk_hit`` (text)
+- ``mismatch_scalars``: ``{m}_mass``, ``{m}_entropy`` for m = image, text
 
 Ground truth comes from the batch: per sample its ``mask`` where ``has_mask`` says it has one, else its
 ``box`` (a batch without ``has_mask`` uses ``mask`` when present) for the image localization metrics;

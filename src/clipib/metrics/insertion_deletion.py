@@ -15,8 +15,9 @@ Images (a feature = one pixel, all channels):
   (normalised space). ``mean`` / ``std`` default to OpenAI CLIP's (``open_clip.constants``).
 * insertion reveals pixels on a Gaussian-blurred copy of the image (InputIBA: kernel 29, sigma 15 at
   224 px). clipib scales both with the input size, per axis: ``sigma = 15 * size / 224`` and the
-  kernel's radius, ``kernel = 2 * max(1, round(14 * size / 224)) + 1`` (5 at 32 px, 9 at 64 px). Blurring the normalised tensor
-  equals blurring the pixels (normalisation is per-channel affine, the kernel sums to one).
+  kernel's radius, ``kernel = 2 * max(1, round(14 * size / 224)) + 1`` (5 at 32 px, 9 at 64 px).
+  Blurring the normalised tensor equals blurring the pixels (normalisation is per-channel affine,
+  the kernel sums to one).
 
 Text (a feature = one content token strictly between SOT and EOT; SOT and EOT are always kept):
 deletion replaces tokens with ``replacement_id``; insertion starts from all content tokens replaced and

@@ -98,7 +98,7 @@ def mismatch_auroc(scores: Tensor, matched: Tensor, orientation: str = "matched_
     scores = _oriented(scores.detach().reshape(-1).double(), orientation)
     matched = matched.reshape(-1)
     if scores.shape != matched.shape:
-        raise ValueError(f"scores and matched must have the same length, got {scores.numel()} and {matched.numel()}")
+        raise ValueError(f"scores and matched differ in length: {scores.numel()} vs {matched.numel()}")
     if not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or inf")
     auc = binary_auroc(_dense_rank01(scores).float(), matched.long())
@@ -134,7 +134,7 @@ class MismatchAUROC(Metric):
         scores = scores.detach().reshape(-1).double()
         matched = matched.reshape(-1).bool()
         if scores.shape != matched.shape:
-            raise ValueError(f"scores and matched must have the same length, got {scores.numel()} and {matched.numel()}")
+            raise ValueError(f"scores and matched differ in length: {scores.numel()} vs {matched.numel()}")
         if not torch.isfinite(scores).all():
             raise ValueError("scores contain NaN or inf")
         self.scores.append(scores)
