@@ -172,6 +172,7 @@ class RecordWriter(Callback):
             run = self.run_dir(trainer)
             skipped = read_skips(run)
             write_summary(run, pl_module.final_summary, {"skipped": {"n": len(skipped), "samples": skipped}})
+            print((run / "summary.md").read_text())
             if self.resumed:
                 print(f"resumed: {self.resumed} pairs were already finished in {run} and were not recomputed")
 
@@ -193,7 +194,8 @@ def summary_table(summary: Dict[str, Dict[str, Dict[str, float]]], extra: Option
             cells.append("" if s is None else f"{s['mean']:.4g} ± {s['std']:.2g}" if c not in ("pairs_per_s", "peak_mib")
                          else f"{s['mean']:.4g}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    n = max((s.get("n", 0) for v in summary.values() for s in v.values()), default=0)
+    n = max((s.get("n", 0) for v in summary.values() for c, s in v.items() if c not in ("pairs_per_s", "peak_mib")),
+            default=0)
     lines.append(f"\nn = {int(n)} pairs per method and seed; ± is the std over seeds when there are several, "
                  "else over samples.")
     for key, value in (extra or {}).items():

@@ -27,13 +27,19 @@ EVAL_TRAINER_DEFAULTS = {
 }
 
 
+class EvalCLI(LightningCLI):
+    """``eval.py``: the data's preprocess and tokenizer follow ``model.model`` (one place to name the model)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model", "data.model")
+
+
 def eval_cli(**kwargs) -> LightningCLI:
     """The ``eval.py`` command line: ``python eval.py test -c configs/eval/<name>.yaml``."""
-    from lightning.pytorch import LightningDataModule
-
+    from clipib.data.datamodule import ClipDataModule
     from clipib.lit.attribution_module import AttributionModule
 
-    return LightningCLI(
-        AttributionModule, LightningDataModule, subclass_mode_data=True, save_config_callback=RunConfigSaver,
+    return EvalCLI(
+        AttributionModule, ClipDataModule, save_config_callback=RunConfigSaver,
         trainer_defaults=EVAL_TRAINER_DEFAULTS, seed_everything_default=0, **kwargs,
     )

@@ -1,0 +1,185 @@
+"""eval.py end to end: records, summary, resume, DDP on 2 CPU processes, webdataset skips, TensorBoard."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from clipib.callbacks.records import iter_attributions, read_records
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "tests" / "data" / "tiny-clip.json")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _png(path: Path, seed: int) -> None:
+    Image.fromarray((np.random.default_rng(seed).random((40, 48, 3)) * 255).astype(np.uint8)).save(path)
+
+
+def _config(tmp: Path, data: dict, run: str, methods=None, metrics=None) -> Path:
+    cfg = {
+        "trainer": {"default_root_dir": str(tmp / run), "accelerator": "cpu", "devices": 1, "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(tmp / run), "name": "tensorboard"}},
+            "callbacks": [{"class_path": "clipib.callbacks.records.RecordWriter"},
+                          {"class_path": "clipib.callbacks.gallery.Gallery", "init_args": {"n": 2}}]},
+        "model": {"model": TINY, "pretrained": "none",
+                  "methods": methods or {"m2ib": {"steps": 2, "copies": 2}, "nib": {"steps": 3}},
+                  "seeds": [0, 1], "metrics": metrics or {"similarity": {}}},
+        "data": {"batch_size": 3, **data},
+    }
+    path = tmp / f"{run}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _eval(config: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, str(ROOT / "eval.py"), "test", "-c", str(config), *extra],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _records(run: Path) -> dict:
+    return {(r["key"], r["method"], r["seed"]): r for r in read_records(run)}
+
+
+def _same_records(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        for name, value in a[k].items():
+            if isinstance(value, float):
+                assert value == pytest.approx(b[k][name], rel=1e-4, abs=1e-6), (k, name)
+            else:
+                assert value == b[k][name]
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("csv")
+    rows = ["caption,file_path"]
+    for i in range(7):  # 7: not a multiple of 2 processes x batch 3
+        _png(root / f"{i}.png", i)
+        rows.append(f"a photo number {i},{i}.png")
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return {"kind": "csv", "path": str(root / "pairs.csv")}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, csv_data) -> Path:
+    tmp = tmp_path_factory.mktemp("base")
+    _eval(_config(tmp, csv_data, "run"))
+    return tmp / "run"
+
+
+def test_outputs(baseline):
+    summary = json.loads((baseline / "summary.json").read_text())
+    assert set(summary) == {"m2ib", "nib", "skipped"}
+    for method in ("m2ib", "nib"):
+        assert summary[method]["cos"]["n"] == 7
+        assert summary[method]["pairs_per_s"]["mean"] > 0
+    assert (baseline / "summary.md").read_text().startswith("| method |")
+    assert "methods" in (baseline / "config.yaml").read_text()
+    records = _records(baseline)
+    assert len(records) == 7 * 2 * 2  # keys x methods x seeds
+    maps = list(iter_attributions(baseline))
+    assert len(maps) == 7 * 2 * 2 and maps[0]["image"].shape == (32, 32) and maps[0]["text"].shape == (77,)
+    assert (baseline / "gallery_m2ib.png").is_file()
+
+
+def test_tensorboard_events(baseline):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((baseline / "tensorboard").glob("version_*"))),
+                              size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"gallery/m2ib", "gallery/nib"} <= set(tags["images"])
+    assert {"m2ib/cos", "nib/pairs_per_s"} <= set(tags["scalars"])
+
+
+def test_batch_size_and_workers_change_no_record(tmp_path, csv_data, baseline):
+    _eval(_config(tmp_path, {**csv_data, "batch_size": 2, "num_workers": 2}, "other"))
+    _same_records(_records(tmp_path / "other"), _records(baseline))
+
+
+def test_two_processes_same_records(tmp_path, csv_data, baseline):
+    _eval(_config(tmp_path, csv_data, "ddp"), "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    files = list((tmp_path / "ddp" / "records").glob("*.jsonl"))
+    assert len(files) == 2
+    keys = [json.loads(l)["key"] for f in files for l in f.read_text().splitlines()]
+    assert len(keys) == 7 * 4 and len(set(keys)) == 7  # none twice, none missing
+    _same_records(_records(tmp_path / "ddp"), _records(baseline))
+    a = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    b = json.loads((baseline / "summary.json").read_text())
+    assert a["m2ib"]["cos"]["mean"] == pytest.approx(b["m2ib"]["cos"]["mean"], rel=1e-5)
+
+
+def test_resume_after_kill(tmp_path, csv_data, baseline):
+    config = _config(tmp_path, {**csv_data, "batch_size": 1}, "resume")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), "test", "-c", str(config)], env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = tmp_path / "resume" / "records"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        lines = sum(len(p.read_text().splitlines()) for p in records.glob("*.jsonl")) if records.exists() else 0
+        if lines >= 8:  # two pairs done
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {json.loads(l)["key"] for p in records.glob("*.jsonl") for l in p.read_text().splitlines() if l}
+    assert 2 <= len(done) < 7
+    out = _eval(config)
+    assert "resumed:" in out.stdout
+    second = records / "rank0-001.jsonl"
+    recomputed = {json.loads(l)["key"] for l in second.read_text().splitlines()}
+    finished_before = {k for k in done if sum(1 for l in (records / "rank0-000.jsonl").read_text().splitlines()
+                                               if json.loads(l)["key"] == k) == 4}
+    assert not (recomputed & finished_before)
+    _same_records(_records(tmp_path / "resume"), _records(baseline))
+    a = json.loads((tmp_path / "resume" / "summary.json").read_text())
+    b = json.loads((baseline / "summary.json").read_text())
+    for method in ("m2ib", "nib"):
+        assert a[method]["cos"] == pytest.approx(b[method]["cos"], rel=1e-5)
+
+
+def _jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(seed).random((30, 30, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_webdataset_skips_and_ddp(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    good = _jpeg(0)
+    with wds.TarWriter(str(shards / "00000.tar")) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"ok{i}", "jpg": _jpeg(i), "txt": f"a picture {i}"})
+        sink.write({"__key__": "truncated", "jpg": good[: len(good) // 2], "txt": "cut"})
+        sink.write({"__key__": "garbage", "jpg": b"not an image at all", "txt": "garbage"})
+    with wds.TarWriter(str(shards / "00001.tar")) as sink:
+        for i in range(4, 7):
+            sink.write({"__key__": f"ok{i}", "jpg": _jpeg(i), "txt": f"a picture {i}"})
+        sink.write({"__key__": "nocaption", "jpg": _jpeg(9)})
+        sink.write({"__key__": "latin1", "jpg": _jpeg(10), "txt": "caf\xe9".encode("latin-1")})
+    data = {"kind": "webdataset", "path": str(shards / "{00000..00001}.tar")}
+    methods = {"nib": {"steps": 2}}
+    _eval(_config(tmp_path, data, "single", methods=methods))
+    _eval(_config(tmp_path, data, "ddp", methods=methods), "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    for run in ("single", "ddp"):
+        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        assert summary["skipped"]["n"] == 4, summary["skipped"]
+        assert summary["nib"]["cos"]["n"] == 7
+    _same_records(_records(tmp_path / "ddp"), _records(tmp_path / "single"))
