@@ -95,8 +95,7 @@ def test_eval_cli_reports_the_metric_suite(tmp_path):
         "trainer": {"default_root_dir": str(tmp_path / "run"), "logger": False, "enable_progress_bar": False,
                     "callbacks": [{"class_path": "clipib.callbacks.records.RecordWriter"}]},
         "model": {"model": TINY, "pretrained": None, "methods": {"nib": {}}, "metrics": metrics},
-        "data": {"class_path": "clipib.data.ClipDataModule",
-                 "init_args": {"kind": "refcoco", "path": str(tmp_path / "ref.jsonl"), "model": TINY, "batch_size": 2}},
+        "data": {"kind": "refcoco", "path": str(tmp_path / "ref.jsonl"), "batch_size": 2},  # data.model <- model.model
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     eval_cli(args=["test", "-c", str(tmp_path / "cfg.yaml")])
