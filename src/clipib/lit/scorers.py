@@ -52,3 +52,7 @@ class Similarity:
             return {}
         with torch.no_grad():
             return {"cos": clip.similarity(batch["image"], batch["ids"])}
+
+
+# the metric suite registers its scorers on import (kept last: it imports register_scorer from here)
+from clipib.lit import metric_scorers as _metric_scorers  # noqa: E402,F401
