@@ -170,7 +170,10 @@ class RecordWriter(Callback):
         if trainer.global_rank == 0:
             run = self.run_dir(trainer)
             skipped = read_skips(run)
-            write_summary(run, pl_module.final_summary, {"skipped": {"n": len(skipped), "samples": skipped}})
+            summary = {m: dict(v) for m, v in pl_module.final_summary.items()}
+            for method, values in pl_module.auroc_summary(read_records(run)).items():
+                summary[method].update(values)
+            write_summary(run, summary, {"skipped": {"n": len(skipped), "samples": skipped}})
             print((run / "summary.md").read_text())
             if self.resumed:
                 print(f"resumed: {self.resumed} pairs were already finished in {run} and were not recomputed")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from clipib.attribution import METHODS, Attribution, Attributor
 from clipib.lit.scorers import SCORERS, Scorer
 from clipib.metrics.aggregate import SeedMeanStd, Throughput
+from clipib.metrics.mismatch import mismatch_auroc as auroc_kernel
 from clipib.models.loading import DEFAULT, load_clip
 
 
@@ -44,6 +45,10 @@ class AttributionModule(LightningModule):
         seeds: run seeds; each pair's seed is derived from its key and the run seed. AdaIB reports 42-46.
         metrics: ``{scorer name: settings}`` (see :data:`clipib.lit.scorers.SCORERS`).
         keep_maps: return the maps to the callbacks (gallery, attribution store).
+        mismatch_auroc: ``{value: orientation}`` — per method and seed, the AUROC with which a per-pair value
+            (a scorer's value or a method scalar such as ``image_fit``) separates matched from mismatched pairs
+            (AdaIB App. C; needs ``matched`` in the batch). Orientation: ``matched_high`` | ``matched_low`` |
+            ``either``. Reported as ``auroc_<value>``, mean ± std over seeds.
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class AttributionModule(LightningModule):
         seeds: Sequence[int] = (0,),
         metrics: Optional[Dict[str, Dict[str, Any]]] = None,
         keep_maps: bool = True,
+        mismatch_auroc: Optional[Dict[str, str]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -78,6 +84,7 @@ class AttributionModule(LightningModule):
             for m in self.methods
         })
         self.speed = nn.ModuleDict({m: Throughput() for m in self.methods})
+        self.mismatch_auroc = dict(mismatch_auroc or {})
 
     def _modalities(self, method: str) -> List[str]:
         wanted = ["image", "text"] if self.hparams.modality == "both" else [self.hparams.modality]
@@ -125,7 +132,8 @@ class AttributionModule(LightningModule):
                 values = self._score(method, batch, attr)
                 for name, v in values.items():
                     self.stats[method][name].update(v, seed_index=s_idx)
-                records += _records(batch, method, seed, values)
+                extra = {**attr.scalars, **({"matched": batch["matched"]} if "matched" in batch else {})}
+                records += _records(batch, method, seed, {**values, **extra})
                 if self.hparams.keep_maps:
                     maps[(method, seed)] = attr
         return {"records": records, "maps": maps, "batch": batch, "skipped": skipped}
@@ -155,6 +163,26 @@ class AttributionModule(LightningModule):
             speed = self.speed[method].compute()
             out[method]["pairs_per_s"] = {"mean": float(speed["pairs_per_s"]), "std": 0.0, "n": float(speed["pairs"])}
             out[method]["peak_mib"] = {"mean": float(speed["peak_mib"]), "std": 0.0, "n": float(speed["pairs"])}
+        return out
+
+    def auroc_summary(self, records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+        """Matched-vs-mismatched AUROC per method and configured value, mean ± std over seeds, from the
+        complete records of all processes (computed once, by rank 0, from the run's record files)."""
+        out: Dict[str, Dict[str, Dict[str, float]]] = {}
+        for method in self.methods:
+            for value, orientation in self.mismatch_auroc.items():
+                per_seed = []
+                for seed in self.seeds:
+                    rows = [r for r in records if r["method"] == method and r["seed"] == seed
+                            and r.get(value) is not None and "matched" in r]
+                    flags = torch.tensor([bool(r["matched"]) for r in rows])
+                    if len(rows) and flags.any() and not flags.all():
+                        scores = torch.tensor([float(r[value]) for r in rows], dtype=torch.float64)
+                        per_seed.append(float(auroc_kernel(scores, flags, orientation)))
+                if per_seed:
+                    std = float(torch.tensor(per_seed).std()) if len(per_seed) > 1 else 0.0
+                    out.setdefault(method, {})[f"auroc_{value}"] = {
+                        "mean": sum(per_seed) / len(per_seed), "std": std, "n": float(len(rows))}
         return out
 
     def on_test_epoch_end(self) -> None:
@@ -192,6 +220,9 @@ def _records(batch: Dict[str, Any], method: str, seed: int, values: Dict[str, Te
         row: Dict[str, Any] = {"key": key, "method": method, "seed": seed}
         for name, v in values.items():
             x = float(v[i])
+            if v.dtype == torch.bool:
+                row[name] = bool(x)
+                continue
             row[name] = x if x == x else None  # NaN -> null
         rows.append(row)
     return rows
