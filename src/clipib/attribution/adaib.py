@@ -32,7 +32,7 @@ the paper specifies while keeping its learnable form; it cannot reproduce App. D
 clipib's.
 
 Proposition 1: with ``f`` and ``g`` constant (pass callables) and no clipping, AdaIB is M2IB with β = g/f
-(Adam is invariant to the factor ``f``); ``tests/test_adaib.py`` checks it.
+(Adam is invariant to the factor ``f`` up to its ε); ``tests/test_adaib.py`` checks it.
 """
 
 from __future__ import annotations
