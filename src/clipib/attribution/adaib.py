@@ -68,10 +68,11 @@ def make_relevance(name: str, eps_f: float, tau: float) -> RelevanceFn:
 
 
 class PairMLPs:
-    """``B`` independent 1→H→1 ReLU MLPs (one per pair), ``g = ε_g + softplus(u(f))`` (Def. 2).
+    """``B`` independent 1→H→1 ReLU MLPs (one per pair), ``g = ε_g + softplus(u(log f))`` (Def. 2).
 
     Every pair starts from the same weights, drawn like ``nn.Linear``'s default initialisation from a
     generator seeded with ``seed``; each is trained by Adam on its own pair's regression loss only.
+    Parameters live in float32 on ``like``'s device whatever the model's dtype.
     """
 
     def __init__(self, batch: int, hidden: int, eps_g: float, lr: float, seed: int, like: Tensor) -> None:
@@ -80,20 +81,20 @@ class PairMLPs:
         init = [torch.rand(hidden, generator=gen) * 2 - 1, torch.rand(hidden, generator=gen) * 2 - 1,  # fan_in 1
                 (torch.rand(hidden, generator=gen) * 2 - 1) * bound2, (torch.rand(1, generator=gen) * 2 - 1) * bound2]
         # w1, b1, w2 [B, H]; b2 [B, 1]
-        self.params = [p.to(like)[None].repeat(batch, 1).requires_grad_(True) for p in init]
+        self.params = [p.to(like.device)[None].repeat(batch, 1).requires_grad_(True) for p in init]
         self.eps_g = eps_g
         self.opt = torch.optim.Adam(self.params, lr=lr)
 
     def __call__(self, f: Tensor) -> Tensor:
-        """``g`` ``[B]`` of each pair's MLP at its own ``f`` ``[B]``."""
+        """``g`` ``[B]`` (float32) of each pair's MLP at its own ``f`` ``[B]``."""
         w1, b1, w2, b2 = self.params
-        u = (w2 * torch.relu(w1 * f.log()[:, None] + b1)).sum(-1) + b2[:, 0]  # [B], input log f
+        u = (w2 * torch.relu(w1 * f.float().log()[:, None] + b1)).sum(-1) + b2[:, 0]  # [B], input log f
         return self.eps_g + F.softplus(u)
 
     def regress(self, f: Tensor, target: Tensor) -> None:
         """One Adam step on ``Σ_pairs (log g(f) − log target)²`` (pairs are independent)."""
         with torch.enable_grad():
-            loss = ((self(f).log() - target.log()) ** 2).sum()
+            loss = ((self(f).log() - target.float().log()) ** 2).sum()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
         self.opt.step()
