@@ -223,3 +223,14 @@ def test_partition_with_the_modules_clip(tmp_path: Path, tiny_clip) -> None:
         tiny_clip.image.encode(batch["image"]), tiny_clip.text.encode(tiny_clip.tokenize(batch["caption"])))
     assert torch.allclose(clip_scorer(tiny_clip)(batch["image"], batch["caption"]), want, atol=1e-5)
     assert torch.allclose(torch.tensor(batch["similarity"]), want, atol=1e-5)
+
+
+def test_mismatched_both_keeps_originals_and_adds_shuffled() -> None:
+    from clipib.data import selection  # noqa: F401
+
+    dm = ClipDataModule(kind="csv", mismatched="both", mismatch_seed=3)
+    rows = [{"key": str(i), "caption": f"c{i}", "image": f"{i}.png", "matched": True} for i in range(5)]
+    out = dm.select(rows)
+    assert len(out) == 10 and sum(r["matched"] for r in out) == 5
+    assert len({r["key"] for r in out}) == 10
+    assert all(r["caption"] != f"c{r['key'].split('|')[0]}" for r in out if not r["matched"])

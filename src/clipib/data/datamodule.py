@@ -49,7 +49,8 @@ class ClipDataModule(LightningDataModule):
         model: open_clip model name whose preprocess and tokenizer are used.
         batch_size, num_workers: DataLoader settings (records do not depend on them).
         sample, sample_seed: evaluate a fixed-seed sample of ``sample`` usable rows.
-        mismatched, mismatch_seed: give every row another row's caption (``matched=False``).
+        mismatched, mismatch_seed: give every row another row's caption (``matched=False``); ``"both"``
+            keeps the original pairs and adds the shuffled ones (for the matched-vs-mismatched AUROC).
         partition, partition_thresholds: keep the ``noisy`` / ``borderline`` / ``clean`` third by CLIP
             similarity (AdaIB Table 5), or split at explicit ``(low, high)`` similarities.
         caption_choice: Flickr8k — ``"best"`` (most similar to its own image, needs scoring) or an index.
@@ -71,7 +72,7 @@ class ClipDataModule(LightningDataModule):
         num_workers: int = 0,
         sample: Optional[int] = None,
         sample_seed: int = 0,
-        mismatched: bool = False,
+        mismatched: Union[bool, Literal["both"]] = False,
         mismatch_seed: int = 0,
         partition: Optional[Literal["noisy", "borderline", "clean"]] = None,
         partition_thresholds: Optional[Tuple[float, float]] = None,
@@ -169,7 +170,9 @@ class ClipDataModule(LightningDataModule):
                 rows = selection.choose_best_captions(rows, self._score(rows))
             else:
                 rows = [_pick_caption(r, int(hp.caption_choice)) for r in rows]
-        if hp.mismatched:
+        if hp.mismatched == "both":  # AdaIB App. C: every pair once as is, once with a shuffled caption
+            rows = list(rows) + [r for r in selection.mismatch_rows(rows, hp.mismatch_seed) if "skip" not in r]
+        elif hp.mismatched:
             rows = selection.mismatch_rows(rows, hp.mismatch_seed)
         if hp.partition:
             sims = [s[0] if s else None for s in self._score(rows)]
