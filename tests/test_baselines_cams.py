@@ -10,7 +10,7 @@ from captum.attr import IntegratedGradients
 
 import clipib
 from clipib.attribution.base import valid_tokens
-from clipib.attribution.baselines._cosine import pixel_normalisation
+from clipib.attribution.baselines._inputs import pixel_normalisation
 from clipib.attribution.baselines.chefer import Chefer
 from clipib.attribution.baselines.fast_ig import fast_ig
 from clipib.attribution.baselines.mfaba import StepRule, mfaba

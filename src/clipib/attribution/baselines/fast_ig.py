@@ -20,7 +20,7 @@ from captum.attr import InputXGradient
 from torch import Tensor
 
 from clipib.attribution.base import Attributor, register
-from clipib.attribution.baselines._cosine import ScoreFn, image_cosine, text_cosine
+from clipib.attribution.baselines._inputs import ScoreFn, image_cosine, text_cosine
 from clipib.models.split import SplitCLIP
 
 

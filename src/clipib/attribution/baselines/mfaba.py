@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from clipib.attribution.base import Attributor, register
-from clipib.attribution.baselines._cosine import ScoreFn, image_cosine, pixel_normalisation, text_cosine
+from clipib.attribution.baselines._inputs import ScoreFn, image_cosine, pixel_normalisation, text_cosine
 from clipib.models.split import SplitCLIP
 
 Variant = Literal["smooth", "sharp"]
