@@ -1,14 +1,16 @@
 """Two CPU processes (gloo), each updating with part of the data, compute what one process computes.
 
-One test covers every metric class of ``clipib.metrics`` to keep it fast (fork start, no re-import).
+One test covers every metric class of ``clipib.metrics``. The two ranks run this file as a script in fresh
+processes (forking a process whose OpenMP pool is already running can deadlock).
 The split is uneven (5 + 3 samples) so concatenated states (AUROC) are gathered with padding too.
 """
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import clipib.metrics as M
 
@@ -92,10 +94,16 @@ def _free_port():
 
 def test_two_processes_equal_one(tmp_path):
     single = _run(slice(0, N))
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, __file__, str(rank), port, str(tmp_path)]) for rank in (0, 1)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
     for rank in (0, 1):
         multi = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert multi.keys() == single.keys()
         for k, v in single.items():
             assert torch.allclose(multi[k], v, atol=1e-9, equal_nan=True), (rank, k, multi[k], v)
     assert single["ehr/skipped"].item() == 1 and single["ehr/n"].item() == N - 1
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
