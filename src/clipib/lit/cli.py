@@ -14,7 +14,7 @@ class RunConfigSaver(SaveConfigCallback):
         if trainer.is_global_zero:
             run = Path(trainer.default_root_dir)
             run.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, run / self.config_filename, skip_none=False, overwrite=True,
+            self.parser.save(self.config, run / self.config_filename, skip_unset=False, overwrite=True,
                              multifile=False)
 
 
