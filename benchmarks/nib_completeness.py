@@ -34,7 +34,7 @@ def main() -> None:
             e_img, e_txt = clip.image.encode(x_img), clip.text.encode(x_ids)
         for modality, tower, x, target in (("image", clip.image, x_img, e_txt), ("text", clip.text, x_ids, e_img)):
             paper = clipib.NIB(clip, steps=10)
-            dense = clipib.NIB(clip, steps=args.dense_steps, path="log")
+            dense = clipib.NIB(clip, steps=args.dense_steps, path="log", internal_batch_size=50)
             k = paper.layer_for(tower)
             with torch.no_grad():
                 h = tower.prefix(x, k)
