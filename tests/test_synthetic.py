@@ -132,3 +132,15 @@ def test_datamodule_splits() -> None:
     assert train["image"].shape[0] == 4 and val["image"].shape[0] == 8
     assert train["key"][0] == "shapes-train-0" and val["key"][0] == "shapes-val-0"
     assert not torch.equal(dm.splits["train"][0]["image"], dm.splits["test"][0]["image"])
+
+
+def test_minimal_pairs_change_only_the_target_shape() -> None:
+    for i in range(0, 20, 2):
+        base, twin = generate_sample(9, i, minimal_pairs=True), generate_sample(9, i + 1, minimal_pairs=True)
+        assert _same(base, generate_sample(9, i))
+        assert [o.box for o in twin.objects] == [o.box for o in base.objects] and twin.target == base.target
+        assert (twin.colour == base.colour) != (twin.shape == base.shape) and twin.template == base.template
+        attrs = [(o.colour, o.shape) for o in twin.objects]
+        assert attrs.count((twin.colour, twin.shape)) == 1
+        assert [a for k, a in enumerate(attrs) if k != twin.target] == \
+            [(o.colour, o.shape) for k, o in enumerate(base.objects) if k != base.target]

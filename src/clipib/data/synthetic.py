@@ -134,24 +134,54 @@ def _sample_attributes(rng: np.random.Generator, n: int) -> list[tuple[str, str]
             return attrs
 
 
-def generate_sample(seed: int, index: int, mismatch_rate: float = 0.0, split: str = "train") -> ShapesSample:
-    """Generate sample ``index`` of the split with ``seed``; mismatched with probability ``mismatch_rate``."""
-    if not 0.0 <= mismatch_rate <= 1.0:
-        raise ValueError(f"mismatch_rate must be in [0, 1], got {mismatch_rate}")
+def _layout(seed: int, index: int) -> tuple[np.ndarray, list[ShapeObject], int, int]:
+    """Background ``[H, W, 3]``, objects, target index and template index of sample ``(seed, index)``."""
     rng = np.random.default_rng([seed, index])
     v = int(rng.integers(BACKGROUND_RANGE[0], BACKGROUND_RANGE[1] + 1))
     noise = rng.normal(0.0, NOISE_SIGMA, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
     canvas = np.clip(np.rint(v + noise), 0, 255).astype(np.uint8)  # [H, W, 3]
-    image = Image.fromarray(canvas, mode="RGB")
     boxes = _place_boxes(rng, int(rng.integers(1, MAX_OBJECTS + 1)))
     attrs = _sample_attributes(rng, len(boxes))
     objects = [ShapeObject(c, s, b) for (c, s), b in zip(attrs, boxes)]
+    unique = [k for k, a in enumerate(attrs) if attrs.count(a) == 1]
+    target = unique[int(rng.integers(0, len(unique)))]
+    return canvas, objects, target, int(rng.integers(0, len(TEMPLATES)))
+
+
+def _swap_target_shape(seed: int, index: int, objects: list[ShapeObject], target: int) -> list[ShapeObject]:
+    """``objects`` with the target's shape replaced by one whose (colour, shape) is absent from the image
+    (its colour instead, in the rare image that already holds all four shapes of the target's colour)."""
+    held = {(o.colour, o.shape) for o in objects}
+    colour, shape = objects[target].colour, objects[target].shape
+    options = [(colour, s) for s in SHAPES if (colour, s) not in held]
+    options = options or [(c, shape) for c in COLOURS if (c, shape) not in held]
+    new = options[int(np.random.default_rng([seed, index, 2]).integers(0, len(options)))]
+    out = list(objects)
+    out[target] = ShapeObject(new[0], new[1], objects[target].box)
+    return out
+
+
+def generate_sample(seed: int, index: int, mismatch_rate: float = 0.0, split: str = "train",
+                    minimal_pairs: bool = False) -> ShapesSample:
+    """Generate sample ``index`` of the split with ``seed``; mismatched with probability ``mismatch_rate``.
+
+    ``minimal_pairs`` (a training option, off by default): every odd index is the previous (even) sample
+    with only its target's shape changed (to one whose (colour, shape) is absent, so the caption stays
+    unique). A batch read in order then holds image pairs that a colour-only model cannot tell apart,
+    which gives the contrastive loss a direct shape signal.
+    """
+    if not 0.0 <= mismatch_rate <= 1.0:
+        raise ValueError(f"mismatch_rate must be in [0, 1], got {mismatch_rate}")
+    if minimal_pairs and index % 2 == 1:
+        canvas, objects, target, template = _layout(seed, index - 1)
+        objects = _swap_target_shape(seed, index, objects, target)
+    else:
+        canvas, objects, target, template = _layout(seed, index)
+    image = Image.fromarray(canvas, mode="RGB")
     draw = ImageDraw.Draw(image)
     for o in objects:
         draw_shape(draw, o.shape, o.box, COLOURS[o.colour])
-    unique = [k for k, a in enumerate(attrs) if attrs.count(a) == 1]
-    target = unique[int(rng.integers(0, len(unique)))]
-    template = int(rng.integers(0, len(TEMPLATES)))
+    attrs = [(o.colour, o.shape) for o in objects]
 
     side = np.random.default_rng([seed, index, 1])  # match decision: independent of the image stream
     matched = bool(side.random() >= mismatch_rate)
@@ -252,11 +282,13 @@ class ShapesDataset(Dataset):
     """
 
     def __init__(self, size: int, seed: int, split: str = "test", mismatch_rate: float = 0.0,
-                 preprocess: Preprocess | None = None, tokenizer: Tokenizer | None = None) -> None:
+                 preprocess: Preprocess | None = None, tokenizer: Tokenizer | None = None,
+                 minimal_pairs: bool = False) -> None:
         """Describe the split; nothing is generated until an item is read."""
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
         self.size, self.seed, self.split, self.mismatch_rate = size, seed, split, mismatch_rate
+        self.minimal_pairs = minimal_pairs
         self.preprocess = preprocess
         self.words = WordTokens(tokenizer) if tokenizer is not None else None
 
@@ -268,7 +300,7 @@ class ShapesDataset(Dataset):
         """The raw ``ShapesSample`` at ``index`` (PIL image, numpy mask, object list)."""
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for a split of {self.size}")
-        return generate_sample(self.seed, index, self.mismatch_rate, self.split)
+        return generate_sample(self.seed, index, self.mismatch_rate, self.split, self.minimal_pairs)
 
     def __getitem__(self, index: int) -> dict[str, object]:
         """Item ``index`` in the batch contract."""
@@ -280,15 +312,16 @@ class ShapesDataModule(LightningDataModule):
 
     Transforms come from ``model`` (an open_clip/clipib config name or JSON path; no weights needed)
     unless ``preprocess`` and ``tokenizer`` callables are passed. Training pairs are all matched; val/test
-    pairs are mismatched with probability ``eval_mismatch_rate``. Training data are read in order: every
+    pairs are mismatched with probability ``eval_mismatch_rate``; ``train_minimal_pairs`` turns on the
+    minimal-pair training option of ``generate_sample`` (train split only). Training data are read in order: every
     sample is already an independent draw, and the order then does not depend on any global RNG.
     """
 
     def __init__(self, model: str = "clipib-shapes", train_size: int = 100_000, val_size: int = 1024,
                  test_size: int = 1024, train_seed: int = 0, val_seed: int = 1, test_seed: int = 2,
                  batch_size: int = 128, eval_batch_size: int = 32, num_workers: int = 0,
-                 eval_mismatch_rate: float = 0.0, preprocess: Preprocess | None = None,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 eval_mismatch_rate: float = 0.0, train_minimal_pairs: bool = False,
+                 preprocess: Preprocess | None = None, tokenizer: Tokenizer | None = None) -> None:
         """Store the split sizes, seeds and loader settings (see the class docstring)."""
         super().__init__()
         if len({train_seed, val_seed, test_seed}) != 3:
@@ -309,7 +342,8 @@ class ShapesDataModule(LightningDataModule):
         for split, size, seed, rate in (("train", hp.train_size, hp.train_seed, 0.0),
                                         ("val", hp.val_size, hp.val_seed, hp.eval_mismatch_rate),
                                         ("test", hp.test_size, hp.test_seed, hp.eval_mismatch_rate)):
-            self.splits[split] = ShapesDataset(size, seed, split, rate, self._preprocess, self._tokenizer)
+            pairs = split == "train" and hp.train_minimal_pairs
+            self.splits[split] = ShapesDataset(size, seed, split, rate, self._preprocess, self._tokenizer, pairs)
 
     def _loader(self, split: str, batch_size: int) -> DataLoader:
         """An in-order loader over ``split``."""
