@@ -1,0 +1,133 @@
+"""Contrastive pre-training of a small open_clip CLIP from scratch (the shipped ``clipib-shapes`` model).
+
+The model is ``open_clip.create_model(<config>)`` with random init; the loss is open_clip's own
+``ClipLoss``; the optimiser follows open_clip's training recipe (AdamW, no weight decay on gains, biases
+and ``logit_scale``, linear warm-up then cosine decay, ``logit_scale`` clamped to ln 100 after each step).
+Validation logs retrieval top-1 within groups of ``retrieval_group`` pairs (see ``group_retrieval_top1``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import open_clip
+import torch
+from lightning import LightningModule
+from safetensors.torch import load_file
+
+from clipib.models.local_configs import resolve_model_config
+
+
+def build_model(model_config: str = "clipib-shapes", weights: str | Path | None = None) -> torch.nn.Module:
+    """An open_clip ``CLIP`` from a clipib/open_clip config name or JSON path; random init unless ``weights``.
+
+    ``weights`` is a safetensors file holding open_clip's own ``CLIP.state_dict()`` keys (any float dtype;
+    cast to fp32 and loaded strictly). The model returns dicts (``output_dict=True``).
+    """
+    name, _ = resolve_model_config(model_config)
+    model = open_clip.create_model(name, pretrained=None, output_dict=True)
+    if weights is not None:
+        state = {k: v.float() for k, v in load_file(str(weights)).items()}
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def group_retrieval_top1(image_emb: torch.Tensor, text_emb: torch.Tensor, present: torch.Tensor,
+                         pair: torch.Tensor, group: int = 32) -> tuple[float, float]:
+    """Text->image and image->text top-1 accuracy within consecutive groups of ``group`` pairs.
+
+    ``image_emb``/``text_emb`` [N, E] (normalised), ``present`` BoolTensor[N, P] (pairs each image holds),
+    ``pair`` LongTensor[N] (pair each caption names). Text->image is right when the top image of a caption
+    holds the named object; image->text when the top caption names an object the image holds. A trailing
+    partial group is dropped.
+
+    >>> e = torch.eye(4)
+    >>> group_retrieval_top1(e, e, torch.eye(4, dtype=torch.bool), torch.arange(4), group=2)
+    (1.0, 1.0)
+    """
+    n = (image_emb.shape[0] // group) * group
+    if n == 0:
+        raise ValueError(f"need at least one full group of {group} pairs, got {image_emb.shape[0]}")
+    img = image_emb[:n].reshape(-1, group, image_emb.shape[-1])  # [G, g, E]
+    txt = text_emb[:n].reshape(-1, group, text_emb.shape[-1])  # [G, g, E]
+    hold = present[:n].reshape(-1, group, present.shape[-1])  # [G, g, P]
+    named = pair[:n].reshape(-1, group)  # [G, g]
+    sim = img @ txt.transpose(1, 2)  # [G, g_img, g_txt]
+    # holds[g, i, j]: image i of group g holds the object caption j names
+    holds = torch.gather(hold, 2, named[:, None, :].expand(-1, group, -1))  # [G, g_img, g_txt]
+    top_img = sim.argmax(dim=1)  # [G, g_txt]
+    top_txt = sim.argmax(dim=2)  # [G, g_img]
+    t2i = torch.gather(holds, 1, top_img[:, None, :]).float().mean().item()
+    i2t = torch.gather(holds, 2, top_txt[:, :, None]).float().mean().item()
+    return t2i, i2t
+
+
+class ContrastivePretrainModule(LightningModule):
+    """Train an open_clip CLIP from scratch with open_clip's ``ClipLoss`` on batches of (image, ids).
+
+    Batches follow clipib's batch contract; validation also needs ``present`` and ``pair`` (as produced by
+    ``clipib.data.synthetic``) for the group retrieval accuracy.
+    """
+
+    def __init__(self, model_config: str = "clipib-shapes", lr: float = 1e-3, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 100,
+                 retrieval_group: int = 32) -> None:
+        """Build the randomly initialised model (``model_config``: name or JSON path) and the loss."""
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(model_config)
+        self.loss_fn = open_clip.loss.ClipLoss()
+        self._val: list[dict[str, torch.Tensor]] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Symmetric InfoNCE over the batch (open_clip ``ClipLoss``)."""
+        out = self.model(batch["image"], batch["ids"])
+        loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", out["logit_scale"].detach())
+        return loss
+
+    def on_train_batch_end(self, outputs: object, batch: dict, batch_idx: int) -> None:
+        """Clamp the learnable temperature to [0, ln 100], as open_clip's trainer does."""
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Embed the pairs; the retrieval accuracy is computed over the whole split at epoch end."""
+        out = self.model(batch["image"], batch["ids"])
+        self._val.append({"img": out["image_features"], "txt": out["text_features"],
+                          "present": batch["present"], "pair": batch["pair"]})
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/t2i_top1`` and ``val/i2t_top1`` within groups of ``retrieval_group``."""
+        if not self._val:
+            return
+        cat = {k: torch.cat([v[k] for v in self._val]) for k in self._val[0]}
+        self._val.clear()
+        if cat["img"].shape[0] < self.hparams.retrieval_group:
+            return  # sanity-check batches: too few pairs for one group
+        t2i, i2t = group_retrieval_top1(cat["img"], cat["txt"], cat["present"], cat["pair"],
+                                        self.hparams.retrieval_group)
+        self.log("val/t2i_top1", t2i, prog_bar=True)
+        self.log("val/i2t_top1", i2t, prog_bar=True)
+
+    def configure_optimizers(self) -> dict:
+        """AdamW (no decay on 1-d params and ``logit_scale``) + linear warm-up and cosine decay to 0."""
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+        hp = self.hparams
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warm = min(hp.warmup_steps, total)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
