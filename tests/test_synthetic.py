@@ -11,7 +11,7 @@ from clipib.data.synthetic import (
     generate_sample,
 )
 from clipib.data.synthetic_shards import read_shards, write_shards
-from clipib.models.local_configs import local_transforms
+from clipib.models.loading import load_transforms as local_transforms
 
 N = 60  # samples per property check
 

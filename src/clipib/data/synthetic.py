@@ -207,7 +207,8 @@ import torch  # noqa: E402  (kept beside the code that needs it; the generator a
 from lightning import LightningDataModule  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from clipib.models.local_configs import Preprocess, Tokenizer, local_transforms  # noqa: E402
+from clipib.data.common import Preprocess, Tokenizer  # noqa: E402
+from clipib.models.loading import load_transforms  # noqa: E402
 
 
 def _to_tensor01(image: Image.Image) -> torch.Tensor:
@@ -335,7 +336,7 @@ class ShapesDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the transforms (once) and the three split datasets."""
         if self._preprocess is None or self._tokenizer is None:
-            preprocess, tokenizer = local_transforms(self.model)
+            preprocess, tokenizer = load_transforms(self.model)
             self._preprocess = self._preprocess or preprocess
             self._tokenizer = self._tokenizer or tokenizer
         hp = self.hparams

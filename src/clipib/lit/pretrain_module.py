@@ -16,7 +16,7 @@ import torch
 from lightning import LightningModule
 from safetensors.torch import load_file
 
-from clipib.models.local_configs import resolve_model_config
+from clipib.models.loading import register_model
 
 
 def build_model(model_config: str = "clipib-shapes", weights: str | Path | None = None) -> torch.nn.Module:
@@ -25,7 +25,7 @@ def build_model(model_config: str = "clipib-shapes", weights: str | Path | None 
     ``weights`` is a safetensors file holding open_clip's own ``CLIP.state_dict()`` keys (any float dtype;
     cast to fp32 and loaded strictly). The model returns dicts (``output_dict=True``).
     """
-    name, _ = resolve_model_config(model_config)
+    name = register_model(model_config)
     model = open_clip.create_model(name, pretrained=None, output_dict=True)
     if weights is not None:
         state = {k: v.float() for k, v in load_file(str(weights)).items()}

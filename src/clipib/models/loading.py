@@ -38,8 +38,9 @@ class ModelLoadError(RuntimeError):
     """Raised with a one-line, user-facing message when a model or its weights cannot be loaded."""
 
 
-def _register(model: str) -> str:
-    """Make ``model`` known to open_clip and return the name open_clip knows it by."""
+def register_model(model: str) -> str:
+    """Make ``model`` (an open_clip name, a JSON config path, or a clipib model) known to open_clip; return the
+    name open_clip knows it by."""
     if model in SHIPPED_MODELS:
         config = SHIPPED_MODELS[model][0]
     elif model.endswith(".json"):
@@ -141,7 +142,7 @@ def load_clip(
         ModelLoadError: unknown model, missing file, weights that cannot be downloaded (no network),
             or an architecture :class:`SplitCLIP` cannot split.
     """
-    name = _register(model)
+    name = register_model(model)
     weights = _resolve_pretrained(model, name, pretrained)
     clip_model, preprocess = _create(name, weights, device)
     tokenizer = open_clip.get_tokenizer(name)
@@ -150,7 +151,7 @@ def load_clip(
 
 def load_transforms(model: str) -> Tuple[Callable, Callable]:
     """``(preprocess, tokenizer)`` of a model without building it or loading weights."""
-    name = _register(model)
+    name = register_model(model)
     cfg = open_clip.get_model_config(name)
     pp = dict(cfg.get("preprocess_cfg", {}))
     pp.setdefault("size", cfg["vision_cfg"]["image_size"])
