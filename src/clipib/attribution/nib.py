@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from clipib.attribution.base import Attributor, register
+from clipib.attribution.precision import check_precision
 from clipib.models.split import SplitCLIP, Tower
 
 
@@ -58,6 +59,7 @@ class NIB(Attributor):
         path: ``"riemann"`` (paper: λ = i/m) or ``"log"`` (trapezoid on a log-spaced grid, complete).
         internal_batch_size: most rows (pairs × λ points) per suffix pass; None = all in one pass.
         log_min: log10 of the smallest non-zero λ of the log path.
+        precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (:mod:`clipib.attribution.precision`).
     """
 
     PAPER_LAYER, PAPER_DEPTH = 9, 12
@@ -71,8 +73,10 @@ class NIB(Attributor):
         internal_batch_size: Optional[int] = None,
         log_min: float = -9.0,
         seed: int = 0,
+        precision: str = "fp32",
     ) -> None:
         super().__init__(clip, seed=seed, layer=layer)
+        self.precision = check_precision(precision)
         if path not in ("riemann", "log"):
             raise ValueError(f"path must be 'riemann' or 'log', got {path!r}")
         if steps < 1:
