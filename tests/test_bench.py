@@ -38,3 +38,16 @@ def test_bench_bad_settings_one_line(capsys):
     assert main(["bench", "--methods", "m2ib", "--model", TINY, "--settings", "{bad"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("clipib: error:") and "\n" not in err
+
+
+def test_cuda_checks_run_on_cpu(tiny_clip):
+    """The GPU script's checks (benchmarks/gpu_check.sh) run end to end here on the CPU: no syncs to count,
+    device == CPU, so the agreements are exact and memory stays flat."""
+    from clipib.bench_cuda import run_checks
+
+    result = run_checks(tiny_clip, pairs=2, leak_pairs=4, leak_batch=2)
+    assert result["ok"] and all(result["placement"].values())
+    agree = result["agreement"]
+    assert agree["nib_device_vs_cpu"]["max_abs_diff_image"] == 0 == agree["m2ib_device_vs_cpu"]["max_abs_diff_text"]
+    assert -1 <= agree["m2ib_device_noise_vs_official"]["rho_image"] <= 1
+    assert [m["pairs"] for m in result["memory"]] == [4, 4]
