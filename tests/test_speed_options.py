@@ -122,3 +122,19 @@ def test_bad_options(tiny_clip, bad):
     if "noise" in bad:
         with pytest.raises(ValueError, match="noise"):
             Bottleneck(noise="gpu")
+
+
+def test_pooled_last_block_same_embeddings_and_maps(tiny_clip, pairs):
+    """The last block at the pooled row only (CLS / EOT) == the full last block, at every cut."""
+    images, ids = pairs
+    for tower, x in ((tiny_clip.image, images), (tiny_clip.text, ids)):
+        for k in range(tower.n_layers + 1):
+            with torch.no_grad():
+                h = tower.prefix(x, k)
+                torch.testing.assert_close(tower.suffix(h, k, x, pooled_only=True), tower.suffix(h, k, x),
+                                           rtol=1e-5, atol=1e-6)
+    for cls, kw in ((clipib.M2IB, FAST), (clipib.NIB, {})):
+        full = cls(tiny_clip, **kw).attribute(images, ids, seeds=SEEDS)
+        fast = cls(tiny_clip, pooled_last_block=True, **kw).attribute(images, ids, seeds=SEEDS)
+        torch.testing.assert_close(fast.image_grid, full.image_grid, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.text_raw, full.text_raw, rtol=1e-4, atol=1e-5)

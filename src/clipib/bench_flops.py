@@ -1,7 +1,9 @@
 """The FLOP floor of M2IB and NIB and how close measured timings come to it (issue 7).
 
 Floor per pair and map = the suffix passes the method cannot avoid, counted with
-``torch.utils.flop_counter.FlopCounterMode`` (matmuls, attention, convolutions) on one row:
+``torch.utils.flop_counter.FlopCounterMode`` (matmuls, attention, convolutions) on one row, with the last
+block evaluated at the pooled row only (``Tower.suffix(..., pooled_only=True)``; the count with a full last
+block is reported too):
 
 - M2IB: ``copies × (steps × F_fwd + (steps − 1) × F_bwd)``: every step a forward of the suffix on each
   copy, every step but the last a backward to the bottleneck input (no weight gradients).
@@ -48,14 +50,14 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def suffix_flops(tower: Tower, x: torch.Tensor, k: int) -> Dict[str, int]:
+def suffix_flops(tower: Tower, x: torch.Tensor, k: int, pooled_only: bool = True) -> Dict[str, int]:
     """``{"fwd", "bwd"}``: FLOPs of one suffix forward on one row (with autograd on, as the methods run it)
-    and of its backward to the input."""
+    and of its backward to the input; ``pooled_only``: the last block at the pooled row only (the floor)."""
     with torch.no_grad():
         h = tower.prefix(x[:1], k)  # [1, T, D]
     z = h.clone().requires_grad_(True)
-    fwd = count_flops(lambda: tower.suffix(z, k, x[:1]))
-    both = count_flops(lambda: torch.autograd.grad(tower.suffix(z, k, x[:1]).sum(), z))
+    fwd = count_flops(lambda: tower.suffix(z, k, x[:1], pooled_only=pooled_only))
+    both = count_flops(lambda: torch.autograd.grad(tower.suffix(z, k, x[:1], pooled_only=pooled_only).sum(), z))
     return {"fwd": fwd, "bwd": both - fwd}
 
 
@@ -91,11 +93,14 @@ def flop_report(clip: SplitCLIP, name: str, kwargs: Optional[dict], rows: List[D
     method = METHODS[name](clip, **kwargs)
     images, ids = synthetic_pairs(clip, 1)
     k = {"image": method.layer_for(clip.image), "text": method.layer_for(clip.text)}
+    full = {"image": suffix_flops(clip.image, images, k["image"], False),
+            "text": suffix_flops(clip.text, ids, k["text"], False)}
     per = {"image": suffix_flops(clip.image, images, k["image"]), "text": suffix_flops(clip.text, ids, k["text"])}
     if name == "m2ib":
         b = method.bottleneck
         steps, copies = b.steps, b.copies
         floor = sum(copies * (steps * f["fwd"] + (steps - 1) * f["bwd"]) for f in per.values())
+        floor_full = sum(copies * (steps * f["fwd"] + (steps - 1) * f["bwd"]) for f in full.values())
         ours = _extrapolate(lambda s: METHODS[name](clip, **{**kwargs, "steps": s}).attribute(images, ids), steps, 2)
         ref_kw = dict(beta=method.beta, lr=b.lr, copies=copies)
 
@@ -108,6 +113,7 @@ def flop_report(clip: SplitCLIP, name: str, kwargs: Optional[dict], rows: List[D
     else:
         steps, copies = method.steps, 1
         floor = sum(steps * (f["fwd"] + f["bwd"]) for f in per.values())
+        floor_full = sum(steps * (f["fwd"] + f["bwd"]) for f in full.values())
         ours = count_flops(lambda: method.attribute(images, ids))
 
         def reference_nib() -> None:
@@ -124,6 +130,7 @@ def flop_report(clip: SplitCLIP, name: str, kwargs: Optional[dict], rows: List[D
                                           "gflop_per_s": ours / r["s_per_pair"] / 1e9}
              for r in rows if r["method"] == name}
     return {"suffix_flops_per_row": per, "floor_gflop_per_pair": floor / 1e9,
+            "floor_full_last_block_gflop_per_pair": floor_full / 1e9,
             "clipib_gflop_per_pair": ours / 1e9, "reference_gflop_per_pair": theirs / 1e9,
             "matmul_gflop_per_s": rate, "floor_s_per_pair": floor_s, "clipib": timed,
             "reference": {"s_per_pair": ref["s_per_pair"], "x_floor": ref["s_per_pair"] / floor_s,

@@ -23,6 +23,8 @@ one (it agrees with it as two seeds agree), and no host-to-device copy per step.
 ``internal_batch_size`` bounds the rows (pairs × copies) of one suffix pass: the objective is evaluated on
 the whole batch from a graph-free forward, then each chunk is re-run for its gradient (about 1.5× the
 compute of one unchunked pass, memory of one chunk).
+``pooled_last_block`` evaluates the tower's last block at the pooled row only (``Tower.suffix(...,
+pooled_only=True)``): exact up to float rounding, ~40 % fewer suffix FLOPs at M2IB's layer on ViT-B/32.
 """
 
 from __future__ import annotations
@@ -97,8 +99,8 @@ def _clip_per_sample(grad: Tensor, max_norm: float) -> Tensor:
 class Bottleneck:
     """Settings of the optimisation (defaults: M2IB's reference code).
 
-    ``noise`` (``"official"`` | ``"device"``) and ``internal_batch_size`` (most rows per suffix pass, None =
-    all) are speed options described in the module docstring.
+    ``noise`` (``"official"`` | ``"device"``), ``internal_batch_size`` (most rows per suffix pass, None =
+    all) and ``pooled_last_block`` are speed options described in the module docstring.
     """
 
     steps: int = 10
@@ -108,6 +110,7 @@ class Bottleneck:
     clip_grad: Optional[float] = None
     noise: str = "official"
     internal_batch_size: Optional[int] = None
+    pooled_last_block: bool = False
 
     def __post_init__(self) -> None:
         if self.noise not in NOISE_STREAMS:
@@ -153,7 +156,7 @@ class Bottleneck:
                                                                 weights, last)
             else:
                 z = torch.sigmoid(alpha)[:, None] * h[:, None] + torch.sigmoid(-alpha)[:, None] * eps
-                emb = tower.suffix(z.flatten(0, 1), k, xs).view(b, self.copies, -1)  # [B, C, E]
+                emb = self._suffix(tower, z.flatten(0, 1), k, xs).view(b, self.copies, -1)  # [B, C, E]
                 kl_el = kl_elementwise(alpha, h)  # [B, T, D]
                 kl = (kl_el.mean(-1) * weights).sum(-1)  # [B]
                 loss = objective(emb, target, kl)  # [B]
@@ -168,6 +171,9 @@ class Bottleneck:
         capacity = kl_el.detach().sum(-1).masked_fill(~valid, 0)
         return BottleneckResult(capacity=capacity, kl=kl.detach(), fit=fit.detach(), loss=loss.detach(),
                                 alpha=alpha.detach())
+
+    def _suffix(self, tower: Tower, z: Tensor, k: int, x: Tensor) -> Tensor:
+        return tower.suffix(z, k, x, pooled_only=self.pooled_last_block)
 
     def _chunked_step(
         self, tower: Tower, h: Tensor, alpha: Tensor, eps: Tensor, k: int, xs: Tensor, target: Tensor,
@@ -184,7 +190,7 @@ class Bottleneck:
         rows = z.detach().flatten(0, 1)  # [B·C, T, D]
         slices = [slice(s, min(s + chunk, b * c)) for s in range(0, b * c, chunk)]
         with torch.no_grad():
-            emb = torch.cat([tower.suffix(rows[sl], k, xs[sl]) for sl in slices]).view(b, c, -1)  # [B, C, E]
+            emb = torch.cat([self._suffix(tower, rows[sl], k, xs[sl]) for sl in slices]).view(b, c, -1)  # [B, C, E]
         emb.requires_grad_(not last)
         kl_el = kl_elementwise(alpha, h)  # [B, T, D]
         kl = (kl_el.mean(-1) * weights).sum(-1)  # [B]
@@ -196,7 +202,7 @@ class Bottleneck:
         g_rows = torch.empty_like(rows)
         for sl in slices:
             piece = rows[sl].detach().requires_grad_(True)
-            (g_rows[sl],) = torch.autograd.grad(tower.suffix(piece, k, xs[sl]), piece, grad_outputs=g_emb[sl])
+            (g_rows[sl],) = torch.autograd.grad(self._suffix(tower, piece, k, xs[sl]), piece, grad_outputs=g_emb[sl])
         (g_z,) = torch.autograd.grad(z, alpha, grad_outputs=g_rows.view_as(z))
         grad = g_z if g_alpha is None else g_alpha + g_z
         return emb.detach(), kl_el, kl, loss, grad

@@ -40,6 +40,7 @@ class M2IB(Attributor):
             model's device: no per-step host-to-device copy; agrees with the default as two seeds agree).
         internal_batch_size: most rows (pairs × copies) per suffix pass, bounding memory; None = all.
         precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (:mod:`clipib.attribution.precision`).
+        pooled_last_block: run the last block at the pooled row only (exact up to float rounding; faster).
     """
 
     PAPER_LAYER, PAPER_DEPTH = 10, 12
@@ -57,12 +58,13 @@ class M2IB(Attributor):
         noise: str = "official",
         internal_batch_size: Optional[int] = None,
         precision: str = "fp32",
+        pooled_last_block: bool = False,
     ) -> None:
         super().__init__(clip, seed=seed, layer=layer)
         self.beta = beta
         self.precision = check_precision(precision)
         self.bottleneck = Bottleneck(steps=steps, lr=lr, copies=copies, alpha_init=alpha_init, noise=noise,
-                                     internal_batch_size=internal_batch_size)
+                                     internal_batch_size=internal_batch_size, pooled_last_block=pooled_last_block)
 
     def objective(self, emb: Tensor, target: Tensor, kl: Tensor) -> Tensor:
         """``β·KL − mean_copies cos(emb, target)`` per pair."""
