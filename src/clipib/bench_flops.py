@@ -10,7 +10,7 @@ block is reported too):
 - NIB: ``m × (F_fwd + F_bwd)``: one forward and one input-gradient backward per λ point.
 
 The time floor is that count divided by a measured matmul rate of this device on a suffix-shaped product
-(``[copies·T, D] @ [D, 4D]``). clipib's and the reference loop's own FLOPs are counted the same way (M2IB
+(``[R·T, D] @ [D, 4D]``, R = M2IB's copies or NIB's λ points: the rows of one pair's batched pass). clipib's and the reference loop's own FLOPs are counted the same way (M2IB
 extrapolated linearly from 2-3 steps, which is exact: every step has the same shape).
 """
 
@@ -124,7 +124,8 @@ def flop_report(clip: SplitCLIP, name: str, kwargs: Optional[dict], rows: List[D
         theirs = count_flops(reference_nib)
     with torch.no_grad():
         h = clip.image.prefix(images, k["image"])
-    rate = matmul_rate(clip.device, copies * h.shape[1], h.shape[2])
+    rows_per_pair = copies if name == "m2ib" else steps  # rows of one pair's batched suffix pass
+    rate = matmul_rate(clip.device, rows_per_pair * h.shape[1], h.shape[2])
     floor_s = floor / (rate * 1e9)
     timed = {f"batch_{r['batch_size']}": {"s_per_pair": r["s_per_pair"], "x_floor": r["s_per_pair"] / floor_s,
                                           "gflop_per_s": ours / r["s_per_pair"] / 1e9}
