@@ -229,7 +229,8 @@ def markdown(result: Dict[str, Any]) -> str:
              f"{meta['cpu_count']} CPUs, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
              f"{meta['date_utc']}; load average {meta['load_average_1_5_15']} before, "
              f"{meta.get('load_average_after')} after.", "",
-             "| method | settings | batch | modality | pairs/s | s/pair | CPU s/pair | peak MiB | speed-up vs reference |",
+             "| method | settings | batch | modality | pairs/s | s/pair | CPU s/pair | peak MiB "
+             "| speed-up vs reference |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['method']} | {r['settings'] or ''} | {r['batch_size']} | {r['modality']} | "

@@ -10,7 +10,8 @@ block is reported too):
 - NIB: ``m × (F_fwd + F_bwd)``: one forward and one input-gradient backward per λ point.
 
 The time floor is that count divided by a measured matmul rate of this device on a suffix-shaped product
-(``[R·T, D] @ [D, 4D]``, R = M2IB's copies or NIB's λ points: the rows of one pair's batched pass). clipib's and the reference loop's own FLOPs are counted the same way (M2IB
+(``[R·T, D] @ [D, 4D]``, R = M2IB's copies or NIB's λ points: the rows of one pair's batched pass).
+clipib's and the reference loop's own FLOPs are counted the same way (M2IB
 extrapolated linearly from 2-3 steps, which is exact: every step has the same shape).
 """
 
