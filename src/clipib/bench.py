@@ -33,7 +33,8 @@ REFERENCED = ("m2ib", "nib")
 
 
 def synthetic_pairs(clip: SplitCLIP, n: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
-    """``n`` pairs on the model's device: standard-normal images ``[n, 3, H, W]`` and captions of 5-12 tokens."""
+    """``n`` pairs on the model's device: standard-normal images ``[n, 3, H, W]`` and captions of 6-11
+    tokens (SOT..EOT), cycling."""
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 3, *clip.image_size, generator=gen).to(clip.device)
     return images, clip.tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(n)])
