@@ -1,4 +1,4 @@
-"""The ``clipib`` console script (also ``python -m clipib``): ``explain`` and ``demo``.
+"""The ``clipib`` console script (also ``python -m clipib``): ``explain``, ``demo`` and ``bench``.
 
 Every failure on bad input is one line on stderr (``clipib: error: ...``) and exit code 2.
 """
@@ -18,6 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from clipib.attribution import METHODS, Attributor
+from clipib.bench import add_arguments as add_bench_arguments
+from clipib.bench import run_from_args as run_bench
 from clipib.models.loading import DEFAULT, ModelLoadError, load_clip
 from clipib.models.split import SplitCLIP, UnsupportedModelError
 from clipib.viz import explanation_figure, to_uint8
@@ -107,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="cpu")
     demo = sub.add_parser("demo", help="the main job on the shipped default")
     demo.add_argument("--out", default="outputs/demo")
+    bench = sub.add_parser("bench", help="throughput against the reference loops (clipib.bench)")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -130,12 +134,19 @@ def _run_demo(args: argparse.Namespace) -> None:
         print(f"{name}: cos {record['similarity']:.3f}; wrote {Path(args.out) / name / 'explanation.png'}")
 
 
+def _run_bench(args: argparse.Namespace) -> None:
+    try:
+        run_bench(args)
+    except ValueError as err:  # unknown method, bad --settings
+        raise InputError(str(err).splitlines()[0]) from err
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit code."""
     args = _parser().parse_args(argv)
     warnings.simplefilter("default")
     try:
-        {"explain": _run_explain, "demo": _run_demo}[args.command](args)
+        {"explain": _run_explain, "demo": _run_demo, "bench": _run_bench}[args.command](args)
     except (InputError, ModelLoadError, UnsupportedModelError) as err:
         print(f"clipib: error: {err}", file=sys.stderr)
         return 2

@@ -1,10 +1,18 @@
 """Reference-shaped loops: M2IB and NIB computed the way the official code is shaped (REFERENCE_NOTES §1-2).
 
-One pair at a time, the global RNG after ``torch.manual_seed(seed)``, the whole open_clip model (both towers)
-run at every step, the bottleneck inserted with a forward hook on open_clip's own blocks, model weights still
-requiring gradients. Written independently of :mod:`clipib.attribution` (it uses open_clip's ``encode_image``
-/ ``encode_text``, not :class:`~clipib.models.split.SplitCLIP`), so tests can check clipib's fast, batched
-methods against it, and ``benchmarks/throughput.py`` can time it as the baseline.
+One pair at a time, the global RNG after ``torch.manual_seed(seed)``, the bottleneck inserted with a forward
+hook on open_clip's own blocks; whatever the model's weights require (the official code leaves them requiring
+gradients, see :func:`weights_requiring_grad`) is back-propagated too.
+
+- M2IB: every step runs the **whole two-tower model** on the ``copies`` duplicates: the attributed tower with
+  the bottleneck, the other tower clean but inside the graph, then ``loss.backward()``.
+- NIB: the prefix once (full forward with a capturing hook), then one batch-1 suffix pass with a
+  ``backward()`` per λ = i/m.
+
+Captions are fed without padding (SOT..EOT only), as the official code feeds one caption. Written
+independently of :mod:`clipib.attribution` and :class:`~clipib.models.split.SplitCLIP` (it calls open_clip's
+modules directly), so tests check clipib's fast, batched methods against it, and :mod:`clipib.bench` times it
+as the baseline.
 """
 
 from __future__ import annotations
@@ -26,6 +34,19 @@ def _replace_output(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> Iterat
         handle.remove()
 
 
+@contextlib.contextmanager
+def weights_requiring_grad(model: nn.Module) -> Iterator[nn.Module]:
+    """Let every weight of ``model`` require gradients (as in the official code), then restore and drop grads."""
+    before = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(True)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), before):
+            p.requires_grad_(flag)
+            p.grad = None
+
+
 def _site(model: nn.Module, tower: str, layer: int) -> nn.Module:
     """The module whose output is the residual stream after ``layer`` blocks."""
     if tower == "image":
@@ -35,9 +56,45 @@ def _site(model: nn.Module, tower: str, layer: int) -> nn.Module:
     return model.transformer.resblocks[layer - 1]
 
 
+def _project_text(model: nn.Module, x: Tensor, ids: Tensor) -> Tensor:
+    """ln_final, pooling at the EOT (argmax id) and the text projection, L2-normalised."""
+    x = model.ln_final(x)
+    pooled = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
+    proj = model.text_projection
+    pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+    return F.normalize(pooled, dim=-1)
+
+
+def _encode_text(model: nn.Module, ids: Tensor) -> Tensor:
+    """open_clip's text forward on unpadded ids ``[B, n]`` (positions and causal mask cut to ``n``)."""
+    n = ids.shape[1]
+    x = model.token_embedding(ids) + model.positional_embedding[:n]
+    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
+    return _project_text(model, x, ids)
+
+
 def _encode(model: nn.Module, tower: str, x: Tensor) -> Tensor:
-    enc = model.encode_image if tower == "image" else model.encode_text
-    return F.normalize(enc(x), dim=-1)
+    return F.normalize(model.encode_image(x), dim=-1) if tower == "image" else _encode_text(model, x)
+
+
+def _suffix(model: nn.Module, tower: str, z: Tensor, layer: int, ids: Tensor) -> Tensor:
+    """The blocks after ``layer`` and the head of ``tower`` on ``z`` ``[B, T, D]``, by open_clip's modules."""
+    if tower == "image":
+        visual = model.visual
+        for block in visual.transformer.resblocks[layer:]:
+            z = block(z)
+        pooled, _ = visual._pool(z)
+        return F.normalize(pooled @ visual.proj, dim=-1)
+    n = z.shape[1]
+    for block in model.transformer.resblocks[layer:]:
+        z = block(z, attn_mask=model.attn_mask[:n, :n])
+    return _project_text(model, z, ids)
+
+
+def _inputs(tower: str, image: Tensor, ids: Tensor) -> Tuple[Tensor, Tensor, str]:
+    """``(attributed input, other input, other tower)`` with the caption cut to SOT..EOT."""
+    ids = ids[:, : int(ids[0].argmax()) + 1]
+    return (image, ids, "text") if tower == "image" else (ids, image, "image")
 
 
 def _kl(alpha: Tensor, h: Tensor) -> Tensor:
@@ -52,26 +109,23 @@ def m2ib_map(
     """Capacity per token ``[T]`` (summed over channels) of one pair's ``tower`` map, drawing its noise from
     the global RNG: ``[copies, T, D]`` per step, T = all image tokens or the caption's SOT..EOT length."""
     site = _site(model, tower, layer)
-    x, other = (image, "text") if tower == "image" else (ids, "image")
+    x, y, other = _inputs(tower, image, ids)
     captured = {}
     with torch.no_grad(), _replace_output(site, lambda out: captured.setdefault("h", out)):
         _encode(model, tower, x)
-    h = captured["h"][0].detach()  # [T_all, D]
-    n = h.shape[0] if tower == "image" else int(ids[0].argmax()) + 1
-    alpha = torch.full((n, h.shape[1]), 5.0, requires_grad=True)
+    h = captured["h"][0].detach()  # [T, D]
+    n, d = h.shape
+    alpha = torch.full((n, d), 5.0, device=h.device, requires_grad=True)
     opt = torch.optim.Adam([alpha], lr=lr)
+    xs, ys = (v.repeat(copies, *[1] * (v.ndim - 1)) for v in (x, y))
     for _ in range(steps):
-        eps = torch.randn(copies, n, h.shape[1])
+        eps = torch.randn(copies, n, d).to(h.device)  # the global CPU stream
         lam = torch.sigmoid(alpha)
-
-        def bottleneck(out: Tensor) -> Tensor:
-            return torch.cat([lam * out[:, :n] + (1 - lam) * eps, out[:, n:]], dim=1)
-
-        with _replace_output(site, bottleneck):
-            emb = _encode(model, tower, x.repeat(copies, *[1] * (x.ndim - 1)))
-        target = _encode(model, other, image if other == "image" else ids)  # recomputed every step
-        kl = _kl(alpha, h[:n])
-        loss = beta * kl.mean() - (emb @ target[0]).mean()
+        with _replace_output(site, lambda out: lam * out + (1 - lam) * eps):
+            emb = _encode(model, tower, xs)  # [C, E]
+        target = _encode(model, other, ys)  # [C, E]: the other tower, clean, every step, in the graph
+        kl = _kl(alpha, h)
+        loss = beta * kl.mean() - (emb * target).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -85,21 +139,21 @@ def m2ib_pair(model: nn.Module, image: Tensor, ids: Tensor, layer: int, seed: in
 
 
 def nib_map(model: nn.Module, tower: str, image: Tensor, ids: Tensor, layer: int, steps: int = 10) -> Tensor:
-    """NIB raw scores ``[T]`` of one pair: one batch-1 pass with a backward per λ = i/m (this loop re-runs the
-    prefix blocks too, their output replaced by the hook; the reference caches the prefix)."""
+    """NIB raw scores ``[T]`` of one pair: the prefix once, then one batch-1 suffix pass with a
+    ``backward()`` per λ = i/m (T = all image tokens or the caption's SOT..EOT length)."""
     site = _site(model, tower, layer)
-    x, other = (image, "text") if tower == "image" else (ids, "image")
+    x, y, other = _inputs(tower, image, ids)
+    tok = x if tower == "text" else None
     captured = {}
     with torch.no_grad():
         with _replace_output(site, lambda out: captured.setdefault("h", out)):
             _encode(model, tower, x)
-        target = _encode(model, other, image if other == "image" else ids)
+        target = _encode(model, other, y)  # [1, E]
     h = captured["h"].detach()  # [1, T, D]
     total = torch.zeros_like(h)
     for i in range(1, steps + 1):
         z = (i / steps * h).requires_grad_(True)
-        with _replace_output(site, lambda out: z):
-            cos = (_encode(model, tower, x) @ target[0]).sum()
-        (g,) = torch.autograd.grad(cos, z)
-        total += g / steps
+        cos = (_suffix(model, tower, z, layer, tok) * target).sum()
+        cos.backward()
+        total += z.grad / steps
     return (h * total).sum(-1)[0]

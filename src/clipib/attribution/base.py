@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clipib.attribution.precision import precision_context
 from clipib.models.split import SplitCLIP, Tower
 
 Modality = Literal["image", "text", "both"]
@@ -94,6 +95,8 @@ class Attributor:
     PAPER_LAYER: ClassVar[Optional[int]] = None
     """The layer the method's paper uses on a ``PAPER_DEPTH``-block tower (layered methods only)."""
     PAPER_DEPTH: ClassVar[int] = 12
+    precision: str = "fp32"
+    """Precision of the attribution passes (:mod:`clipib.attribution.precision`); subclasses may expose it."""
 
     def __init__(self, clip: SplitCLIP, seed: int = 0, layer: Optional[int] = None) -> None:
         self.clip = clip
@@ -164,11 +167,11 @@ class Attributor:
         out = Attribution()
         self.scalars: Dict[str, Tensor] = {}
         if modality in ("image", "both"):
-            with torch.enable_grad():
+            with torch.enable_grad(), precision_context(self.precision, images.device):
                 raw = self.image_scores(images, ids, e_txt, gens).detach()
             out.image_grid, out.image = self._image_maps(raw)
         if modality in ("text", "both"):
-            with torch.enable_grad():
+            with torch.enable_grad(), precision_context(self.precision, images.device):
                 raw = self.text_scores(images, ids, e_img, gens).detach()
             out.text_raw, out.text = self._text_maps(raw, ids)
         out.scalars = self.scalars

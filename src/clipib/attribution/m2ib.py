@@ -20,6 +20,7 @@ from torch import Tensor
 
 from clipib.attribution.base import Attributor, register, valid_tokens
 from clipib.attribution.bottleneck import Bottleneck, BottleneckResult
+from clipib.attribution.precision import check_precision
 from clipib.models.split import SplitCLIP
 
 
@@ -35,6 +36,11 @@ class M2IB(Attributor):
         steps, lr, copies: optimisation (paper: 10, 1.0, 10).
         seed: noise seed of every pair when ``attribute`` gets no ``seeds``.
         alpha_init: initial α (reference: 5).
+        noise: ``"official"`` (the CPU stream above, default) or ``"device"`` (per-pair generators on the
+            model's device: no per-step host-to-device copy; agrees with the default as two seeds agree).
+        internal_batch_size: most rows (pairs × copies) per suffix pass, bounding memory; None = all.
+        precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (:mod:`clipib.attribution.precision`).
+        pooled_last_block: run the last block at the pooled row only (exact up to float rounding; faster).
     """
 
     PAPER_LAYER, PAPER_DEPTH = 10, 12
@@ -49,10 +55,16 @@ class M2IB(Attributor):
         copies: int = 10,
         seed: int = 0,
         alpha_init: float = 5.0,
+        noise: str = "official",
+        internal_batch_size: Optional[int] = None,
+        precision: str = "fp32",
+        pooled_last_block: bool = False,
     ) -> None:
         super().__init__(clip, seed=seed, layer=layer)
         self.beta = beta
-        self.bottleneck = Bottleneck(steps=steps, lr=lr, copies=copies, alpha_init=alpha_init)
+        self.precision = check_precision(precision)
+        self.bottleneck = Bottleneck(steps=steps, lr=lr, copies=copies, alpha_init=alpha_init, noise=noise,
+                                     internal_batch_size=internal_batch_size, pooled_last_block=pooled_last_block)
 
     def objective(self, emb: Tensor, target: Tensor, kl: Tensor) -> Tensor:
         """``β·KL − mean_copies cos(emb, target)`` per pair."""

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from clipib.attribution.base import Attributor, register
+from clipib.attribution.precision import check_precision
 from clipib.models.split import SplitCLIP, Tower
 
 
@@ -58,6 +59,8 @@ class NIB(Attributor):
         path: ``"riemann"`` (paper: λ = i/m) or ``"log"`` (trapezoid on a log-spaced grid, complete).
         internal_batch_size: most rows (pairs × λ points) per suffix pass; None = all in one pass.
         log_min: log10 of the smallest non-zero λ of the log path.
+        precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (:mod:`clipib.attribution.precision`).
+        pooled_last_block: run the last block at the pooled row only (exact up to float rounding; faster).
     """
 
     PAPER_LAYER, PAPER_DEPTH = 9, 12
@@ -71,8 +74,12 @@ class NIB(Attributor):
         internal_batch_size: Optional[int] = None,
         log_min: float = -9.0,
         seed: int = 0,
+        precision: str = "fp32",
+        pooled_last_block: bool = False,
     ) -> None:
         super().__init__(clip, seed=seed, layer=layer)
+        self.precision = check_precision(precision)
+        self.pooled_last_block = pooled_last_block
         if path not in ("riemann", "log"):
             raise ValueError(f"path must be 'riemann' or 'log', got {path!r}")
         if steps < 1:
@@ -100,7 +107,7 @@ class NIB(Attributor):
             sl = slice(start, min(start + chunk, rows))
             pair = torch.arange(sl.start, sl.stop, device=h.device) // m
             z = (lam_rows[sl, None, None] * h[pair]).requires_grad_(True)  # [r, T, D]
-            cos = (tower.suffix(z, k, xs[sl]) * tg[sl]).sum(-1)  # [r]
+            cos = (tower.suffix(z, k, xs[sl], pooled_only=self.pooled_last_block) * tg[sl]).sum(-1)  # [r]
             (g,) = torch.autograd.grad(cos.sum(), z)
             grad_sum.index_add_(0, pair, g * w_rows[sl, None, None])
         return (h * grad_sum).sum(-1)  # [B, T]

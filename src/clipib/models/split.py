@@ -50,6 +50,17 @@ def _run_block(block: nn.Module, x: Tensor, mask: Optional[Tensor], index: int, 
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
+def _pooled_row_block(block: nn.Module, h: Tensor, rows: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``block`` evaluated at one row per sample (``rows`` ``[B]``), keys and values from every row: the
+    ``[B, 1, D]`` output at those rows, equal to ``block(h)[arange(B), rows]`` (pre-LN block)."""
+    y = block.ln_1(h)  # [B, T, D]
+    idx = torch.arange(h.shape[0], device=h.device)
+    query = y[idx, rows][:, None]  # [B, 1, D]
+    rows_mask = None if mask is None else mask[rows][:, None].repeat_interleave(block.attn.num_heads, 0)  # [B·H, 1, T]
+    x = h[idx, rows][:, None] + block.ls_1(block.attention(q_x=query, k_x=y, v_x=y, attn_mask=rows_mask))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))  # [B, 1, D]
+
+
 class Tower(nn.Module):
     """Common interface of the image and text towers."""
 
@@ -86,14 +97,31 @@ class Tower(nn.Module):
         self._check_k(k)
         return self._blocks(self.embed(x), 0, k)
 
-    def suffix(self, h: Tensor, k: int, x: Tensor, attn_hook: Optional[AttnHook] = None) -> Tensor:
+    def pooled_rows(self, x: Tensor) -> Optional[Tensor]:
+        """The one row ``[B]`` the head reads from the last residual stream, or None if it reads several."""
+        return None
+
+    def head_pooled(self, h: Tensor, x: Tensor) -> Tensor:
+        """:meth:`head` of a last residual stream reduced to its pooled row, ``[B, 1, D]``."""
+        raise NotImplementedError
+
+    def suffix(self, h: Tensor, k: int, x: Tensor, attn_hook: Optional[AttnHook] = None,
+               pooled_only: bool = False) -> Tensor:
         """Run blocks ``k..n_layers`` on ``h`` and return the L2-normalised embedding ``[B, E]``.
 
         ``x`` is the tower's input (its rows aligned with ``h``'s); the text tower reads EOT positions from it.
         ``attn_hook`` computes attention explicitly and passes its probabilities through the hook.
+        ``pooled_only`` evaluates the last block at the pooled row only (CLS / EOT; keys and values from every
+        row): the same embedding up to float rounding for a fraction of the last block's FLOPs. Ignored with
+        ``attn_hook``, at ``k == n_layers`` and for towers whose head reads several rows.
         """
         self._check_k(k)
-        return self.head(self._blocks(h, k, self.n_layers, attn_hook), x)
+        rows = self.pooled_rows(x) if pooled_only and attn_hook is None and k < self.n_layers else None
+        last = self.blocks[-1] if self.n_layers else None
+        if rows is None or not isinstance(last, ResidualAttentionBlock) or not last.attn.batch_first:
+            return self.head(self._blocks(h, k, self.n_layers, attn_hook), x)
+        h = self._blocks(h, k, self.n_layers - 1)
+        return self.head_pooled(_pooled_row_block(last, h, rows, self._mask(h.shape[1])), x)
 
     def encode(self, x: Tensor) -> Tensor:
         """L2-normalised embedding ``[B, E]``."""
@@ -124,6 +152,14 @@ class ImageTower(Tower):
 
     def embed(self, x: Tensor) -> Tensor:
         return self.visual._embeds(x)  # [B, 1+N, D]
+
+    def pooled_rows(self, x: Tensor) -> Optional[Tensor]:
+        if getattr(self.visual, "pool_type", None) != "tok":
+            return None
+        return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # CLS
+
+    def head_pooled(self, h: Tensor, x: Tensor) -> Tensor:
+        return self.head(h, x)  # 'tok' pooling reads row 0 of [B, 1, D]
 
     def head(self, h: Tensor, x: Tensor) -> Tensor:
         pooled, _ = self.visual._pool(h)  # [B, D]
@@ -192,6 +228,12 @@ class TextTower(Tower):
 
     def head(self, h: Tensor, x: Tensor) -> Tensor:
         return self._pool_at(h, self.eot_positions(x))
+
+    def pooled_rows(self, x: Tensor) -> Optional[Tensor]:
+        return self.eot_positions(x)
+
+    def head_pooled(self, h: Tensor, x: Tensor) -> Tensor:
+        return self._pool_at(h, torch.zeros(h.shape[0], dtype=torch.long, device=h.device))
 
     def _pool_at(self, h: Tensor, pool_at: Tensor) -> Tensor:
         h = self.ln_final(h)  # [B, L, D]

@@ -1,0 +1,306 @@
+"""Throughput of the attribution methods, measured against the reference-shaped loops (issue 7).
+
+For every method and batch size: pairs/s and peak memory of one ``method.attribute`` call on synthetic pairs
+(both modalities where the method has both). For M2IB and NIB the same run times :mod:`clipib.reference`
+(one pair at a time, the model's weights requiring gradients, as the official code runs), and reports
+clipib's speed-up and the agreement of the maps: M2IB by Spearman ρ next to the reference's own seed-to-seed
+ρ, NIB by the max abs difference of the normalised maps. :mod:`clipib.bench_flops` adds the FLOP floor.
+Used by ``clipib bench`` and ``benchmarks/throughput.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import resource
+import time
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torchmetrics.functional import spearman_corrcoef
+
+from clipib.attribution import METHODS, Attributor
+from clipib.models.split import SplitCLIP
+from clipib.reference import m2ib_map, nib_map, weights_requiring_grad
+
+CAPTIONS = ["a photo of a dog", "two cats sleeping on a red sofa", "a man riding a horse on the beach",
+            "a bowl of fruit", "a city street at night with cars and people", "a small boat on a lake"]
+REFERENCED = ("m2ib", "nib")
+"""Methods with a reference-shaped loop in :mod:`clipib.reference`."""
+
+
+def synthetic_pairs(clip: SplitCLIP, n: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """``n`` pairs on the model's device: standard-normal images ``[n, 3, H, W]`` and captions of 6-11
+    tokens (SOT..EOT), cycling."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, *clip.image_size, generator=gen).to(clip.device)
+    return images, clip.tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(n)])
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+@contextlib.contextmanager
+def measure(device: torch.device) -> Iterator[Dict[str, Any]]:
+    """Wall and CPU seconds and peak memory (MiB) of the enclosed block: ``torch.cuda.max_memory_allocated``
+    on CUDA; on the CPU the process's peak RSS, reset at entry (VmHWM) or, if that fails, since start."""
+    rec: Dict[str, Any] = {}
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        rec["memory"] = "cuda max_memory_allocated"
+    else:
+        rec["memory"] = "peak RSS (VmHWM reset per measurement)" if _reset_peak_rss() else "peak RSS since start"
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield rec
+    if cuda:
+        torch.cuda.synchronize(device)
+    rec["wall_s"], rec["cpu_s"] = time.perf_counter() - wall, time.process_time() - cpu
+    rec["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mb()
+
+
+def modality_of(method: Attributor) -> str:
+    """``"both"`` for a two-modality method, else its one modality."""
+    return "both" if {"image", "text"} <= set(method.modalities) else method.modalities[0]
+
+
+def bench_method(clip: SplitCLIP, name: str, batch_sizes: Sequence[int], kwargs: Optional[dict] = None,
+                 warmup: bool = True) -> List[Dict[str, Any]]:
+    """One timed ``attribute`` call per batch size (default seed, so pair 0 uses seed 0)."""
+    method = METHODS[name](clip, **(kwargs or {}))
+    modality = modality_of(method)
+    if warmup:
+        method.attribute(*synthetic_pairs(clip, 1), modality=modality)
+    rows = []
+    for b in batch_sizes:
+        images, ids = synthetic_pairs(clip, b)
+        with measure(clip.device) as rec:
+            method.attribute(images, ids, modality=modality)
+        rows.append({"method": name, "settings": kwargs or {}, "batch_size": b, "modality": modality,
+                     "pairs_per_s": b / rec["wall_s"], "s_per_pair": rec["wall_s"] / b, **rec})
+    return rows
+
+
+def _rho(a: Tensor, b: Tensor) -> float:
+    return float(spearman_corrcoef(a.flatten().double().cpu(), b.flatten().double().cpu()))
+
+
+def _reference_maps(clip: SplitCLIP, method: Attributor, images: Tensor, ids: Tensor,
+                    seed: int) -> Tuple[Tensor, Tensor, Dict[str, Any], Dict[str, Any]]:
+    """``(image scores [T], text scores [L], image timing, text timing)`` of the reference loop on one pair."""
+    k_img, k_txt = method.layer_for(clip.image), method.layer_for(clip.text)
+    with weights_requiring_grad(clip.model) as model:
+        if method.name == "m2ib":
+            b = method.bottleneck
+            kw = dict(beta=method.beta, steps=b.steps, lr=b.lr, copies=b.copies)
+            torch.manual_seed(seed)
+            with measure(clip.device) as t_img:
+                img = m2ib_map(model, "image", images, ids, k_img, **kw)
+            with measure(clip.device) as t_txt:
+                txt = m2ib_map(model, "text", images, ids, k_txt, **kw)
+        else:
+            with measure(clip.device) as t_img:
+                img = nib_map(model, "image", images, ids, k_img, steps=method.steps)
+            with measure(clip.device) as t_txt:
+                txt = nib_map(model, "text", images, ids, k_txt, steps=method.steps)
+    return img.detach(), txt.detach(), t_img, t_txt
+
+
+def _check_reference_settings(method: Attributor) -> None:
+    if method.name == "m2ib":
+        b = method.bottleneck
+        if b.alpha_init != 5.0 or b.clip_grad is not None or b.noise != "official" or method.precision != "fp32":
+            raise ValueError("the M2IB reference loop has α₀ = 5, no clipping, the official noise and fp32")
+    elif method.name == "nib" and (method.path != "riemann" or method.precision != "fp32"):
+        raise ValueError("the NIB reference loop is the paper's Riemann path in fp32")
+
+
+def bench_reference(clip: SplitCLIP, name: str, pairs: int = 1, kwargs: Optional[dict] = None) -> Dict[str, Any]:
+    """Time the reference-shaped loop of ``name`` on ``pairs`` pairs and compare its maps with clipib's.
+
+    M2IB: every pair with seeds 0 and 1 (ρ(clipib, reference) at seed 0 next to the reference's ρ(seed 0,
+    seed 1)); the timing is the seed-0 run. NIB: max abs difference of the normalised maps, and ρ.
+    """
+    method = METHODS[name](clip, **(kwargs or {}))
+    _check_reference_settings(method)
+    images, ids = synthetic_pairs(clip, pairs)
+    ours = method.attribute(images, ids, seeds=[0] * pairs)
+    timings, agreement = [], []
+    for i in range(pairs):
+        x, t = images[i : i + 1], ids[i : i + 1]
+        img, txt, t_img, t_txt = _reference_maps(clip, method, x, t, seed=0)
+        n = txt.shape[0]
+        timings.append({"pair": i, "image": t_img, "text": t_txt, "s_per_pair": t_img["wall_s"] + t_txt["wall_s"]})
+        row: Dict[str, Any] = {"pair": i,
+                               "rho_image": _rho(ours.image_grid[i], img[1:]),
+                               "rho_text": _rho(ours.text_raw[i, :n], txt)}
+        if name == "m2ib":
+            img1, txt1, _, _ = _reference_maps(clip, method, x, t, seed=1)
+            row.update(rho_image_seed_to_seed=_rho(img, img1), rho_text_seed_to_seed=_rho(txt, txt1))
+        else:
+            _, ref_image = method._image_maps(img[1:].view(1, *clip.grid))
+            raw_text = torch.zeros(1, ids.shape[1], device=txt.device)
+            raw_text[0, :n] = txt
+            _, ref_text = method._text_maps(raw_text, t)
+            row.update(max_abs_diff_image=float((ours.image[i] - ref_image[0]).abs().max()),
+                       max_abs_diff_text=float((ours.text[i] - ref_text[0]).abs().max()))
+        agreement.append(row)
+    s_per_pair = sum(r["s_per_pair"] for r in timings) / pairs
+    return {"method": name, "pairs": pairs, "s_per_pair": s_per_pair, "pairs_per_s": 1 / s_per_pair,
+            "timings": timings, "agreement": agreement}
+
+
+def machine_info(device: torch.device) -> Dict[str, Any]:
+    """Where and when the benchmark ran: host, CPU count, torch threads, load average, device name, date."""
+    info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "host": platform.node(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": str(device), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batch_sizes: Sequence[int] = (1, 8, 32),
+                  reference_pairs: int = 1, method_kwargs: Optional[Dict[str, dict]] = None, warmup: bool = True,
+                  flops: bool = True) -> Dict[str, Any]:
+    """The whole benchmark as a JSON-ready dict: ``meta``, ``rows``, ``reference``, ``flops``.
+
+    Args:
+        methods: registered names (default: every method in :data:`clipib.METHODS`).
+        reference_pairs: pairs for the reference loops (0 = no reference, no speed-up).
+        method_kwargs: constructor settings per method name.
+        flops: count FLOPs and compare with the measured matmul rate (:mod:`clipib.bench_flops`).
+    """
+    from clipib.bench_flops import flop_report
+
+    methods = list(methods) if methods else sorted(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
+    kwargs = method_kwargs or {}
+    out: Dict[str, Any] = {"meta": machine_info(clip.device), "rows": [], "reference": {}, "flops": {}}
+    out["meta"]["model"] = clip.name
+    for name in methods:
+        out["rows"] += bench_method(clip, name, batch_sizes, kwargs.get(name), warmup)
+        if name in REFERENCED and reference_pairs > 0:
+            ref = bench_reference(clip, name, reference_pairs, kwargs.get(name))
+            out["reference"][name] = ref
+            for row in out["rows"]:
+                if row["method"] == name:
+                    row["speedup_vs_reference"] = ref["s_per_pair"] / row["s_per_pair"]
+            if flops:
+                out["flops"][name] = flop_report(clip, name, kwargs.get(name), out["rows"], ref)
+    out["meta"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def _fmt_agreement(key: str, value: float) -> str:
+    return f"{key} {value:.2e}" if key.startswith("max_abs") else f"{key} {value:.4f}"
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    """The benchmark as markdown tables (throughput, reference loops, agreement, FLOP floor)."""
+    meta = result["meta"]
+    lines = [f"Model `{meta.get('model', '')}`, device `{meta['device']}` {meta.get('device_name', '')}, "
+             f"{meta['cpu_count']} CPUs, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
+             f"{meta['date_utc']}; load average {meta['load_average_1_5_15']} before, "
+             f"{meta.get('load_average_after')} after.", "",
+             "| method | settings | batch | modality | pairs/s | s/pair | CPU s/pair | peak MiB "
+             "| speed-up vs reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['settings'] or ''} | {r['batch_size']} | {r['modality']} | "
+                     f"{_fmt(r['pairs_per_s'])} | {_fmt(r['s_per_pair'])} | {_fmt(r['cpu_s'] / r['batch_size'])} | "
+                     f"{r['peak_mb']:.0f} | {_fmt(r.get('speedup_vs_reference', '–'))} |")
+    if result["reference"]:
+        lines += ["", "Reference-shaped loops (one pair at a time, weights requiring gradients):", "",
+                  "| method | pair | image map s | text map s | s/pair | peak MiB | agreement with clipib |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, ref in result["reference"].items():
+            for t, a in zip(ref["timings"], ref["agreement"]):
+                agree = ", ".join(_fmt_agreement(k, v) for k, v in a.items() if k != "pair")
+                peak = max(t["image"]["peak_mb"], t["text"]["peak_mb"])
+                lines.append(f"| {name} | {t['pair']} | {_fmt(t['image']['wall_s'])} | {_fmt(t['text']['wall_s'])} | "
+                             f"{_fmt(t['s_per_pair'])} | {peak:.0f} | {agree} |")
+    if result["flops"]:
+        lines += ["", "FLOP floor per pair (FlopCounterMode counts; floor time = floor / measured matmul rate):", "",
+                  "| method | floor GFLOP | clipib GFLOP | reference GFLOP | matmul GFLOP/s | floor s | "
+                  "clipib s/pair (× floor) | reference s/pair (× floor) |", "|---|---|---|---|---|---|---|---|"]
+        for name, f in result["flops"].items():
+            ours = ", ".join(f"b{k.split('_')[1]} {_fmt(v['s_per_pair'])} ({v['x_floor']:.1f}×)"
+                             for k, v in f["clipib"].items())
+            lines.append(f"| {name} | {_fmt(f['floor_gflop_per_pair'])} | {_fmt(f['clipib_gflop_per_pair'])} | "
+                         f"{_fmt(f['reference_gflop_per_pair'])} | {_fmt(f['matmul_gflop_per_s'])} | "
+                         f"{_fmt(f['floor_s_per_pair'])} | {ours} | {_fmt(f['reference']['s_per_pair'])} "
+                         f"({f['reference']['x_floor']:.1f}×) |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: Any) -> None:
+    """The options of ``clipib bench`` / ``benchmarks/throughput.py``."""
+    parser.add_argument("--methods", nargs="*", default=None, help="registered names (default: all)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--model", default="ViT-B-32-quickgelu", help="open_clip name or JSON config")
+    parser.add_argument("--pretrained", default="none", help="weights (default: none = random, seed 0)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--reference-pairs", type=int, default=1, help="pairs for the reference loops (0: none)")
+    parser.add_argument("--settings", default="{}", help='JSON {"method": {constructor settings}}')
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP counts")
+    parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--out", default="outputs/bench/throughput.json", help="JSON output (.md written next to it)")
+
+
+def run_from_args(args: Any) -> Dict[str, Any]:
+    """Run the benchmark from parsed :func:`add_arguments` options; write JSON and markdown, print the tables."""
+    import json
+    from pathlib import Path
+
+    from clipib.models.loading import load_clip
+
+    try:
+        settings = json.loads(args.settings)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--settings is not valid JSON: {err}") from err
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        torch.manual_seed(0)
+        pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+        clip = load_clip(args.model, pretrained=pretrained, device=args.device)
+        result = run_benchmark(clip, args.methods, args.batch_sizes, args.reference_pairs, settings,
+                               warmup=not args.no_warmup, flops=not args.no_flops)
+    finally:
+        torch.set_num_threads(threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    return result

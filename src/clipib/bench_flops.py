@@ -1,0 +1,139 @@
+"""The FLOP floor of M2IB and NIB and how close measured timings come to it (issue 7).
+
+Floor per pair and map = the suffix passes the method cannot avoid, counted with
+``torch.utils.flop_counter.FlopCounterMode`` (matmuls, attention, convolutions) on one row, with the last
+block evaluated at the pooled row only (``Tower.suffix(..., pooled_only=True)``; the count with a full last
+block is reported too):
+
+- M2IB: ``copies × (steps × F_fwd + (steps − 1) × F_bwd)``: every step a forward of the suffix on each
+  copy, every step but the last a backward to the bottleneck input (no weight gradients).
+- NIB: ``m × (F_fwd + F_bwd)``: one forward and one input-gradient backward per λ point.
+
+The time floor is that count divided by a measured matmul rate of this device on a suffix-shaped product
+(``[R·T, D] @ [D, 4D]``, R = M2IB's copies or NIB's λ points: the rows of one pair's batched pass).
+clipib's and the reference loop's own FLOPs are counted the same way (M2IB
+extrapolated linearly from 2-3 steps, which is exact: every step has the same shape).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from clipib.attribution import METHODS
+from clipib.models.split import SplitCLIP, Tower
+from clipib.reference import m2ib_map, nib_map, weights_requiring_grad
+
+
+class _GlobalOnly:
+    """Stands in for ``FlopCounterMode``'s module tracker, whose backward hooks reject ``autograd.grad`` on
+    leaf tensors (what the methods call); every count goes to the global total."""
+
+    parents = ("Global",)
+
+    def __enter__(self) -> "_GlobalOnly":
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of ``fn()`` (forward and backward) as ``FlopCounterMode`` counts them (matmuls, attention,
+    convolutions; element-wise work is not counted)."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def suffix_flops(tower: Tower, x: torch.Tensor, k: int, pooled_only: bool = True) -> Dict[str, int]:
+    """``{"fwd", "bwd"}``: FLOPs of one suffix forward on one row (with autograd on, as the methods run it)
+    and of its backward to the input; ``pooled_only``: the last block at the pooled row only (the floor)."""
+    with torch.no_grad():
+        h = tower.prefix(x[:1], k)  # [1, T, D]
+    z = h.clone().requires_grad_(True)
+    fwd = count_flops(lambda: tower.suffix(z, k, x[:1], pooled_only=pooled_only))
+    both = count_flops(lambda: torch.autograd.grad(tower.suffix(z, k, x[:1], pooled_only=pooled_only).sum(), z))
+    return {"fwd": fwd, "bwd": both - fwd}
+
+
+def matmul_rate(device: torch.device, rows: int, width: int, seconds: float = 0.5) -> float:
+    """Measured GFLOP/s of ``[rows, width] @ [width, 4·width]`` float32 products on ``device``."""
+    a = torch.randn(rows, width, device=device)
+    b = torch.randn(width, 4 * width, device=device)
+    a @ b  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+        if device.type == "cuda" and n % 50 == 0:
+            torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * rows * width * 4 * width * n / (time.perf_counter() - start) / 1e9
+
+
+def _extrapolate(fn: Callable[[int], Any], steps: int, a: int) -> int:
+    """FLOPs of ``fn(steps)`` from counts at ``a`` and ``a + 1`` steps (linear in the step count past ``a``)."""
+    fa, fb = count_flops(lambda: fn(a)), count_flops(lambda: fn(a + 1))
+    return fa + (steps - a) * (fb - fa)
+
+
+def flop_report(clip: SplitCLIP, name: str, kwargs: Optional[dict], rows: List[Dict[str, Any]],
+                ref: Dict[str, Any]) -> Dict[str, Any]:
+    """Floor, clipib's and the reference's FLOPs per pair (pair 0 of :func:`clipib.bench.synthetic_pairs`),
+    the measured matmul rate, and each timing's distance from the floor."""
+    from clipib.bench import synthetic_pairs
+
+    kwargs = dict(kwargs or {})
+    method = METHODS[name](clip, **kwargs)
+    images, ids = synthetic_pairs(clip, 1)
+    k = {"image": method.layer_for(clip.image), "text": method.layer_for(clip.text)}
+    full = {"image": suffix_flops(clip.image, images, k["image"], False),
+            "text": suffix_flops(clip.text, ids, k["text"], False)}
+    per = {"image": suffix_flops(clip.image, images, k["image"]), "text": suffix_flops(clip.text, ids, k["text"])}
+    if name == "m2ib":
+        b = method.bottleneck
+        steps, copies = b.steps, b.copies
+        floor = sum(copies * (steps * f["fwd"] + (steps - 1) * f["bwd"]) for f in per.values())
+        floor_full = sum(copies * (steps * f["fwd"] + (steps - 1) * f["bwd"]) for f in full.values())
+        ours = _extrapolate(lambda s: METHODS[name](clip, **{**kwargs, "steps": s}).attribute(images, ids), steps, 2)
+        ref_kw = dict(beta=method.beta, lr=b.lr, copies=copies)
+
+        def reference(s: int) -> None:
+            with weights_requiring_grad(clip.model) as model:
+                for tower in ("image", "text"):
+                    m2ib_map(model, tower, images, ids, k[tower], steps=s, **ref_kw)
+
+        theirs = _extrapolate(reference, steps, 1)
+    else:
+        steps, copies = method.steps, 1
+        floor = sum(steps * (f["fwd"] + f["bwd"]) for f in per.values())
+        floor_full = sum(steps * (f["fwd"] + f["bwd"]) for f in full.values())
+        ours = count_flops(lambda: method.attribute(images, ids))
+
+        def reference_nib() -> None:
+            with weights_requiring_grad(clip.model) as model:
+                for tower in ("image", "text"):
+                    nib_map(model, tower, images, ids, k[tower], steps=steps)
+
+        theirs = count_flops(reference_nib)
+    with torch.no_grad():
+        h = clip.image.prefix(images, k["image"])
+    rows_per_pair = copies if name == "m2ib" else steps  # rows of one pair's batched suffix pass
+    rate = matmul_rate(clip.device, rows_per_pair * h.shape[1], h.shape[2])
+    floor_s = floor / (rate * 1e9)
+    timed = {f"batch_{r['batch_size']}": {"s_per_pair": r["s_per_pair"], "x_floor": r["s_per_pair"] / floor_s,
+                                          "gflop_per_s": ours / r["s_per_pair"] / 1e9}
+             for r in rows if r["method"] == name}
+    return {"suffix_flops_per_row": per, "floor_gflop_per_pair": floor / 1e9,
+            "floor_full_last_block_gflop_per_pair": floor_full / 1e9,
+            "clipib_gflop_per_pair": ours / 1e9, "reference_gflop_per_pair": theirs / 1e9,
+            "matmul_gflop_per_s": rate, "floor_s_per_pair": floor_s, "clipib": timed,
+            "reference": {"s_per_pair": ref["s_per_pair"], "x_floor": ref["s_per_pair"] / floor_s,
+                          "gflop_per_s": theirs / ref["s_per_pair"] / 1e9}}

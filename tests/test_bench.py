@@ -1,0 +1,53 @@
+"""`clipib bench` in a tiny configuration: one method, one batch size; JSON fields, speed-up, agreement."""
+
+import json
+import math
+
+from clipib.cli import main
+from tests.conftest import TINY
+
+
+def _finite(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def test_bench_tiny(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--methods", "m2ib", "--batch-sizes", "2", "--model", TINY, "--threads", "1",
+                 "--settings", '{"m2ib": {"steps": 3, "copies": 2}}', "--no-warmup", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert {"date_utc", "cpu_count", "torch_threads", "device", "load_average_1_5_15"} <= set(result["meta"])
+    (row,) = result["rows"]
+    assert row["method"] == "m2ib" and row["batch_size"] == 2 and row["modality"] == "both"
+    for key in ("pairs_per_s", "s_per_pair", "wall_s", "cpu_s", "peak_mb", "speedup_vs_reference"):
+        assert _finite(row[key]) and row[key] > 0, key
+    ref = result["reference"]["m2ib"]
+    assert _finite(ref["s_per_pair"]) and len(ref["timings"]) == ref["pairs"] == 1
+    (agree,) = ref["agreement"]
+    for key in ("rho_image", "rho_text", "rho_image_seed_to_seed", "rho_text_seed_to_seed"):
+        assert _finite(agree[key]) and -1 <= agree[key] <= 1, key
+    assert agree["rho_image"] > 0.999 and agree["rho_text"] > 0.999  # seed 0 is the reference's own stream
+    flops = result["flops"]["m2ib"]
+    assert 0 < flops["floor_gflop_per_pair"] <= flops["clipib_gflop_per_pair"] < flops["reference_gflop_per_pair"]
+    assert _finite(flops["clipib"]["batch_2"]["x_floor"]) and flops["clipib"]["batch_2"]["x_floor"] > 1
+    assert (tmp_path / "bench.md").read_text().startswith("Model") and "| m2ib |" in capsys.readouterr().out
+
+
+def test_bench_bad_settings_one_line(capsys):
+    assert main(["bench", "--methods", "m2ib", "--model", TINY, "--settings", "{bad"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clipib: error:") and "\n" not in err
+
+
+def test_cuda_checks_run_on_cpu(tiny_clip):
+    """The GPU script's checks (benchmarks/gpu_check.sh) run end to end here on the CPU: no syncs to count,
+    device == CPU, so the agreements are exact and memory stays flat."""
+    from clipib.bench_cuda import run_checks
+
+    result = run_checks(tiny_clip, pairs=2, leak_pairs=4, leak_batch=2)
+    assert result["ok"] and all(result["placement"].values())
+    agree = result["agreement"]
+    assert agree["nib_device_vs_cpu"]["max_abs_diff_image"] == 0 == agree["m2ib_device_vs_cpu"]["max_abs_diff_text"]
+    assert -1 <= agree["m2ib_device_noise_vs_official"]["rho_image"] <= 1
+    assert [m["pairs"] for m in result["memory"]] == [4, 4]
