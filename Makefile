@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m clipib demo
+	$(PY) eval.py test -c configs/eval/demo.yaml
+	@echo "gallery: outputs/demo/gallery_<method>.png; TensorBoard: $(VENV)/bin/tensorboard --logdir outputs/demo/tensorboard"
 
 test: $(STAMP)
 	$(PY) -m pytest src tests

@@ -183,3 +183,16 @@ def test_webdataset_skips_and_ddp(tmp_path):
         assert summary["skipped"]["n"] == 4, summary["skipped"]
         assert summary["nib"]["cos"]["n"] == 7
     _same_records(_records(tmp_path / "ddp"), _records(tmp_path / "single"))
+
+
+def test_shipped_demo_config_runs(tmp_path):
+    """configs/eval/demo.yaml (the `make demo` job) on the shipped model, shrunk to a few pairs."""
+    run = tmp_path / "demo"
+    _eval(ROOT / "configs" / "eval" / "demo.yaml", "--data.synthetic_size", "4", "--data.batch_size", "2",
+          "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run))
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"m2ib", "nib", "adaib", "grad_cam", "saliency"} <= set(summary)
+    for method in ("m2ib", "nib", "adaib"):
+        for metric in ("pointing_game", "iou", "topk_hit", "image_drop", "text_drop"):
+            assert metric in summary[method], (method, metric)
+    assert (run / "gallery_m2ib.png").is_file()

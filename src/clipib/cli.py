@@ -1,4 +1,4 @@
-"""The ``clipib`` console script (also ``python -m clipib``): ``explain``, ``demo`` and ``bench``.
+"""The ``clipib`` console script (also ``python -m clipib``): ``explain`` and ``bench``.
 
 Every failure on bad input is one line on stderr (``clipib: error: ...``) and exit code 2.
 """
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from clipib.attribution import METHODS, Attributor
@@ -107,8 +106,6 @@ def _parser() -> argparse.ArgumentParser:
                     help="open_clip tag, checkpoint path, or 'none' (default: openai; clipib-shapes: shipped)")
     ex.add_argument("--out", default="outputs/explain", help="output folder")
     ex.add_argument("--device", default="cpu")
-    demo = sub.add_parser("demo", help="the main job on the shipped default")
-    demo.add_argument("--out", default="outputs/demo")
     bench = sub.add_parser("bench", help="throughput against the reference loops (clipib.bench)")
     add_bench_arguments(bench)
     return parser
@@ -123,17 +120,6 @@ def _run_explain(args: argparse.Namespace) -> None:
     print(f"{args.method}: cos {record['similarity']:.3f}; wrote {Path(args.out) / 'explanation.png'} and .json")
 
 
-def _run_demo(args: argparse.Namespace) -> None:
-    print("clipib demo: M2IB on a bundled sample image with a RANDOM-WEIGHT ViT-B-32-quickgelu "
-          "(no weights can be downloaded here): the maps show the machinery, not a trained model's reasons.")
-    torch.manual_seed(0)
-    clip = load_clip("ViT-B-32-quickgelu", pretrained=None)
-    image = read_image(str(ASSETS / "sample.png"))
-    for name in ("m2ib", "nib"):
-        record = explain(clip, image, "a red circle next to a blue square", name, Path(args.out) / name)
-        print(f"{name}: cos {record['similarity']:.3f}; wrote {Path(args.out) / name / 'explanation.png'}")
-
-
 def _run_bench(args: argparse.Namespace) -> None:
     try:
         run_bench(args)
@@ -146,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     warnings.simplefilter("default")
     try:
-        {"explain": _run_explain, "demo": _run_demo, "bench": _run_bench}[args.command](args)
+        {"explain": _run_explain, "bench": _run_bench}[args.command](args)
     except (InputError, ModelLoadError, UnsupportedModelError) as err:
         print(f"clipib: error: {err}", file=sys.stderr)
         return 2
