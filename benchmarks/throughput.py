@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py --batch-sizes 1 8 32 --threads 2 --out outputs/bench/throughput.json
 
-Logic in :mod:`clipib.bench`; see ``docs/benchmarks_throughput.md`` for a recorded run.
+Logic in :mod:`clipib.bench`; see ``docs/benchmarks.md`` for a recorded run.
 """
 
 import argparse

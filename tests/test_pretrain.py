@@ -137,7 +137,7 @@ def test_shipped_model_far_above_chance(shipped_retrieval) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason="issue 6 stays open: the shipped model learned colour but not shape "
-                   "(0.437 / 0.395 measured, docs/shapes_model.md); passes once retrained weights reach the bar")
+                   "(0.437 / 0.395 measured, docs/benchmarks.md); passes once retrained weights reach the bar")
 def test_shipped_model_retrieves(shipped_retrieval) -> None:
     """Acceptance (issue 6): 1,024 held-out pairs in groups of 32, both directions top-1 >= 0.9."""
     t2i, i2t = shipped_retrieval

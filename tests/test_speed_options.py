@@ -96,7 +96,7 @@ def test_device_noise_stream(tiny_clip, pairs):
 def test_bf16_tolerance(tiny_clip, pairs):
     """bf16 autocast (CPU here), same seeds as fp32: M2IB per-pair ρ ≥ 0.9 and mean ρ ≥ 0.97 (less than
     the seed-to-seed spread); NIB text maps move ≤ 1e-2 (normalised). NIB image maps carry no tolerance: on
-    this model bf16 scrambles them (docs/benchmarks_throughput.md)."""
+    this model bf16 scrambles them (docs/benchmarks.md)."""
     images, ids = pairs
     fp32 = clipib.M2IB(tiny_clip, **FAST).attribute(images, ids, seeds=SEEDS)
     bf16 = clipib.M2IB(tiny_clip, precision="bf16", **FAST).attribute(images, ids, seeds=SEEDS)

@@ -3,7 +3,7 @@
 on the inputs' device).
 
 Both are speed options, not the papers' setting: the maps move by a measured amount (``docs/
-benchmarks_throughput.md``; tolerances in ``tests/test_speed_options.py``). The clean target embeddings and
+benchmarks.md``; tolerances in ``tests/test_speed_options.py``). The clean target embeddings and
 the normalisation stay in float32.
 """
 
