@@ -22,7 +22,7 @@ demo: $(STAMP)
 	@echo "gallery: outputs/demo/gallery_<method>.png; TensorBoard: $(VENV)/bin/tensorboard --logdir outputs/demo/tensorboard"
 
 test: $(STAMP)
-	$(PY) -m pytest src tests
+	$(PY) -m pytest src tests --durations=15
 
 clean:
 	rm -rf $(VENV) outputs
