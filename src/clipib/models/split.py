@@ -150,6 +150,12 @@ class ImageTower(Tower):
         """Input resolution ``(H, W)``."""
         return tuple(self.visual.image_size)
 
+    @property
+    def pool_type(self) -> str:
+        """How the embedding is read from the last residual stream: ``"tok"`` (the CLS token) or ``"avg"``
+        (the mean of the patch tokens)."""
+        return self.visual.pool_type
+
     def embed(self, x: Tensor) -> Tensor:
         return self.visual._embeds(x)  # [B, 1+N, D]
 

@@ -10,7 +10,9 @@ which keeps them in the autograd graph without patching open_clip's modules.
 ``blocks="last"`` (default) accumulates only the last block of each tower, as the authors' maintained CLIP
 notebook does; ``blocks="all"`` is the paper's recursion over every block.
 
-Read-out: image = the CLS row of ``R``, columns 1.. (patch tokens) → grid. Text = the EOT row of ``R − I``
+Read-out: image = the CLS row of ``R``, columns 1.. (patch tokens) → grid; for a mean-pooled tower
+(open_clip ``pool_type="avg"``, where CLS is unused) the mean of the patch rows of ``R − I`` (a clipib
+generalisation: the method is defined for the pooled token's row). Text = the EOT row of ``R − I``
 (the identity's self-term removed) over 0..EOT; with ``text_ends="drop"`` (default, as the reference reads
 columns 1..EOT−1 only) SOT and EOT score 0, the lowest relevance there is; ``text_ends="keep"`` keeps
 their values (SOT, an attention sink in CLIP, then often dominates the map). Positions after EOT are 0.
@@ -90,6 +92,10 @@ class Chefer(Attributor):
 
     def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
         rel = self.relevance(self.clip.image, images, target)  # [B, 1+N, 1+N]
+        if self.clip.image.pool_type == "avg":  # the embedding is the patch mean: average the patch rows of R − I
+            n = rel.shape[-1]
+            pooled = (rel - torch.eye(n, dtype=rel.dtype, device=rel.device))[:, 1:, 1:].mean(1)  # [B, N]
+            return pooled.reshape(-1, *self.clip.grid)
         return rel[:, 0, 1:].reshape(-1, *self.clip.grid)
 
     def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
