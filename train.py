@@ -6,16 +6,8 @@ Everything is configuration: the LightningModule and DataModule are chosen by ``
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
-
-try:  # run from a source checkout without `pip install -e .`
-    import clipib  # noqa: F401
-except ImportError:  # pragma: no cover - exercised only without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

@@ -226,8 +226,6 @@ def test_partition_with_the_modules_clip(tmp_path: Path, tiny_clip) -> None:
 
 
 def test_mismatched_both_keeps_originals_and_adds_shuffled() -> None:
-    from clipib.data import selection  # noqa: F401
-
     dm = ClipDataModule(kind="csv", mismatched="both", mismatch_seed=3)
     rows = [{"key": str(i), "caption": f"c{i}", "image": f"{i}.png", "matched": True} for i in range(5)]
     out = dm.select(rows)

@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 from clipib.data.synthetic import ShapesDataset
 from clipib.lit.pretrain_module import build_model, group_retrieval_top1
 from clipib.models.loading import SHIPPED_MODELS
-from clipib.models.loading import load_transforms as local_transforms
 
 MODEL_CONFIG_DIR, ASSET_DIR = (p.parent for p in SHIPPED_MODELS["clipib-shapes"])
 

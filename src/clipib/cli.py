@@ -23,8 +23,6 @@ from clipib.models.loading import DEFAULT, ModelLoadError, load_clip
 from clipib.models.split import SplitCLIP, UnsupportedModelError
 from clipib.viz import explanation_figure, to_uint8
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-
 
 class InputError(ValueError):
     """Bad user input, reported as one line."""
@@ -89,7 +87,7 @@ def explain(
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"{method_name} · {clip.name} · cos {record['similarity']:.3f}"
     heat = attr.image[0] if attr.image is not None else None
-    explanation_figure(to_uint8(x[0], clip.preprocess), heat, tokens, text_scores, title).save(out_dir / "explanation.png")
+    explanation_figure(to_uint8(x[0], clip.normalization), heat, tokens, text_scores, title).save(out_dir / "explanation.png")
     (out_dir / "explanation.json").write_text(json.dumps(record, indent=2))
     return record
 

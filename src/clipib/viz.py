@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,18 +22,10 @@ def colormap(x: np.ndarray) -> np.ndarray:
     return (_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).round().astype(np.uint8)
 
 
-def mean_std(preprocess: Callable) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """The Normalize mean and std inside a torchvision preprocess (OpenAI's if there is none)."""
-    for t in getattr(preprocess, "transforms", []):
-        if hasattr(t, "mean") and hasattr(t, "std"):
-            return tuple(t.mean), tuple(t.std)
-    return (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def to_uint8(image: Tensor, preprocess: Callable) -> np.ndarray:
-    """A preprocessed image ``[3, H, W]`` back to uint8 ``[H, W, 3]`` (what the model saw); ``preprocess`` is the
-    torchvision transform (or anything with a ``normalization`` ``(mean, std)`` attribute, like SplitCLIP)."""
-    mean, std = getattr(preprocess, "normalization", None) or mean_std(preprocess)
+def to_uint8(image: Tensor, normalization: Tuple[Sequence[float], Sequence[float]]) -> np.ndarray:
+    """A preprocessed image ``[3, H, W]`` back to uint8 ``[H, W, 3]`` (what the model saw), given the preprocess's
+    ``(mean, std)`` (:attr:`clipib.SplitCLIP.normalization`)."""
+    mean, std = normalization
     img = image.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     return (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 

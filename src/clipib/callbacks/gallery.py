@@ -38,7 +38,7 @@ class Gallery(Callback):
                 scores = attr.text[i, : len(tokens)].tolist() if attr.text is not None else None
                 heat = attr.image[i] if attr.image is not None else None
                 title = f"{method} · {b['key'][i]}"
-                figs.append(explanation_figure(to_uint8(b["image"][i], clip.preprocess), heat, tokens, scores, title))
+                figs.append(explanation_figure(to_uint8(b["image"][i], clip.normalization), heat, tokens, scores, title))
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_rank != 0:
