@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean train-shapes
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest src tests --durations=15
+
+train-shapes: $(STAMP)  ## retrain the shipped clipib-shapes model (three stages, ~1 h on a 2-core CPU)
+	$(PY) train.py fit -c configs/train/shapes_clip.yaml
+	$(PY) train.py fit -c configs/train/shapes_clip_anneal.yaml
+	$(PY) train.py fit -c configs/train/shapes_clip_anneal2.yaml
 
 clean:
 	rm -rf $(VENV) outputs

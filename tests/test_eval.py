@@ -152,6 +152,11 @@ def test_resume_after_kill(tmp_path, csv_data, baseline):
     b = json.loads((baseline / "summary.json").read_text())
     for method in ("m2ib", "nib"):
         assert a[method]["cos"] == pytest.approx(b[method]["cos"], rel=1e-5)
+    # the store yields every (key, method, seed) once and complete, although the killed attempt left maps too
+    maps = list(iter_attributions(tmp_path / "resume"))
+    idents = [(m["key"], m["method"], m["seed"]) for m in maps]
+    assert len(idents) == len(set(idents)) == 7 * 2 * 2
+    assert all(m["image"] is not None and m["text"] is not None for m in maps)
 
 
 def _jpeg(seed: int) -> bytes:

@@ -35,13 +35,40 @@ def scores(shapes):
     return out
 
 
-@pytest.mark.parametrize("name", ["m2ib", "nib", "adaib", "chefer"])  # chefer: the mean-pooled read-out
+@pytest.mark.parametrize("name", ["m2ib", "adaib", "chefer"])  # chefer: the mean-pooled read-out
 def test_pointing_game_far_above_random(scores, name):
     assert scores[name][0] >= scores["random"][0] + 0.15, scores
 
 
+def test_nib_pointing_game_needs_a_complete_path(shapes, scores):
+    """NIB at the paper's setting (10-step right Riemann sum, default layer 3 of this tower's 4 blocks) points at
+    the object 0.20 of the time (random 0.06); the same integral on the dense log-spaced path (``path="log"``,
+    complete to 5 decimals, REFERENCE_NOTES §2) points at it 0.63 of the time. The 10-step sum misses the steep
+    part of the path near the zero baseline, and on this model that moves the map's maximum off the object: a
+    finding about NIB's published setting (docs/benchmarks.md §1), so the test asserts both halves."""
+    clip, batch = shapes
+    attr = clipib.METHODS["nib"](clip, path="log").attribute(batch["image"], batch["ids"], modality="image")
+    complete = pointing_game(attr.image, batch["mask"]).mean().item()
+    assert complete >= scores["random"][0] + 0.15, (complete, scores)
+    assert complete >= scores["nib"][0] + 0.2, (complete, scores)
+    assert scores["nib"][0] > scores["random"][0], scores
+
+
 def test_nib_finds_the_gold_words(scores):
-    """NIB's text hit rate (colour and shape words both in the top 2) is well above random's. M2IB and AdaIB
-    are not, on this model: it matches by colour only, so the shape word carries no signal and the bottleneck
-    keeps it no more than other tokens (docs/benchmarks.md §1)."""
+    """NIB's text hit rate (colour and shape words both in the top 2) is well above random's."""
     assert scores["nib"][1] >= scores["random"][1] + 0.15, scores
+
+
+@pytest.mark.parametrize("name", ["m2ib", "adaib"])
+def test_bottleneck_text_maps_find_the_gold_words_at_the_input(shapes, scores, name):
+    """M2IB and AdaIB find the colour and shape words when the bottleneck sits on the token embeddings
+    (``layer=0``: hit 0.78 / 0.63, random 0.22). At their default text layer (2 of this tower's 3 blocks, scaled
+    from the papers' ViT-B/32 setting) they do not (0.09 / 0.06): by then the causal tower has moved the words'
+    content to later positions, so restricting the word positions costs the similarity little. A finding about
+    layer placement, with the per-layer numbers in docs/benchmarks.md §1."""
+    clip, batch = shapes
+    attr = clipib.METHODS[name](clip, layer=0).attribute(batch["image"], batch["ids"], modality="text",
+                                                         seeds=list(range(N)))
+    _, hit = topk_gold(attr.text, batch["gold_tokens"], batch["ids"], k=2)
+    assert hit.float().mean().item() >= scores["random"][1] + 0.15, (hit.float().mean().item(), scores["random"])
+    assert scores[name][1] < hit.float().mean().item(), "the default (deeper) layer finds the words less often"

@@ -63,27 +63,54 @@ def store_id(method: str, seed: int, key: str) -> str:
 def iter_attributions(run_dir: Path) -> Iterator[Dict[str, Any]]:
     """Stream the stored maps: dicts with ``key``, ``method``, ``seed``, ``image`` / ``text`` arrays (or None).
 
-    Arrays are read with ``allow_pickle=False``; a truncated tar ends its stream quietly.
+    Each (key, method, seed) is yielded once, and only from an attempt whose record file holds its record
+    (records are written after the batch's maps are flushed, so such maps are complete): a killed attempt's
+    unrecorded or truncated maps are skipped, and a key recomputed by a resumed run is not yielded twice.
+    Arrays are read with ``allow_pickle=False``.
     """
-    for path in sorted((Path(run_dir) / "attributions").glob("rank*-*.tar")):
-        current: Dict[str, Any] = {}
+    run_dir, seen = Path(run_dir), set()
+    for path in sorted((run_dir / "attributions").glob("rank*-*.tar")):
+        recorded = _record_ids(run_dir / "records" / f"{path.stem}.jsonl")
+        for sample in _read_store(path):
+            ident = (sample.get("key"), sample.get("method"), sample.get("seed"))
+            if ident in recorded and ident not in seen:
+                seen.add(ident)
+                yield sample
+
+
+def _record_ids(path: Path) -> set:
+    """(key, method, seed) of every complete record line in one records file (empty if it is missing)."""
+    ids = set()
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    stem, _, ext = member.name.partition(".")
-                    if current and current["_id"] != stem:
-                        yield _finish(current)
-                        current = {}
-                    data = tar.extractfile(member).read()
-                    current["_id"] = stem
-                    if ext == "json":
-                        current.update(json.loads(data))
-                    else:
-                        current[ext.split(".")[0]] = np.load(io.BytesIO(data), allow_pickle=False)
-        except (tarfile.ReadError, EOFError, OSError):
-            pass
-        if current:
-            yield _finish(current)
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "skipped" not in r:
+            ids.add((r["key"], r["method"], r["seed"]))
+    return ids
+
+
+def _read_store(path: Path) -> Iterator[Dict[str, Any]]:
+    """The samples of one attribution tar in order; a truncated tail ends the stream quietly."""
+    current: Dict[str, Any] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                stem, _, ext = member.name.partition(".")
+                if current and current["_id"] != stem:
+                    yield _finish(current)
+                    current = {}
+                data = tar.extractfile(member).read()
+                current["_id"] = stem
+                if ext == "json":
+                    current.update(json.loads(data))
+                else:
+                    current[ext.split(".")[0]] = np.load(io.BytesIO(data), allow_pickle=False)
+    except (tarfile.ReadError, EOFError, OSError):
+        return  # the member being read was cut short: not yielded
+    if current:
+        yield _finish(current)
 
 
 def _finish(sample: Dict[str, Any]) -> Dict[str, Any]:

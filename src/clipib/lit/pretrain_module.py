@@ -17,6 +17,7 @@ from lightning import LightningModule
 from safetensors.torch import load_file
 
 from clipib.models.loading import register_model
+from clipib.models.split import TextTower
 
 
 def build_model(model_config: str = "clipib-shapes", weights: str | Path | None = None) -> torch.nn.Module:
@@ -72,20 +73,41 @@ class ContrastivePretrainModule(LightningModule):
 
     def __init__(self, model_config: str = "clipib-shapes", lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 100,
-                 retrieval_group: int = 32) -> None:
-        """Build the randomly initialised model (``model_config``: name or JSON path) and the loss."""
+                 retrieval_group: int = 32, fixed_logit_scale: float | None = None,
+                 init_weights: str | None = None) -> None:
+        """Build the randomly initialised model (``model_config``: name or JSON path) and the loss.
+
+        ``fixed_logit_scale`` (a deviation from CLIP's learned temperature, off by default): hold the logit
+        scale at this value (e.g. 100, open_clip's clamp maximum) for the whole run. On the shapes world a
+        learned scale falls while the model sits on its colour-only plateau, which slows the escape to
+        shape (measured in docs/benchmarks.md §2). ``init_weights``: start from these weights (a safetensors
+        file of open_clip ``CLIP`` keys, e.g. an earlier stage's export) instead of a random init.
+        """
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_model(model_config)
+        self.model = build_model(model_config, init_weights)
+        if fixed_logit_scale is not None:
+            if not 0 < fixed_logit_scale <= 100:
+                raise ValueError(f"fixed_logit_scale must be in (0, 100], got {fixed_logit_scale}")
+            with torch.no_grad():
+                self.model.logit_scale.fill_(math.log(fixed_logit_scale))
+            self.model.logit_scale.requires_grad_(False)
         self.loss_fn = open_clip.loss.ClipLoss()
+        # the text tower on ids trimmed to the batch's longest SOT..EOT (exact under the causal mask; the
+        # model's own encode_text runs all 77 positions); a tuple, so its shared modules are not registered twice
+        self._text = (TextTower(self.model),)
         self._val: list[dict[str, torch.Tensor]] = []
+
+    def embed(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised image and text embeddings ``[B, E]`` (text on trimmed ids)."""
+        return self.model.encode_image(images, normalize=True), self._text[0].encode(ids)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Symmetric InfoNCE over the batch (open_clip ``ClipLoss``)."""
-        out = self.model(batch["image"], batch["ids"])
-        loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        img, txt = self.embed(batch["image"], batch["ids"])
+        loss = self.loss_fn(img, txt, self.model.logit_scale.exp())
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/logit_scale", out["logit_scale"].detach())
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp())
         return loss
 
     def on_train_batch_end(self, outputs: object, batch: dict, batch_idx: int) -> None:
@@ -95,8 +117,8 @@ class ContrastivePretrainModule(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Embed the pairs; the retrieval accuracy is computed over the whole split at epoch end."""
-        out = self.model(batch["image"], batch["ids"])
-        self._val.append({"img": out["image_features"], "txt": out["text_features"],
+        img, txt = self.embed(batch["image"], batch["ids"])
+        self._val.append({"img": img, "txt": txt,
                           "present": batch["present"], "pair": batch["pair"]})
 
     def on_validation_epoch_end(self) -> None:
