@@ -34,6 +34,19 @@ def test_bench_tiny(tmp_path, capsys):
     assert (tmp_path / "bench.md").read_text().startswith("Model") and "| m2ib |" in capsys.readouterr().out
 
 
+def test_bench_saves_after_each_method(tmp_path):
+    """A run killed later keeps what it measured: the partial result goes out after every method."""
+    import clipib
+    from clipib.bench import run_benchmark
+
+    seen = []
+    clip = clipib.load_clip(TINY, pretrained=None)
+    result = run_benchmark(clip, ["random", "saliency"], [1], reference_pairs=0, warmup=False, flops=False,
+                           on_method=lambda partial: seen.append([r["method"] for r in partial["rows"]]))
+    assert seen == [["random"], ["random", "saliency"]]
+    assert [r["method"] for r in result["rows"]] == ["random", "saliency"]
+
+
 def test_bench_bad_settings_one_line(capsys):
     assert main(["bench", "--methods", "m2ib", "--model", TINY, "--settings", "{bad"]) == 2
     err = capsys.readouterr().err.strip()

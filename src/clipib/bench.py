@@ -16,7 +16,7 @@ import os
 import platform
 import resource
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -183,7 +183,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
 
 def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batch_sizes: Sequence[int] = (1, 8, 32),
                   reference_pairs: int = 1, method_kwargs: Optional[Dict[str, dict]] = None, warmup: bool = True,
-                  flops: bool = True) -> Dict[str, Any]:
+                  flops: bool = True, on_method: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """The whole benchmark as a JSON-ready dict: ``meta``, ``rows``, ``reference``, ``flops``.
 
     Args:
@@ -191,6 +191,8 @@ def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batc
         reference_pairs: pairs for the reference loops (0 = no reference, no speed-up).
         method_kwargs: constructor settings per method name.
         flops: count FLOPs and compare with the measured matmul rate (:mod:`clipib.bench_flops`).
+        on_method: called with the partial result after each method (e.g. to save it, so that a run killed
+            later keeps the methods already measured).
     """
     from clipib.bench_flops import flop_report
 
@@ -211,6 +213,8 @@ def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batc
                     row["speedup_vs_reference"] = ref["s_per_pair"] / row["s_per_pair"]
             if flops:
                 out["flops"][name] = flop_report(clip, name, kwargs.get(name), out["rows"], ref)
+        if on_method is not None:
+            on_method(out)
     out["meta"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
@@ -287,6 +291,15 @@ def run_from_args(args: Any) -> Dict[str, Any]:
         settings = json.loads(args.settings)
     except json.JSONDecodeError as err:
         raise ValueError(f"--settings is not valid JSON: {err}") from err
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(result: Dict[str, Any]) -> str:
+        out.write_text(json.dumps(result, indent=2))
+        table = markdown(result)
+        out.with_suffix(".md").write_text(table)
+        return table
+
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
     try:
@@ -294,13 +307,8 @@ def run_from_args(args: Any) -> Dict[str, Any]:
         pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
         clip = load_clip(args.model, pretrained=pretrained, device=args.device)
         result = run_benchmark(clip, args.methods, args.batch_sizes, args.reference_pairs, settings,
-                               warmup=not args.no_warmup, flops=not args.no_flops)
+                               warmup=not args.no_warmup, flops=not args.no_flops, on_method=save)
     finally:
         torch.set_num_threads(threads)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table)
-    print(table)
+    print(save(result))
     return result
