@@ -27,15 +27,20 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 
+def _json_lines(path: Path) -> Iterator[Dict[str, Any]]:
+    """The complete JSON lines of one records file (a line cut short by a kill is skipped)."""
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
 def read_records(run_dir: Path) -> List[Dict[str, Any]]:
     """All complete records of a run directory, de-duplicated by (key, method, seed), last attempt wins."""
     latest: Dict[tuple, Dict[str, Any]] = {}
     for path in sorted((Path(run_dir) / "records").glob("rank*-*.jsonl"), key=lambda p: (p.stem.split("-")[1], p.stem)):
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
+        for r in _json_lines(path):
             if "skipped" not in r:
                 latest[(r["key"], r["method"], r["seed"])] = r
     return list(latest.values())
@@ -43,15 +48,8 @@ def read_records(run_dir: Path) -> List[Dict[str, Any]]:
 
 def read_skips(run_dir: Path) -> List[Dict[str, str]]:
     """Samples the data pipeline skipped, ``[{"key", "reason"}]``, one per key, sorted by key."""
-    skips: Dict[str, str] = {}
-    for path in (Path(run_dir) / "records").glob("rank*-*.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "skipped" in r:
-                skips[r["key"]] = r["skipped"]
+    skips = {r["key"]: r["skipped"] for path in (Path(run_dir) / "records").glob("rank*-*.jsonl")
+             for r in _json_lines(path) if "skipped" in r}
     return [{"key": k, "reason": skips[k]} for k in sorted(skips)]
 
 
@@ -79,16 +77,8 @@ def iter_attributions(run_dir: Path) -> Iterator[Dict[str, Any]]:
 
 
 def _record_ids(path: Path) -> set:
-    """(key, method, seed) of every complete record line in one records file (empty if it is missing)."""
-    ids = set()
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "skipped" not in r:
-            ids.add((r["key"], r["method"], r["seed"]))
-    return ids
+    """(key, method, seed) of every complete record in one records file (empty if it is missing)."""
+    return {(r["key"], r["method"], r["seed"]) for r in _json_lines(path) if "skipped" not in r}
 
 
 def _read_store(path: Path) -> Iterator[Dict[str, Any]]:
