@@ -121,3 +121,20 @@ def test_rise_all_ones_masks_give_a_flat_map(tiny_clip, pairs):
     assert a.image_grid.flatten(1).std(1).gt(0).all()
     torch.testing.assert_close(a.image_grid, b.image_grid, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(a.text_raw, b.text_raw, atol=1e-5, rtol=1e-4)
+
+
+def test_integrated_gradients_chunking_same_maps(clip64, pairs):
+    """The default ``internal_batch_size`` (64 rows; Captum chunks by steps) gives the maps of one unchunked
+    pass, and a chunk smaller than the batch is raised to one step of every pair instead of warning."""
+    images, ids = pairs[0][:3].double(), pairs[1][:3]
+    whole = clipib.METHODS["integrated_gradients"](clip64, steps=30, internal_batch_size=None)
+    chunked = clipib.METHODS["integrated_gradients"](clip64, steps=30)  # 3 pairs x 30 steps > 64 rows
+    tiny = clipib.METHODS["integrated_gradients"](clip64, steps=30, internal_batch_size=1)
+    assert chunked.internal_batch_size == 64
+    ref = whole.attribute(images, ids)
+    for other in (chunked, tiny):
+        got = other.attribute(images, ids)
+        torch.testing.assert_close(got.image, ref.image, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got.text_raw, ref.text_raw, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="internal_batch_size"):
+        clipib.METHODS["integrated_gradients"](clip64, internal_batch_size=0)

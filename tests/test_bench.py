@@ -47,6 +47,20 @@ def test_bench_saves_after_each_method(tmp_path):
     assert [r["method"] for r in result["rows"]] == ["random", "saliency"]
 
 
+def test_bench_budget_skips_what_would_overrun(tmp_path):
+    """--max-seconds: a batch size estimated (seconds per pair so far × batch) over the budget is not run, and
+    its row says so; the table shows it."""
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--methods", "random", "--batch-sizes", "1", "2", "100000000", "--model", TINY,
+                 "--threads", "1", "--reference-pairs", "0", "--no-flops", "--max-seconds", "30", "--out", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 2, 100000000]
+    assert all(_finite(r["s_per_pair"]) for r in rows[:2]) and "s_per_pair" not in rows[2]
+    assert rows[2]["skipped"].startswith("estimated") and rows[2]["estimated_s"] > 30
+    assert "not run: estimated" in (tmp_path / "bench.md").read_text()
+
+
 def test_bench_bad_settings_one_line(capsys):
     assert main(["bench", "--methods", "m2ib", "--model", TINY, "--settings", "{bad"]) == 2
     err = capsys.readouterr().err.strip()

@@ -15,12 +15,14 @@ import datetime
 import os
 import platform
 import resource
+import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torchmetrics.functional import spearman_corrcoef
+from tqdm.auto import tqdm
 
 from clipib.attribution import METHODS, Attributor
 from clipib.models.split import SplitCLIP
@@ -84,20 +86,38 @@ def modality_of(method: Attributor) -> str:
     return "both" if {"image", "text"} <= set(method.modalities) else method.modalities[0]
 
 
+def _skipped_row(name: str, kwargs: Optional[dict], b: int, modality: str, estimate_s: float,
+                 max_seconds: float) -> Dict[str, Any]:
+    return {"method": name, "settings": kwargs or {}, "batch_size": b, "modality": modality,
+            "skipped": f"estimated {estimate_s:.0f} s > budget {max_seconds:.0f} s", "estimated_s": estimate_s}
+
+
 def bench_method(clip: SplitCLIP, name: str, batch_sizes: Sequence[int], kwargs: Optional[dict] = None,
-                 warmup: bool = True) -> List[Dict[str, Any]]:
-    """One timed ``attribute`` call per batch size (default seed, so pair 0 uses seed 0)."""
+                 warmup: bool = True, max_seconds: Optional[float] = None) -> List[Dict[str, Any]]:
+    """One timed ``attribute`` call per batch size (default seed, so pair 0 uses seed 0).
+
+    ``max_seconds``: a batch size whose estimated time (the latest measured seconds per pair — the 1-pair
+    warm-up's, then each timed batch's — × the batch size) exceeds it is not run; its row says so
+    (``"skipped"``, ``"estimated_s"``) instead of carrying timings. None = run every batch size.
+    """
     method = METHODS[name](clip, **(kwargs or {}))
     modality = modality_of(method)
+    per_pair: Optional[float] = None
     if warmup:
+        start = time.perf_counter()
         method.attribute(*synthetic_pairs(clip, 1), modality=modality)
+        per_pair = time.perf_counter() - start
     rows = []
     for b in batch_sizes:
+        if max_seconds is not None and per_pair is not None and per_pair * b > max_seconds:
+            rows.append(_skipped_row(name, kwargs, b, modality, per_pair * b, max_seconds))
+            continue
         images, ids = synthetic_pairs(clip, b)
         with measure(clip.device) as rec:
             method.attribute(images, ids, modality=modality)
+        per_pair = rec["wall_s"] / b
         rows.append({"method": name, "settings": kwargs or {}, "batch_size": b, "modality": modality,
-                     "pairs_per_s": b / rec["wall_s"], "s_per_pair": rec["wall_s"] / b, **rec})
+                     "pairs_per_s": b / rec["wall_s"], "s_per_pair": per_pair, **rec})
     return rows
 
 
@@ -183,7 +203,8 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
 
 def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batch_sizes: Sequence[int] = (1, 8, 32),
                   reference_pairs: int = 1, method_kwargs: Optional[Dict[str, dict]] = None, warmup: bool = True,
-                  flops: bool = True, on_method: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+                  flops: bool = True, on_method: Optional[Callable[[Dict[str, Any]], None]] = None,
+                  max_seconds: Optional[float] = None) -> Dict[str, Any]:
     """The whole benchmark as a JSON-ready dict: ``meta``, ``rows``, ``reference``, ``flops``.
 
     Args:
@@ -193,6 +214,7 @@ def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batc
         flops: count FLOPs and compare with the measured matmul rate (:mod:`clipib.bench_flops`).
         on_method: called with the partial result after each method (e.g. to save it, so that a run killed
             later keeps the methods already measured).
+        max_seconds: per (method, batch size) budget; see :func:`bench_method`.
     """
     from clipib.bench_flops import flop_report
 
@@ -203,13 +225,14 @@ def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batc
     kwargs = method_kwargs or {}
     out: Dict[str, Any] = {"meta": machine_info(clip.device), "rows": [], "reference": {}, "flops": {}}
     out["meta"]["model"] = clip.name
-    for name in methods:
-        out["rows"] += bench_method(clip, name, batch_sizes, kwargs.get(name), warmup)
+    out["meta"]["max_seconds"] = max_seconds
+    for name in tqdm(methods, desc="clipib bench", unit="method", file=sys.stderr):
+        out["rows"] += bench_method(clip, name, batch_sizes, kwargs.get(name), warmup, max_seconds)
         if name in REFERENCED and reference_pairs > 0:
             ref = bench_reference(clip, name, reference_pairs, kwargs.get(name))
             out["reference"][name] = ref
             for row in out["rows"]:
-                if row["method"] == name:
+                if row["method"] == name and "skipped" not in row:
                     row["speedup_vs_reference"] = ref["s_per_pair"] / row["s_per_pair"]
             if flops:
                 out["flops"][name] = flop_report(clip, name, kwargs.get(name), out["rows"], ref)
@@ -238,6 +261,10 @@ def markdown(result: Dict[str, Any]) -> str:
              "| speed-up vs reference |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['method']} | {r['settings'] or ''} | {r['batch_size']} | {r['modality']} | "
+                         f"not run: {r['skipped']} | | | | |")
+            continue
         lines.append(f"| {r['method']} | {r['settings'] or ''} | {r['batch_size']} | {r['modality']} | "
                      f"{_fmt(r['pairs_per_s'])} | {_fmt(r['s_per_pair'])} | {_fmt(r['cpu_s'] / r['batch_size'])} | "
                      f"{r['peak_mb']:.0f} | {_fmt(r.get('speedup_vs_reference', '–'))} |")
@@ -277,6 +304,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--settings", default="{}", help='JSON {"method": {constructor settings}}')
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP counts")
     parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="skip a (method, batch size) whose estimated time exceeds this (default: run all)")
     parser.add_argument("--out", default="outputs/bench/throughput.json", help="JSON output (.md written next to it)")
 
 
@@ -307,7 +336,8 @@ def run_from_args(args: Any) -> Dict[str, Any]:
         pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
         clip = load_clip(args.model, pretrained=pretrained, device=args.device)
         result = run_benchmark(clip, args.methods, args.batch_sizes, args.reference_pairs, settings,
-                               warmup=not args.no_warmup, flops=not args.no_flops, on_method=save)
+                               warmup=not args.no_warmup, flops=not args.no_flops, on_method=save,
+                               max_seconds=args.max_seconds)
     finally:
         torch.set_num_threads(threads)
     print(save(result))

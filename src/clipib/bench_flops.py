@@ -130,7 +130,7 @@ def flop_report(clip: SplitCLIP, name: str, kwargs: Optional[dict], rows: List[D
     floor_s = floor / (rate * 1e9)
     timed = {f"batch_{r['batch_size']}": {"s_per_pair": r["s_per_pair"], "x_floor": r["s_per_pair"] / floor_s,
                                           "gflop_per_s": ours / r["s_per_pair"] / 1e9}
-             for r in rows if r["method"] == name}
+             for r in rows if r["method"] == name and "skipped" not in r}
     return {"suffix_flops_per_row": per, "floor_gflop_per_pair": floor / 1e9,
             "floor_full_last_block_gflop_per_pair": floor_full / 1e9,
             "clipib_gflop_per_pair": ours / 1e9, "reference_gflop_per_pair": theirs / 1e9,

@@ -40,7 +40,8 @@ class M2IB(Attributor):
             model's device: no per-step host-to-device copy; agrees with the default as two seeds agree).
         internal_batch_size: most rows (pairs × copies) per suffix pass, bounding memory; None = all.
         precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (:mod:`clipib.attribution.precision`).
-        pooled_last_block: run the last block at the pooled row only (exact up to float rounding; faster).
+        pooled_last_block: run the last block at the pooled row only (default; the same embedding up to float
+            rounding, fewer FLOPs: the rows the head never reads are skipped). False = the full last block.
     """
 
     PAPER_LAYER, PAPER_DEPTH = 10, 12
@@ -58,7 +59,7 @@ class M2IB(Attributor):
         noise: str = "official",
         internal_batch_size: Optional[int] = None,
         precision: str = "fp32",
-        pooled_last_block: bool = False,
+        pooled_last_block: bool = True,
     ) -> None:
         super().__init__(clip, seed=seed, layer=layer)
         self.beta = beta

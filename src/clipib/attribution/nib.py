@@ -60,7 +60,8 @@ class NIB(Attributor):
         internal_batch_size: most rows (pairs × λ points) per suffix pass; None = all in one pass.
         log_min: log10 of the smallest non-zero λ of the log path.
         precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (:mod:`clipib.attribution.precision`).
-        pooled_last_block: run the last block at the pooled row only (exact up to float rounding; faster).
+        pooled_last_block: run the last block at the pooled row only (default; the same embedding up to float
+            rounding, fewer FLOPs: the rows the head never reads are skipped). False = the full last block.
     """
 
     PAPER_LAYER, PAPER_DEPTH = 9, 12
@@ -75,7 +76,7 @@ class NIB(Attributor):
         log_min: float = -9.0,
         seed: int = 0,
         precision: str = "fp32",
-        pooled_last_block: bool = False,
+        pooled_last_block: bool = True,
     ) -> None:
         super().__init__(clip, seed=seed, layer=layer)
         self.precision = check_precision(precision)
