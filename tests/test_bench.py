@@ -23,13 +23,18 @@ def test_bench_tiny(tmp_path, capsys):
     for key in ("pairs_per_s", "s_per_pair", "wall_s", "cpu_s", "peak_mb", "speedup_vs_reference"):
         assert _finite(row[key]) and row[key] > 0, key
     ref = result["reference"]["m2ib"]
-    assert _finite(ref["s_per_pair"]) and len(ref["timings"]) == ref["pairs"] == 1
+    assert _finite(ref["s_per_pair"]) and len(ref["timings"]) == len(ref["timings_frozen"]) == ref["pairs"] == 1
+    # the loop is timed with its weights requiring gradients and frozen; speed-ups divide the faster
+    assert ref["s_per_pair"] == min(ref["s_per_pair_weight_grads"], ref["s_per_pair_frozen"])
+    assert row["speedup_vs_reference"] == ref["s_per_pair"] / row["s_per_pair"]
     (agree,) = ref["agreement"]
     for key in ("rho_image", "rho_text", "rho_image_seed_to_seed", "rho_text_seed_to_seed"):
         assert _finite(agree[key]) and -1 <= agree[key] <= 1, key
     assert agree["rho_image"] > 0.999 and agree["rho_text"] > 0.999  # seed 0 is the reference's own stream
     flops = result["flops"]["m2ib"]
     assert 0 < flops["floor_gflop_per_pair"] <= flops["clipib_gflop_per_pair"] < flops["reference_gflop_per_pair"]
+    # frozen weights: no weight gradients, and the backward stops at the bottleneck
+    assert flops["clipib_gflop_per_pair"] < flops["reference_frozen_gflop_per_pair"] < flops["reference_gflop_per_pair"]
     assert _finite(flops["clipib"]["batch_2"]["x_floor"]) and flops["clipib"]["batch_2"]["x_floor"] > 1
     assert (tmp_path / "bench.md").read_text().startswith("Model") and "| m2ib |" in capsys.readouterr().out
 

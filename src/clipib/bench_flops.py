@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clipib.attribution import METHODS
 from clipib.models.split import SplitCLIP, Tower
-from clipib.reference import m2ib_map, nib_map, weights_requiring_grad
+from clipib.reference import loop_weights, m2ib_map, nib_map
 
 
 class _GlobalOnly:
@@ -105,24 +105,26 @@ def flop_report(clip: SplitCLIP, name: str, kwargs: Optional[dict], rows: List[D
         ours = _extrapolate(lambda s: METHODS[name](clip, **{**kwargs, "steps": s}).attribute(images, ids), steps, 2)
         ref_kw = dict(beta=method.beta, lr=b.lr, copies=copies)
 
-        def reference(s: int) -> None:
-            with weights_requiring_grad(clip.model) as model:
+        def reference(s: int, grads: bool = True) -> None:
+            with loop_weights(clip.model, grads) as model:
                 for tower in ("image", "text"):
                     m2ib_map(model, tower, images, ids, k[tower], steps=s, **ref_kw)
 
         theirs = _extrapolate(reference, steps, 1)
+        theirs_frozen = _extrapolate(lambda s: reference(s, grads=False), steps, 1)
     else:
         steps, copies = method.steps, 1
         floor = sum(steps * (f["fwd"] + f["bwd"]) for f in per.values())
         floor_full = sum(steps * (f["fwd"] + f["bwd"]) for f in full.values())
         ours = count_flops(lambda: method.attribute(images, ids))
 
-        def reference_nib() -> None:
-            with weights_requiring_grad(clip.model) as model:
+        def reference_nib(grads: bool = True) -> None:
+            with loop_weights(clip.model, grads) as model:
                 for tower in ("image", "text"):
                     nib_map(model, tower, images, ids, k[tower], steps=steps)
 
         theirs = count_flops(reference_nib)
+        theirs_frozen = count_flops(lambda: reference_nib(grads=False))
     with torch.no_grad():
         h = clip.image.prefix(images, k["image"])
     rows_per_pair = copies if name == "m2ib" else steps  # rows of one pair's batched suffix pass
@@ -135,5 +137,11 @@ def flop_report(clip: SplitCLIP, name: str, kwargs: Optional[dict], rows: List[D
             "floor_full_last_block_gflop_per_pair": floor_full / 1e9,
             "clipib_gflop_per_pair": ours / 1e9, "reference_gflop_per_pair": theirs / 1e9,
             "matmul_gflop_per_s": rate, "floor_s_per_pair": floor_s, "clipib": timed,
-            "reference": {"s_per_pair": ref["s_per_pair"], "x_floor": ref["s_per_pair"] / floor_s,
-                          "gflop_per_s": theirs / ref["s_per_pair"] / 1e9}}
+            "reference_frozen_gflop_per_pair": theirs_frozen / 1e9,
+            "reference": _timed(ref.get("s_per_pair_weight_grads", ref["s_per_pair"]), theirs, floor_s),
+            "reference_frozen": _timed(ref.get("s_per_pair_frozen", ref["s_per_pair"]), theirs_frozen, floor_s)}
+
+
+def _timed(s_per_pair: float, flop: int, floor_s: float) -> Dict[str, float]:
+    return {"s_per_pair": s_per_pair, "x_floor": s_per_pair / floor_s, "gflop_per_s": flop / s_per_pair / 1e9}
+

@@ -47,6 +47,17 @@ def weights_requiring_grad(model: nn.Module) -> Iterator[nn.Module]:
             p.grad = None
 
 
+@contextlib.contextmanager
+def loop_weights(model: nn.Module, weight_grads: bool = True) -> Iterator[nn.Module]:
+    """``model`` for a reference loop: weights requiring gradients (:func:`weights_requiring_grad`, the cost
+    REFERENCE_NOTES describes) or as loaded (clipib freezes them: the backward stops at the attributed site)."""
+    if weight_grads:
+        with weights_requiring_grad(model) as m:
+            yield m
+    else:
+        yield model
+
+
 def _site(model: nn.Module, tower: str, layer: int) -> nn.Module:
     """The module whose output is the residual stream after ``layer`` blocks."""
     if tower == "image":
