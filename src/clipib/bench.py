@@ -288,14 +288,12 @@ def markdown(result: Dict[str, Any]) -> str:
                   "| peak MiB | agreement with clipib |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, ref in result["reference"].items():
-            frozen = ref.get("timings_frozen") or [None] * len(ref["timings"])
-            for t, f, a in zip(ref["timings"], frozen, ref["agreement"]):
+            for t, f, a in zip(ref["timings"], ref["timings_frozen"], ref["agreement"]):
                 agree = ", ".join(_fmt_agreement(k, v) for k, v in a.items() if k != "pair")
                 peak = max(t["image"]["peak_mb"], t["text"]["peak_mb"])
                 lines.append(f"| {name} | {t['pair']} | {_fmt(t['image']['wall_s'])} / {_fmt(t['text']['wall_s'])} | "
-                             f"{_fmt(t['s_per_pair'])} | " + (f"{_fmt(f['image']['wall_s'])} / "
-                             f"{_fmt(f['text']['wall_s'])} | {_fmt(f['s_per_pair'])}" if f else "– | –")
-                             + f" | {peak:.0f} | {agree} |")
+                             f"{_fmt(t['s_per_pair'])} | {_fmt(f['image']['wall_s'])} / {_fmt(f['text']['wall_s'])} | "
+                             f"{_fmt(f['s_per_pair'])} | {peak:.0f} | {agree} |")
     if result["flops"]:
         lines += ["", "FLOP floor per pair (FlopCounterMode counts; floor time = floor / measured matmul rate; the "
                   "reference with its weights requiring gradients / frozen):", "",
@@ -304,13 +302,11 @@ def markdown(result: Dict[str, Any]) -> str:
         for name, f in result["flops"].items():
             ours = ", ".join(f"b{k.split('_')[1]} {_fmt(v['s_per_pair'])} ({v['x_floor']:.1f}×)"
                              for k, v in f["clipib"].items())
-            refs = [f[key] for key in ("reference", "reference_frozen") if key in f]
-            gflop = [f["reference_gflop_per_pair"]] + ([f["reference_frozen_gflop_per_pair"]]
-                                                       if "reference_frozen_gflop_per_pair" in f else [])
+            refs = " / ".join(f"{_fmt(f[k]['s_per_pair'])} ({f[k]['x_floor']:.1f}×)"
+                              for k in ("reference", "reference_frozen"))
             lines.append(f"| {name} | {_fmt(f['floor_gflop_per_pair'])} | {_fmt(f['clipib_gflop_per_pair'])} | "
-                         f"{' / '.join(_fmt(g) for g in gflop)} | {_fmt(f['matmul_gflop_per_s'])} | "
-                         f"{_fmt(f['floor_s_per_pair'])} | {ours} | "
-                         + " / ".join(f"{_fmt(r['s_per_pair'])} ({r['x_floor']:.1f}×)" for r in refs) + " |")
+                         f"{_fmt(f['reference_gflop_per_pair'])} / {_fmt(f['reference_frozen_gflop_per_pair'])} | "
+                         f"{_fmt(f['matmul_gflop_per_s'])} | {_fmt(f['floor_s_per_pair'])} | {ours} | {refs} |")
     return "\n".join(lines) + "\n"
 
 

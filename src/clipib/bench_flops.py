@@ -138,10 +138,9 @@ def flop_report(clip: SplitCLIP, name: str, kwargs: Optional[dict], rows: List[D
             "clipib_gflop_per_pair": ours / 1e9, "reference_gflop_per_pair": theirs / 1e9,
             "matmul_gflop_per_s": rate, "floor_s_per_pair": floor_s, "clipib": timed,
             "reference_frozen_gflop_per_pair": theirs_frozen / 1e9,
-            "reference": _timed(ref.get("s_per_pair_weight_grads", ref["s_per_pair"]), theirs, floor_s),
-            "reference_frozen": _timed(ref.get("s_per_pair_frozen", ref["s_per_pair"]), theirs_frozen, floor_s)}
+            "reference": _timed(ref["s_per_pair_weight_grads"], theirs, floor_s),
+            "reference_frozen": _timed(ref["s_per_pair_frozen"], theirs_frozen, floor_s)}
 
 
 def _timed(s_per_pair: float, flop: int, floor_s: float) -> Dict[str, float]:
     return {"s_per_pair": s_per_pair, "x_floor": s_per_pair / floor_s, "gflop_per_s": flop / s_per_pair / 1e9}
-
