@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from captum.attr import IntegratedGradients
 
 import clipib
-from clipib.attribution.base import valid_tokens
-from clipib.attribution.baselines._inputs import pixel_normalisation
+from clipib.attribution.common import normalisation
 from clipib.attribution.baselines.chefer import Chefer
 from clipib.attribution.baselines.fast_ig import fast_ig
 from clipib.attribution.baselines.mfaba import StepRule, mfaba
@@ -27,7 +26,7 @@ def clip64(tiny_clip):
 @pytest.fixture(scope="module")
 def box_images(tiny_clip):
     """Two preprocessed images whose raw pixels lie inside [0.1, 0.9] (inside MFABA's pixel box)."""
-    mean, std = (v.float().view(3, 1, 1) for v in pixel_normalisation(tiny_clip))
+    mean, std = normalisation(tiny_clip, torch.empty(0))
     raw = 0.1 + 0.8 * torch.rand(2, 3, *tiny_clip.image_size, generator=torch.Generator().manual_seed(2))
     return (raw - mean) / std
 
@@ -71,11 +70,11 @@ def test_chefer_last_block_matches_finite_differences(clip64, pairs):
     x_img, x_txt = images[1:2].double(), ids[1:2]
     e_img, e_txt = clip64.image.encode(x_img), clip64.text.encode(x_txt)
     method = Chefer(clip64, text_ends="keep")
-    got_img = method.image_scores(x_img, x_txt, e_txt, []).flatten()
+    got_img = method.image_scores(x_img, x_txt, e_txt, [])[0].flatten()
     want_img = _attention_fd(clip64.image, x_img, e_txt, row=0)[1:]
     torch.testing.assert_close(got_img, want_img, rtol=1e-5, atol=1e-7)
     eot = int(clip64.text.eot_positions(x_txt)[0])
-    got_txt = method.text_scores(x_img, x_txt, e_img, [])[0]
+    got_txt = method.text_scores(x_img, x_txt, e_img, [])[0][0]
     want_txt = _attention_fd(clip64.text, x_txt, e_img, row=eot)
     torch.testing.assert_close(got_txt, want_txt, rtol=1e-5, atol=1e-7)
     assert (got_img > 0).any() and (got_txt > 0).any()
@@ -117,7 +116,7 @@ def test_fast_ig_equals_input_times_gradient(tiny_clip, pairs):
         (g,) = torch.autograd.grad(cos, leaf["emb"])
     finally:
         handle.remove()
-    tokens = (leaf["emb"] * g).sum(-1).masked_fill(~valid_tokens(tiny_clip, ids[:2]), 0)  # [2, ctx]
+    tokens = (leaf["emb"] * g).sum(-1).masked_fill(~tiny_clip.text.span_mask(ids[:2]), 0)  # [2, ctx]
     torch.testing.assert_close(attr.text_raw, tokens, rtol=1e-4, atol=1e-7)
 
 
@@ -173,7 +172,7 @@ def test_random_ignores_model_and_inputs(tiny_clip, pairs):
     b = clipib.METHODS["random"](other).attribute(-images[2:], ids[2:], seeds=[3, 4])
     c = clipib.METHODS["random"](other).attribute(-images[2:], ids[2:], seeds=[4, 3])
     torch.testing.assert_close(a.image_grid, b.image_grid, rtol=0, atol=0)
-    valid = valid_tokens(tiny_clip, ids[:2]) & valid_tokens(tiny_clip, ids[2:])
+    valid = tiny_clip.text.span_mask(ids[:2]) & tiny_clip.text.span_mask(ids[2:])
     torch.testing.assert_close(a.text_raw[valid], b.text_raw[valid], rtol=0, atol=0)
     assert not torch.equal(a.image_grid, c.image_grid)
     assert (a.image_grid >= 0).all() and (a.image_grid < 1).all()

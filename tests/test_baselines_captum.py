@@ -9,7 +9,7 @@ from captum._utils.models.linear_model import LinearModel
 
 import clipib
 from clipib.attribution.base import sample_generators
-from clipib.attribution.baselines._inputs import PAD_ID, content_tokens, reference_image
+from clipib.attribution.common import PAD_ID, reference_image
 from clipib.attribution.baselines.kernel_shap import fit_weighted_least_squares
 
 
@@ -35,7 +35,7 @@ def test_saliency_is_the_gradient_magnitude(clip64, pairs):
     target_txt, target_img = clip64.text.encode(ids), clip64.image.encode(images)
     method = clipib.METHODS["saliency"](clip64)
     gens = sample_generators([0])
-    pixel_map = method.image_scores(images, ids, target_txt, gens)[0]  # [H, W]
+    pixel_map = method.image_scores(images, ids, target_txt, gens)[0][0]  # [H, W]
     eps = 1e-6
     for (y, x) in [(0, 0), (5, 17), (31, 30)]:
         fd = []
@@ -45,7 +45,7 @@ def test_saliency_is_the_gradient_magnitude(clip64, pairs):
             up, down = _cos_image(clip64, images + bump, target_txt), _cos_image(clip64, images - bump, target_txt)
             fd.append(abs(float(up - down)) / (2 * eps))
         assert abs(pixel_map[y, x].item() - max(fd)) < 1e-6 + 1e-5 * max(fd), (y, x, pixel_map[y, x].item(), fd)
-    token_map = method.text_scores(images, ids, target_img, gens)[0]  # [L]
+    token_map = method.text_scores(images, ids, target_img, gens)[0][0]  # [L]
     text, t = clip64.text, 3
     pool_at, emb = text.eot_positions(ids), text.token_embeddings(ids[:, : text.valid_length(ids)])
     grad = torch.zeros(emb.shape[-1], dtype=emb.dtype)
@@ -66,18 +66,18 @@ def test_integrated_gradients_completeness(clip64, pairs):
     target_txt, target_img = clip64.text.encode(ids), clip64.image.encode(images)
     method = clipib.METHODS["integrated_gradients"](clip64, internal_batch_size=37)
     gens = sample_generators([0, 0])
-    img = method.image_scores(images, ids, target_txt, gens)  # [2, H, W]
+    img, _ = method.image_scores(images, ids, target_txt, gens)  # [2, H, W]
     black = reference_image(clip64, images, "black")
     gap = _cos_image(clip64, images, target_txt) - _cos_image(clip64, black, target_txt)
     torch.testing.assert_close(img.sum((1, 2)), gap, atol=1e-6, rtol=1e-4)
     assert (img < 0).any() and (img > 0).any()  # signed
 
-    tok = method.text_scores(images, ids, target_img, gens)  # [2, L]
-    padded = ids.masked_fill(content_tokens(clip64, ids), PAD_ID)  # SOT, pads…, EOT
+    tok, scalars = method.text_scores(images, ids, target_img, gens)  # [2, L]
+    padded = ids.masked_fill(clip64.text.span_mask(ids, special=False), PAD_ID)  # SOT, pads…, EOT
     gap = _cos_ids(clip64, ids, target_img) - _cos_ids(clip64, padded, target_img)
     torch.testing.assert_close(tok.sum(1), gap, atol=1e-6, rtol=1e-4)
     assert (tok[:, 0] == 0).all()  # SOT is kept in the baseline, so it gets nothing
-    assert method.scalars["text_delta"].abs().max() < 1e-6
+    assert scalars["text_delta"].abs().max() < 1e-6
 
 
 def test_kernel_shap_efficiency(tiny_clip, pairs):
@@ -89,7 +89,7 @@ def test_kernel_shap_efficiency(tiny_clip, pairs):
     mean_fill = reference_image(tiny_clip, images, "mean")
     gap = _cos_image(tiny_clip, images, target_txt) - _cos_image(tiny_clip, mean_fill, target_txt)
     torch.testing.assert_close(attr.image_grid.sum((1, 2)), gap, atol=1e-4, rtol=1e-3)
-    padded = ids.masked_fill(content_tokens(tiny_clip, ids), PAD_ID)
+    padded = ids.masked_fill(tiny_clip.text.span_mask(ids, special=False), PAD_ID)
     gap = _cos_ids(tiny_clip, ids, target_img) - _cos_ids(tiny_clip, padded, target_img)
     torch.testing.assert_close(attr.text_raw.sum(1), gap, atol=1e-4, rtol=1e-3)
     assert attr.text_raw[torch.arange(2), tiny_clip.text.eot_positions(ids)].eq(0).all()  # EOT is not a player

@@ -4,7 +4,6 @@ import torch
 from torchmetrics.functional import spearman_corrcoef
 
 import clipib
-from clipib.attribution.base import valid_tokens
 from clipib.attribution.bottleneck import Bottleneck
 from clipib.reference import m2ib_pair
 
@@ -17,7 +16,7 @@ def test_shapes_and_ranges(tiny_clip, pairs):
     assert attr.text.shape == ids.shape and attr.text_raw.shape == ids.shape
     for t in (attr.image, attr.text):
         assert torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1
-    outside = ~valid_tokens(tiny_clip, ids)
+    outside = ~tiny_clip.text.span_mask(ids)
     assert (attr.text[outside] == 0).all() and (attr.text_raw[outside] == 0).all()
     assert (attr.image_grid > 0).all()  # capacities are KLs: positive nats
     assert set(attr.scalars) == {f"{m}_{k}" for m in ("image", "text") for k in ("kl", "fit", "loss")}

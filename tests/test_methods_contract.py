@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import clipib
-from clipib.attribution.base import valid_tokens
 from clipib.cli import main
 from tests.conftest import TINY
 
@@ -102,7 +101,7 @@ def test_shapes_ranges_and_masking(tiny_clip, pairs, results, name):
         assert attr.text.shape == ids.shape and attr.text_raw.shape == ids.shape
         assert torch.isfinite(attr.text_raw).all() and torch.isfinite(attr.text).all()
         assert attr.text.min() >= 0 and attr.text.max() <= 1
-        outside = ~valid_tokens(tiny_clip, ids)
+        outside = ~tiny_clip.text.span_mask(ids)
         assert (attr.text[outside] == 0).all() and (attr.text_raw[outside] == 0).all()
     else:
         assert attr.text is None and attr.text_raw is None

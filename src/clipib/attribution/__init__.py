@@ -1,9 +1,32 @@
-"""Attribution methods behind one contract; importing this package fills :data:`METHODS`."""
+"""Attribution methods behind one contract (:class:`Attributor`), and the registry :data:`METHODS`.
 
-from clipib.attribution.base import METHODS, Attribution, Attributor, register
+Adding a method: one file (a subclass of :class:`Attributor` with a ``name``) and one line in the tuple below.
+"""
+
+from typing import Dict, Type
+
+from clipib.attribution.adaib import AdaIB
+from clipib.attribution.base import Attribution, Attributor, to_maps
+from clipib.attribution.baselines import (
+    MFABA,
+    RISE,
+    Chefer,
+    FastIG,
+    GradCAM,
+    IntegratedGradients,
+    KernelShap,
+    RandomMap,
+    Saliency,
+)
 from clipib.attribution.m2ib import M2IB
 from clipib.attribution.nib import NIB
-from clipib.attribution.adaib import AdaIB
-from clipib.attribution import baselines  # noqa: F401  (registers the baselines)
 
-__all__ = ["METHODS", "Attribution", "Attributor", "register", "M2IB", "NIB", "AdaIB"]
+METHODS: Dict[str, Type[Attributor]] = {
+    cls.name: cls
+    for cls in (M2IB, NIB, AdaIB, GradCAM, Saliency, Chefer, IntegratedGradients, FastIG, MFABA, RISE, KernelShap,
+                RandomMap)
+}
+"""Registry ``name -> Attributor subclass``; every class builds from the model alone with its paper's defaults."""
+
+__all__ = ["METHODS", "Attribution", "Attributor", "to_maps", "M2IB", "NIB", "AdaIB", "Chefer", "FastIG", "GradCAM",
+           "IntegratedGradients", "KernelShap", "MFABA", "RandomMap", "RISE", "Saliency"]

@@ -38,13 +38,13 @@ Proposition 1: with ``f`` and ``g`` constant (pass callables) and no clipping, A
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Literal, Optional, Union
+from typing import Callable, Dict, List, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipib.attribution.base import Attributor, register, valid_tokens
+from clipib.attribution.base import Attributor, Scores
 from clipib.attribution.bottleneck import Bottleneck, BottleneckResult
 from clipib.models.split import SplitCLIP, Tower
 
@@ -134,7 +134,6 @@ class AdaptiveObjective:
         return g * kl - f * fit
 
 
-@register("adaib")
 class AdaIB(Attributor):
     """Adaptive information bottleneck: loss ``g(f)·KL − f·fit`` per pair, map = last KL summed over channels.
 
@@ -154,6 +153,8 @@ class AdaIB(Attributor):
         mlp_hidden, mlp_lr, mlp_warmup, mlp_seed: the MLP's width (paper: 32), Adam step size, regression
             steps before the first bottleneck step, and initialisation seed.
     """
+
+    name = "adaib"
 
     PAPER_LAYER, PAPER_DEPTH = 10, 12
 
@@ -199,8 +200,8 @@ class AdaIB(Attributor):
         return PairMLPs(batch, self.mlp_hidden, self.eps_g, self.mlp_lr, self.mlp_seed, like)
 
     def run(self, modality: str, tower: Tower, x: Tensor, target: Tensor, generators: List[torch.Generator],
-            valid: Optional[Tensor] = None) -> BottleneckResult:
-        """Optimise the bottlenecks of ``tower`` on ``x`` against ``target`` ``[B, E]``; record the scalars."""
+            valid: Optional[Tensor] = None) -> Tuple[BottleneckResult, Dict[str, Tensor]]:
+        """Optimise the bottlenecks of ``tower`` on ``x`` against ``target`` ``[B, E]``: the result and its scalars."""
         f_clean = None
         if self.relevance_from == "clean":
             with torch.no_grad():
@@ -208,16 +209,14 @@ class AdaIB(Attributor):
         objective = AdaptiveObjective(self.relevance_fn, self._compression(x.shape[0], target), f_clean, self.eps_g,
                                       self.mlp_warmup)
         res = self.bottleneck.run(tower, x, self.layer_for(tower), target, generators, objective, valid)
-        for key, value in (("f", objective.f), ("g", objective.g), ("fit", res.fit), ("kl", res.kl),
-                           ("loss", res.loss)):
-            self.scalars[f"{modality}_{key}"] = value.detach()
-        self.scalars[f"{modality}_beta"] = (objective.g / objective.f).detach()
-        return res
+        terms = {"f": objective.f, "g": objective.g, "fit": res.fit, "kl": res.kl, "loss": res.loss,
+                 "beta": objective.g / objective.f}
+        return res, {f"{modality}_{key}": value.detach() for key, value in terms.items()}
 
-    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
-        res = self.run("image", self.clip.image, images, target, generators)
-        return res.capacity[:, 1:].reshape(-1, *self.clip.grid)  # drop CLS: [B, gh, gw]
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
+        res, scalars = self.run("image", self.clip.image, images, target, generators)
+        return res.capacity[:, 1:].reshape(-1, *self.clip.grid), scalars  # drop CLS: [B, gh, gw]
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
-        res = self.run("text", self.clip.text, ids, target, generators, valid_tokens(self.clip, ids))
-        return res.capacity  # [B, L]
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
+        res, scalars = self.run("text", self.clip.text, ids, target, generators, self.clip.text.span_mask(ids))
+        return res.capacity, scalars  # [B, L]

@@ -3,15 +3,16 @@
 Every method is an :class:`Attributor`: built from a :class:`~clipib.models.split.SplitCLIP` alone with its
 paper's defaults, called as ``method.attribute(images, ids, modality, seeds)``, returning an
 :class:`Attribution`. Subclasses implement :meth:`Attributor.image_scores` and/or
-:meth:`Attributor.text_scores` (raw scores, method units); this class does the rest (targets, per-sample
-noise streams, normalisation, resizing, masking outside SOT..EOT).
+:meth:`Attributor.text_scores`, each returning ``(raw scores in method units, scalars)``; this class does the
+rest (targets, per-sample noise streams) and :func:`to_maps` turns raw scores into maps (normalisation,
+resizing, masking outside SOT..EOT) — public, so reference loops and other callers build identical maps.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Literal, Optional, Sequence, Type
+from typing import ClassVar, Dict, List, Literal, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +22,10 @@ from clipib.attribution.precision import precision_context
 from clipib.models.split import SplitCLIP, Tower
 
 Modality = Literal["image", "text", "both"]
-METHODS: Dict[str, Type["Attributor"]] = {}
-"""Registry ``name -> Attributor subclass``; filled by :func:`register`."""
-
-
-def register(name: str):
-    """Class decorator adding an :class:`Attributor` to :data:`METHODS` under ``name``."""
-
-    def wrap(cls: Type["Attributor"]) -> Type["Attributor"]:
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return wrap
+Scalars = Dict[str, Tensor]
+"""Per-pair diagnostics ``name -> [B]`` a method returns beside its scores (e.g. a bottleneck's final loss terms)."""
+Scores = Tuple[Tensor, Scalars]
+"""What :meth:`Attributor.image_scores` / :meth:`Attributor.text_scores` return: raw scores and scalars."""
 
 
 @dataclass
@@ -86,11 +78,12 @@ def sample_generators(seeds: Sequence[int]) -> List[torch.Generator]:
 class Attributor:
     """Interface of every attribution method.
 
-    Subclasses set :attr:`modalities`, implement :meth:`image_scores` / :meth:`text_scores`, and register
-    themselves with :func:`register`.
+    Subclasses set :attr:`name` and :attr:`modalities`, implement :meth:`image_scores` / :meth:`text_scores`,
+    and are listed in :data:`clipib.attribution.METHODS` (one line there).
     """
 
     name: ClassVar[str] = ""
+    """The method's registry name (``METHODS[name] is cls``)."""
     modalities: ClassVar[tuple] = ("image", "text")
     PAPER_LAYER: ClassVar[Optional[int]] = None
     """The layer the method's paper uses on a ``PAPER_DEPTH``-block tower (layered methods only)."""
@@ -114,19 +107,19 @@ class Attributor:
         return self.layer
 
     # --- to implement ----------------------------------------------------------------------------------
-    def image_scores(
-        self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]
-    ) -> Tensor:
-        """Raw image scores ``[B, gh, gw]`` (patch grid) or ``[B, H, W]`` (pixels).
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
+        """Raw image scores ``[B, gh, gw]`` (patch grid) or ``[B, H, W]`` (pixels), and per-pair scalars.
 
         ``target`` ``[B, E]`` is the clean, normalised text embedding each image is explained against.
+        Scalar names start with ``image_``.
         """
         raise NotImplementedError(f"{type(self).__name__} does not attribute images")
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
-        """Raw token scores ``[B, L]`` for ``L <= ctx`` positions (only SOT..EOT are read).
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
+        """Raw token scores ``[B, L]`` for ``L <= ctx`` positions (only SOT..EOT are read), and per-pair scalars.
 
         ``target`` ``[B, E]`` is the clean, normalised image embedding each text is explained against.
+        Scalar names start with ``text_``.
         """
         raise NotImplementedError(f"{type(self).__name__} does not attribute text")
 
@@ -164,41 +157,53 @@ class Attributor:
         with torch.no_grad():
             e_img = self.clip.image.encode(images)  # [B, E]
             e_txt = self.clip.text.encode(ids)  # [B, E]
-        out = Attribution()
-        self.scalars: Dict[str, Tensor] = {}
+        image = text = None
+        scalars: Scalars = {}
         if modality in ("image", "both"):
             with torch.enable_grad(), precision_context(self.precision, images.device):
-                raw = self.image_scores(images, ids, e_txt, gens).detach()
-            out.image_grid, out.image = self._image_maps(raw)
+                image, extra = self.image_scores(images, ids, e_txt, gens)
+            scalars.update(extra)
         if modality in ("text", "both"):
             with torch.enable_grad(), precision_context(self.precision, images.device):
-                raw = self.text_scores(images, ids, e_img, gens).detach()
-            out.text_raw, out.text = self._text_maps(raw, ids)
-        out.scalars = self.scalars
-        return out
-
-    def _image_maps(self, raw: Tensor) -> tuple:
-        """``(image_grid, image)`` from raw scores on the grid or at pixel resolution."""
-        size, grid = self.clip.image_size, self.clip.grid
-        raw = raw.float()
-        if tuple(raw.shape[-2:]) == grid:
-            up = F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            return raw, minmax(up)
-        if tuple(raw.shape[-2:]) == size:
-            return F.adaptive_avg_pool2d(raw[:, None], grid)[:, 0], minmax(raw)
-        raise ValueError(f"image scores of shape {tuple(raw.shape)} match neither grid {grid} nor size {size}")
-
-    def _text_maps(self, raw: Tensor, ids: Tensor) -> tuple:
-        """``(text_raw, text)`` padded to the context, 0 outside SOT..EOT."""
-        raw = raw.float()
-        full = raw.new_zeros(ids.shape)
-        full[:, : raw.shape[1]] = raw[:, : ids.shape[1]]
-        valid = valid_tokens(self.clip, ids)
-        full = full.masked_fill(~valid, 0)
-        return full, minmax(full, valid)
+                text, extra = self.text_scores(images, ids, e_img, gens)
+            scalars.update(extra)
+        return to_maps(self.clip, ids, image=image, text=text, scalars=scalars)
 
 
-def valid_tokens(clip: SplitCLIP, ids: Tensor) -> Tensor:
-    """``[B, ctx]`` bool, True on SOT..EOT of each row."""
-    pos = torch.arange(ids.shape[1], device=ids.device)
-    return pos[None] <= clip.text.eot_positions(ids)[:, None]
+def to_maps(clip: SplitCLIP, ids: Tensor, image: Optional[Tensor] = None, text: Optional[Tensor] = None,
+            scalars: Optional[Scalars] = None) -> Attribution:
+    """The :class:`Attribution` of raw scores: what :meth:`Attributor.attribute` returns for them.
+
+    Args:
+        clip: the explained model (grid, input size, token spans).
+        ids: token ids ``[B, ctx]``.
+        image: raw image scores on the patch grid ``[B, gh, gw]`` or at pixel resolution ``[B, H, W]``.
+        text: raw token scores ``[B, L]``, ``L <= ctx``.
+        scalars: per-pair diagnostics, detached and kept as given.
+    """
+    out = Attribution(scalars={k: v.detach() for k, v in (scalars or {}).items()})
+    if image is not None:
+        out.image_grid, out.image = _image_maps(clip, image.detach().float())
+    if text is not None:
+        out.text_raw, out.text = _text_maps(clip, text.detach().float(), ids)
+    return out
+
+
+def _image_maps(clip: SplitCLIP, raw: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(image_grid, image)`` from raw scores on the grid or at pixel resolution."""
+    size, grid = clip.image_size, clip.grid
+    if tuple(raw.shape[-2:]) == grid:
+        up = F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        return raw, minmax(up)
+    if tuple(raw.shape[-2:]) == size:
+        return F.adaptive_avg_pool2d(raw[:, None], grid)[:, 0], minmax(raw)
+    raise ValueError(f"image scores of shape {tuple(raw.shape)} match neither grid {grid} nor size {size}")
+
+
+def _text_maps(clip: SplitCLIP, raw: Tensor, ids: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(text_raw, text)`` padded to the context, 0 outside SOT..EOT."""
+    full = raw.new_zeros(ids.shape)
+    full[:, : raw.shape[1]] = raw[:, : ids.shape[1]]
+    valid = clip.text.span_mask(ids)
+    full = full.masked_fill(~valid, 0)
+    return full, minmax(full, valid)

@@ -13,18 +13,17 @@ Noise: with ``seeds=[s]`` a pair draws from a CPU generator seeded with ``s`` in
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-from clipib.attribution.base import Attributor, register, valid_tokens
+from clipib.attribution.base import Attributor, Scores
 from clipib.attribution.bottleneck import Bottleneck, BottleneckResult
 from clipib.attribution.precision import check_precision
 from clipib.models.split import SplitCLIP
 
 
-@register("m2ib")
 class M2IB(Attributor):
     """Multi-modal information bottleneck: loss ``β·KL − cos`` per pair, map = last KL summed over channels.
 
@@ -43,6 +42,8 @@ class M2IB(Attributor):
         pooled_last_block: run the last block at the pooled row only (default; the same embedding up to float
             rounding, fewer FLOPs: the rows the head never reads are skipped). False = the full last block.
     """
+
+    name = "m2ib"
 
     PAPER_LAYER, PAPER_DEPTH = 10, 12
 
@@ -71,19 +72,17 @@ class M2IB(Attributor):
         """``β·KL − mean_copies cos(emb, target)`` per pair."""
         return self.beta * kl - (emb * target[:, None]).sum(-1).mean(1)
 
-    def _record(self, modality: str, res: BottleneckResult) -> None:
-        for key in ("kl", "fit", "loss"):
-            self.scalars[f"{modality}_{key}"] = getattr(res, key)
+    @staticmethod
+    def _scalars(modality: str, res: BottleneckResult) -> Dict[str, Tensor]:
+        return {f"{modality}_{key}": getattr(res, key) for key in ("kl", "fit", "loss")}
 
-    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         tower = self.clip.image
         res = self.bottleneck.run(tower, images, self.layer_for(tower), target, generators, self.objective)
-        self._record("image", res)
-        return res.capacity[:, 1:].reshape(-1, *self.clip.grid)  # drop CLS: [B, gh, gw]
+        return res.capacity[:, 1:].reshape(-1, *self.clip.grid), self._scalars("image", res)  # drop CLS: [B, gh, gw]
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         tower = self.clip.text
-        valid = valid_tokens(self.clip, ids)
+        valid = self.clip.text.span_mask(ids)
         res = self.bottleneck.run(tower, ids, self.layer_for(tower), target, generators, self.objective, valid)
-        self._record("text", res)
-        return res.capacity  # [B, L]
+        return res.capacity, self._scalars("text", res)  # [B, L]

@@ -24,7 +24,7 @@ from typing import List, Literal, Optional, Tuple
 import torch
 from torch import Tensor
 
-from clipib.attribution.base import Attributor, register
+from clipib.attribution.base import Attributor, Scores
 from clipib.attribution.precision import check_precision
 from clipib.models.split import SplitCLIP, Tower
 
@@ -47,7 +47,6 @@ def log_trapezoid_path(steps: int, log_min: float = -9.0) -> Tuple[Tensor, Tenso
     return lam, w
 
 
-@register("nib")
 class NIB(Attributor):
     """Integrated gradients of ``cos(f(λh), e_other)`` over the narrowing scalar λ ∈ (0, 1] on a hidden state.
 
@@ -63,6 +62,8 @@ class NIB(Attributor):
         pooled_last_block: run the last block at the pooled row only (default; the same embedding up to float
             rounding, fewer FLOPs: the rows the head never reads are skipped). False = the full last block.
     """
+
+    name = "nib"
 
     PAPER_LAYER, PAPER_DEPTH = 9, 12
 
@@ -113,8 +114,8 @@ class NIB(Attributor):
             grad_sum.index_add_(0, pair, g * w_rows[sl, None, None])
         return (h * grad_sum).sum(-1)  # [B, T]
 
-    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
-        return self.scores(self.clip.image, images, target)[:, 1:].reshape(-1, *self.clip.grid)
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
+        return self.scores(self.clip.image, images, target)[:, 1:].reshape(-1, *self.clip.grid), {}
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
-        return self.scores(self.clip.text, ids, target)
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
+        return self.scores(self.clip.text, ids, target), {}

@@ -25,6 +25,24 @@ AttnHook = Callable[[int, Tensor], Tensor]
 """``hook(block_index, attn_probs [B, heads, T, T]) -> attn_probs`` used by :meth:`Tower.suffix`."""
 
 
+def token_span(eot: Tensor, length: int, special: bool = True) -> Tensor:
+    """``[B, length]`` bool: True on SOT..EOT of each row (``special=False``: strictly between them).
+
+    ``eot`` ``[B]`` holds each row's EOT position (:meth:`TextTower.eot_positions`); SOT is position 0.
+    The one token-span rule of clipib: methods mask outside SOT..EOT, perturbation methods and metrics
+    act on the content tokens between them.
+
+    >>> token_span(torch.tensor([3]), 5).int()
+    tensor([[1, 1, 1, 1, 0]], dtype=torch.int32)
+    >>> token_span(torch.tensor([3]), 5, special=False).int()
+    tensor([[0, 1, 1, 0, 0]], dtype=torch.int32)
+    """
+    pos = torch.arange(length, device=eot.device)[None]  # [1, L]
+    if special:
+        return pos <= eot[:, None]
+    return (pos > 0) & (pos < eot[:, None])
+
+
 class UnsupportedModelError(ValueError):
     """The model is not a CLIP-style ViT + causal text transformer that clipib can split."""
 
@@ -211,6 +229,10 @@ class TextTower(Tower):
         if self.pool_type == "argmax":
             return ids.argmax(dim=-1)
         return (ids == self.eos_id).int().argmax(dim=-1)
+
+    def span_mask(self, ids: Tensor, special: bool = True) -> Tensor:
+        """``[B, ctx]`` bool: SOT..EOT of each row, or (``special=False``) the content tokens between them."""
+        return token_span(self.eot_positions(ids), ids.shape[1], special)
 
     def valid_length(self, ids: Tensor) -> int:
         """Longest SOT..EOT length in the batch."""

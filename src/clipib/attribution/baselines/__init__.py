@@ -1,7 +1,13 @@
-"""Baseline attribution methods, one per file; importing this package registers every module in it."""
+"""Baseline attribution methods, one per file (explicit imports; listed in :data:`clipib.attribution.METHODS`)."""
 
-import importlib
-import pkgutil
+from clipib.attribution.baselines.chefer import Chefer
+from clipib.attribution.baselines.fast_ig import FastIG
+from clipib.attribution.baselines.grad_cam import GradCAM
+from clipib.attribution.baselines.integrated_gradients import IntegratedGradients
+from clipib.attribution.baselines.kernel_shap import KernelShap
+from clipib.attribution.baselines.mfaba import MFABA
+from clipib.attribution.baselines.random_map import RandomMap
+from clipib.attribution.baselines.rise import RISE
+from clipib.attribution.baselines.saliency import Saliency
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+__all__ = ["Chefer", "FastIG", "GradCAM", "IntegratedGradients", "KernelShap", "MFABA", "RandomMap", "RISE", "Saliency"]

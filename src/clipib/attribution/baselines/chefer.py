@@ -26,7 +26,7 @@ from typing import Dict, List, Literal
 import torch
 from torch import Tensor
 
-from clipib.attribution.base import Attributor, register
+from clipib.attribution.base import Attributor, Scores
 from clipib.models.split import SplitCLIP, Tower
 
 
@@ -44,7 +44,6 @@ def accumulate(attns: List[Tensor], grads: List[Tensor], clamp: bool = True) -> 
     return rel
 
 
-@register("chefer")
 class Chefer(Attributor):
     """Gradient-weighted attention relevance (Chefer et al. 2021) of the image-text logit.
 
@@ -56,6 +55,8 @@ class Chefer(Attributor):
         clamp: keep the positive part of ``∂target/∂A ⊙ A`` (the paper); False is an option for comparison.
         seed: unused (deterministic); kept for the common constructor.
     """
+
+    name = "chefer"
 
     def __init__(
         self,
@@ -90,15 +91,15 @@ class Chefer(Attributor):
         grads = torch.autograd.grad(logit.sum(), [attns[i] for i in order])
         return accumulate([attns[i].detach() for i in order], list(grads), self.clamp)
 
-    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         rel = self.relevance(self.clip.image, images, target)  # [B, 1+N, 1+N]
         if self.clip.image.pool_type == "avg":  # the embedding is the patch mean: average the patch rows of R − I
             n = rel.shape[-1]
             pooled = (rel - torch.eye(n, dtype=rel.dtype, device=rel.device))[:, 1:, 1:].mean(1)  # [B, N]
-            return pooled.reshape(-1, *self.clip.grid)
-        return rel[:, 0, 1:].reshape(-1, *self.clip.grid)
+            return pooled.reshape(-1, *self.clip.grid), {}
+        return rel[:, 0, 1:].reshape(-1, *self.clip.grid), {}
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         rel = self.relevance(self.clip.text, ids, target)  # [B, L, L]
         b, length = rel.shape[:2]
         eot = self.clip.text.eot_positions(ids)  # [B]
@@ -107,4 +108,4 @@ class Chefer(Attributor):
         if self.text_ends == "drop":
             scores[:, 0] = 0
             scores[rows, eot] = 0
-        return scores
+        return scores, {}

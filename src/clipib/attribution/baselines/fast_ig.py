@@ -19,8 +19,8 @@ import torch
 from captum.attr import InputXGradient
 from torch import Tensor
 
-from clipib.attribution.base import Attributor, register
-from clipib.attribution.baselines._inputs import ScoreFn, image_cosine, text_cosine
+from clipib.attribution.base import Attributor, Scores
+from clipib.attribution.common import ScoreFn, image_cosine, text_cosine
 from clipib.models.split import SplitCLIP
 
 
@@ -32,7 +32,6 @@ def fast_ig(score: ScoreFn, x: Tensor) -> Tensor:
     return InputXGradient(score).attribute(x.detach().clone().requires_grad_(True))
 
 
-@register("fast_ig")
 class FastIG(Attributor):
     """Input × gradient of the pair's cosine (FastIG), on pixels and on token embeddings.
 
@@ -41,12 +40,14 @@ class FastIG(Attributor):
         seed: unused (deterministic); kept for the common constructor.
     """
 
+    name = "fast_ig"
+
     def __init__(self, clip: SplitCLIP, seed: int = 0) -> None:
         super().__init__(clip, seed=seed)
 
-    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
-        return fast_ig(image_cosine(self.clip, target), images).sum(1)  # [B, H, W]
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
+        return fast_ig(image_cosine(self.clip, target), images).sum(1), {}  # [B, H, W]
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         text = text_cosine(self.clip, ids, target)
-        return fast_ig(text.score, text.embeddings).sum(-1)  # [B, L]
+        return fast_ig(text.score, text.embeddings).sum(-1), {}  # [B, L]

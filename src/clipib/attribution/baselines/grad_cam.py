@@ -21,11 +21,10 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from clipib.attribution.base import Attributor, register, valid_tokens
+from clipib.attribution.base import Attributor, Scores
 from clipib.models.split import SplitCLIP, Tower
 
 
-@register("grad_cam")
 class GradCAM(Attributor):
     """Grad-CAM on a block's tokens: ``ReLU(Σ_c mean_t(∂cos/∂A_{t,c}) · A_{t,c})``, non-negative.
 
@@ -35,6 +34,8 @@ class GradCAM(Attributor):
             last block) in each tower.
         seed: unused (deterministic); kept for the common constructor.
     """
+
+    name = "grad_cam"
 
     def __init__(self, clip: SplitCLIP, layer: Optional[int] = None, seed: int = 0) -> None:
         super().__init__(clip, seed=seed, layer=layer)
@@ -61,13 +62,13 @@ class GradCAM(Attributor):
         cam = torch.relu((h.detach() * weights[:, None]).sum(-1))  # [B, T]
         return cam * keep[..., 0]
 
-    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         b, t = images.shape[0], 1 + self.clip.grid[0] * self.clip.grid[1]
         keep = torch.ones(b, t, dtype=torch.bool, device=images.device)
         keep[:, 0] = False  # CLS
-        return self.cam(self.clip.image, images, target, keep)[:, 1:].reshape(b, *self.clip.grid)
+        return self.cam(self.clip.image, images, target, keep)[:, 1:].reshape(b, *self.clip.grid), {}
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         length = self.clip.text.valid_length(ids)
-        keep = valid_tokens(self.clip, ids)[:, :length]  # [B, L]
-        return self.cam(self.clip.text, ids, target, keep)
+        keep = self.clip.text.span_mask(ids)[:, :length]  # [B, L]
+        return self.cam(self.clip.text, ids, target, keep), {}

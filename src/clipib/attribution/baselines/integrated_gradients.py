@@ -22,18 +22,17 @@ embedding dimensions, sign kept (so per-token scores still add up to ``F(x) − 
 
 from __future__ import annotations
 
-from typing import Dict, List, Literal, Optional
+from typing import List, Literal, Optional
 
 import torch
 from captum.attr import IntegratedGradients as CaptumIG
 from torch import Tensor
 
-from clipib.attribution.base import Attributor, register
-from clipib.attribution.baselines._inputs import FILLS, PAD_ID, Fill, content_tokens, cosine, reference_image
+from clipib.attribution.base import Attributor, Scores
+from clipib.attribution.common import FILLS, PAD_ID, Fill, cosine, reference_image
 from clipib.models.split import SplitCLIP
 
 
-@register("integrated_gradients")
 class IntegratedGradients(Attributor):
     """Integrated gradients of the cross-modal cosine, pixels (black baseline) and token embeddings (pad baseline).
 
@@ -51,6 +50,8 @@ class IntegratedGradients(Attributor):
         text_baseline: ``"pad"`` (default; content tokens → pad embedding, SOT/EOT kept) or ``"zero"``.
         seed: unused (deterministic method).
     """
+
+    name = "integrated_gradients"
 
     def __init__(
         self,
@@ -74,7 +75,6 @@ class IntegratedGradients(Attributor):
         self.steps, self.method = steps, method
         self.internal_batch_size = internal_batch_size
         self.image_baseline, self.text_baseline = image_baseline, text_baseline
-        self.scalars: Dict[str, Tensor] = {}  # reset by every ``attribute`` call
 
     def _image_score(self, images: Tensor, target: Tensor) -> Tensor:
         return cosine(self.clip.image.encode(images), target)  # [N]
@@ -88,9 +88,9 @@ class IntegratedGradients(Attributor):
         if self.text_baseline == "zero":
             return torch.zeros_like(tok_emb)
         pad = self.clip.text.token_embeddings(torch.full_like(ids[:1, :1], PAD_ID))  # [1, 1, D]
-        return torch.where(content_tokens(self.clip, ids)[..., None], pad, tok_emb)
+        return torch.where(self.clip.text.span_mask(ids, special=False)[..., None], pad, tok_emb)
 
-    def _run(self, forward, inputs: Tensor, baseline: Tensor, extra: tuple, modality: str) -> Tensor:
+    def _run(self, forward, inputs: Tensor, baseline: Tensor, extra: tuple, modality: str) -> Scores:
         chunk = self.internal_batch_size
         if chunk is not None:
             chunk = max(chunk, inputs.shape[0])  # Captum's smallest chunk: one step of every pair
@@ -103,18 +103,17 @@ class IntegratedGradients(Attributor):
             internal_batch_size=chunk,
             return_convergence_delta=True,
         )
-        self.scalars[f"{modality}_delta"] = delta.detach().float()
-        return attr
+        return attr, {f"{modality}_delta": delta.detach().float()}
 
-    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         baseline = reference_image(self.clip, images, self.image_baseline).contiguous()  # [B, 3, H, W]
-        attr = self._run(self._image_score, images, baseline, (target,), "image")  # [B, 3, H, W]
-        return attr.sum(dim=1)  # [B, H, W]
+        attr, scalars = self._run(self._image_score, images, baseline, (target,), "image")  # [B, 3, H, W]
+        return attr.sum(dim=1), scalars  # [B, H, W]
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         text = self.clip.text
         ids = ids[:, : text.valid_length(ids)]  # [B, L]
         pool_at = text.eot_positions(ids)  # [B]
         tok_emb = text.token_embeddings(ids)  # [B, L, D]
-        attr = self._run(self._text_score, tok_emb, self.text_reference(ids), (target, pool_at), "text")
-        return attr.sum(dim=-1)  # [B, L]
+        attr, scalars = self._run(self._text_score, tok_emb, self.text_reference(ids), (target, pool_at), "text")
+        return attr.sum(dim=-1), scalars  # [B, L]

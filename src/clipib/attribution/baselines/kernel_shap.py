@@ -31,8 +31,8 @@ from captum.attr import KernelShap as CaptumKernelShap
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from clipib.attribution.base import Attributor, register
-from clipib.attribution.baselines._inputs import (
+from clipib.attribution.base import Attributor, Scores
+from clipib.attribution.common import (
     FILLS,
     PAD_ID,
     Fill,
@@ -61,7 +61,6 @@ def fit_weighted_least_squares(
     return {}
 
 
-@register("kernel_shap")
 class KernelShap(Attributor):
     """KernelSHAP values of patches (``[B, gh, gw]``) and content tokens (``[B, L]``) for the cross-modal cosine.
 
@@ -74,6 +73,8 @@ class KernelShap(Attributor):
         internal_batch_size: coalitions per forward pass (Captum's ``perturbations_per_eval``).
         seed: coalition-sampling seed of every pair when ``attribute`` gets no ``seeds``.
     """
+
+    name = "kernel_shap"
 
     def __init__(
         self,
@@ -119,7 +120,7 @@ class KernelShap(Attributor):
     def _image_value(self, images: Tensor, target: Tensor) -> Tensor:
         return cosine(self.clip.image.encode(images), target)  # [N]
 
-    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         grid = self.clip.grid
         mask = patch_feature_mask(self.clip, images.device)  # [1, 1, H, W]
         reference = reference_image(self.clip, images, self.image_baseline)  # [B, 3, H, W]
@@ -131,7 +132,7 @@ class KernelShap(Attributor):
                     (target[i : i + 1],), mask, grid[0] * grid[1],
                 )
             out.append(phi.reshape(grid))
-        return torch.stack(out)  # [B, gh, gw]
+        return torch.stack(out), {}  # [B, gh, gw]
 
     def _text_value(self, content: Tensor, ids: Tensor, target: Tensor) -> Tensor:
         """Score of ``ids`` ``[1, eot+1]`` with its content tokens replaced by ``content`` ``[N, eot−1]``."""
@@ -141,7 +142,7 @@ class KernelShap(Attributor):
         emb = self.clip.text.encode_embeddings(self.clip.text.token_embeddings(full), pool_at)  # [N, E]
         return cosine(emb, target)
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         eot = self.clip.text.eot_positions(ids).tolist()
         out = torch.zeros(ids.shape[0], max(eot) + 1, device=ids.device)  # [B, L]
         for i, gen in enumerate(generators):
@@ -156,4 +157,4 @@ class KernelShap(Attributor):
                     self._text_value, content, torch.full_like(content, self.pad_id), (row, target[i : i + 1]), mask, m
                 )
             out[i, 1 : eot[i]] = phi
-        return out
+        return out, {}

@@ -24,13 +24,13 @@ to ``[B, L]``; α and ε are rescaled to the same size in standard deviations: p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Literal, Optional, Union
+from typing import Dict, List, Literal, Optional, Union
 
 import torch
 from torch import Tensor
 
-from clipib.attribution.base import Attributor, register
-from clipib.attribution.baselines._inputs import ScoreFn, image_cosine, pixel_normalisation, text_cosine
+from clipib.attribution.base import Attributor, Scores
+from clipib.attribution.common import ScoreFn, image_cosine, normalisation, text_cosine
 from clipib.models.split import SplitCLIP
 
 Variant = Literal["smooth", "sharp"]
@@ -114,7 +114,6 @@ def mfaba(score: ScoreFn, x: Tensor, rule: StepRule, steps: int, stop_at: Option
     return BoundaryPath(total, start, end)
 
 
-@register("mfaba")
 class MFABA(Attributor):
     """MFABA: first-order attribution along an adversarial path that lowers the pair's cosine.
 
@@ -127,6 +126,8 @@ class MFABA(Attributor):
         stop_at: stop a pair's path once its cosine is ``<= stop_at`` (None: run all steps).
         seed: unused (deterministic); kept for the common constructor.
     """
+
+    name = "mfaba"
 
     def __init__(
         self,
@@ -145,32 +146,25 @@ class MFABA(Attributor):
             raise ValueError("steps must be >= 1 and alpha > 0")
         self.variant, self.steps, self.alpha, self.eps, self.stop_at = variant, steps, alpha, eps, stop_at
 
-    def _record(self, modality: str, path: BoundaryPath) -> None:
-        self.scalars[f"{modality}_start"] = path.start
-        self.scalars[f"{modality}_end"] = path.end
+    @staticmethod
+    def _scalars(modality: str, path: BoundaryPath) -> Dict[str, Tensor]:
+        return {f"{modality}_start": path.start, f"{modality}_end": path.end}
 
-    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         cos = image_cosine(self.clip, target)
-        norm = pixel_normalisation(self.clip)
-        if norm is None:  # the model takes raw pixels: no known box
-            path = mfaba(cos, images, StepRule(self.variant, self.alpha, self.eps), self.steps, self.stop_at)
-        else:
-            mean, std = (v.to(images.device, images.dtype).view(3, 1, 1) for v in norm)
-            rule = StepRule(self.variant, self.alpha, self.eps, low=0.0, high=1.0)
-            path = mfaba(lambda p: cos((p - mean) / std), images * std + mean, rule, self.steps, self.stop_at)
-        self._record("image", path)
-        return path.attribution.sum(1)  # [B, H, W]
+        mean, std = normalisation(self.clip, images)  # [3, 1, 1] each
+        rule = StepRule(self.variant, self.alpha, self.eps, low=0.0, high=1.0)
+        path = mfaba(lambda p: cos((p - mean) / std), images * std + mean, rule, self.steps, self.stop_at)
+        return path.attribution.sum(1), self._scalars("image", path)  # [B, H, W]
 
     def text_unit(self) -> float:
         """Text step per pixel step: std of the token-embedding table / mean pixel std (1 if unknown)."""
-        norm = pixel_normalisation(self.clip)
-        pixel_std = float(norm[1].mean()) if norm is not None else 1.0
+        pixel_std = float(normalisation(self.clip, torch.empty(0, dtype=torch.float64))[1].mean())
         return float(self.clip.text.token_embedding.weight.float().std()) / pixel_std
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         text = text_cosine(self.clip, ids, target)
         unit = self.text_unit()
         rule = StepRule(self.variant, self.alpha * unit, None if self.eps is None else self.eps * unit)
         path = mfaba(text.score, text.embeddings, rule, self.steps, self.stop_at)
-        self._record("text", path)
-        return path.attribution.sum(-1)  # [B, L]
+        return path.attribution.sum(-1), self._scalars("text", path)  # [B, L]

@@ -13,10 +13,9 @@ from typing import List
 import torch
 from torch import Tensor
 
-from clipib.attribution.base import Attributor, register
+from clipib.attribution.base import Attributor, Scores
 
 
-@register("random")
 class RandomMap(Attributor):
     """Uniform U[0, 1) scores: ``[gh, gw]`` per image, ``[ctx]`` per caption, drawn from the pair's generator.
 
@@ -25,12 +24,14 @@ class RandomMap(Attributor):
         seed: the seed of every pair when ``attribute`` gets no ``seeds``.
     """
 
-    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    name = "random"
+
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         grid = self.clip.grid
         maps = [torch.rand(grid, generator=g, dtype=torch.float32) for g in generators]
-        return torch.stack(maps).to(images.device)  # [B, gh, gw]
+        return torch.stack(maps).to(images.device), {}  # [B, gh, gw]
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         ctx = ids.shape[1]
         rows = [torch.rand(ctx, generator=g, dtype=torch.float32) for g in generators]
-        return torch.stack(rows).to(ids.device)  # [B, ctx]
+        return torch.stack(rows).to(ids.device), {}  # [B, ctx]

@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipib.attribution.base import Attributor, register
-from clipib.attribution.baselines._inputs import FILLS, PAD_ID, Fill, cosine, reference_image
+from clipib.attribution.base import Attributor, Scores
+from clipib.attribution.common import FILLS, PAD_ID, Fill, cosine, reference_image
 from clipib.models.split import SplitCLIP
 
 
-@register("rise")
 class RISE(Attributor):
     """Randomised masking; image map ``[B, H, W]`` at input resolution, text map one score per token.
 
@@ -50,6 +49,8 @@ class RISE(Attributor):
         internal_batch_size: masked inputs per forward pass.
         seed: mask seed of every pair when ``attribute`` gets no ``seeds``.
     """
+
+    name = "rise"
 
     def __init__(
         self,
@@ -105,11 +106,11 @@ class RISE(Attributor):
             total += torch.einsum("n,nhw->hw", scores, masks[:, 0])
         return total / (self.n_masks * self.p)
 
-    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         reference = reference_image(self.clip, images, self.fill)  # [B, 3, H, W]
         with torch.no_grad():
             maps = [self._image_one(images[i], reference[i], target[i : i + 1], g) for i, g in enumerate(generators)]
-        return torch.stack(maps)  # [B, H, W]
+        return torch.stack(maps), {}  # [B, H, W]
 
     # --- text ------------------------------------------------------------------------------------------
     def draw_token_masks(self, n_content: int, generator: torch.Generator) -> Tensor:
@@ -133,7 +134,7 @@ class RISE(Attributor):
         expected[0] = expected[-1] = 1.0  # SOT, EOT always kept
         return total / (self.text_masks * expected)
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         eot = self.clip.text.eot_positions(ids).tolist()
         out = torch.zeros(ids.shape[0], max(eot) + 1, device=ids.device)  # [B, L]
         with torch.no_grad():
@@ -141,4 +142,4 @@ class RISE(Attributor):
                 if eot[i] < 1:  # no SOT..EOT span (malformed ids): nothing to mask
                     continue
                 out[i, : eot[i] + 1] = self._text_one(ids[i, : eot[i] + 1], target[i : i + 1], gen)
-        return out
+        return out, {}

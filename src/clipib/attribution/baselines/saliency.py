@@ -16,12 +16,11 @@ import torch
 from captum.attr import Saliency as CaptumSaliency
 from torch import Tensor
 
-from clipib.attribution.base import Attributor, register
-from clipib.attribution.baselines._inputs import cosine
+from clipib.attribution.base import Attributor, Scores
+from clipib.attribution.common import cosine
 from clipib.models.split import SplitCLIP
 
 
-@register("saliency")
 class Saliency(Attributor):
     """Vanilla gradient magnitude; image map at pixel resolution, text map one L2 norm per token.
 
@@ -29,6 +28,8 @@ class Saliency(Attributor):
         clip: the model.
         seed: unused (deterministic method); kept for the common constructor.
     """
+
+    name = "saliency"
 
     def __init__(self, clip: SplitCLIP, seed: int = 0) -> None:
         super().__init__(clip, seed=seed)
@@ -39,17 +40,17 @@ class Saliency(Attributor):
     def _text_score(self, tok_emb: Tensor, target: Tensor, pool_at: Tensor) -> Tensor:
         return cosine(self.clip.text.encode_embeddings(tok_emb, pool_at), target)  # [B]
 
-    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         grads = CaptumSaliency(self._image_score).attribute(
             images.detach().requires_grad_(True), additional_forward_args=(target,), abs=True
         )  # [B, 3, H, W]
-        return grads.amax(dim=1)  # [B, H, W]
+        return grads.amax(dim=1), {}  # [B, H, W]
 
-    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Tensor:
+    def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         text = self.clip.text
         pool_at = text.eot_positions(ids)  # [B]
         tok_emb = text.token_embeddings(ids[:, : text.valid_length(ids)])  # [B, L, D]
         grads = CaptumSaliency(self._text_score).attribute(
             tok_emb.detach().requires_grad_(True), additional_forward_args=(target, pool_at), abs=True
         )  # [B, L, D]
-        return grads.norm(dim=-1)  # [B, L]
+        return grads.norm(dim=-1), {}  # [B, L]

@@ -1,13 +1,14 @@
-"""Shared by the gradient / perturbation baselines: the pair score they differentiate (cosine with the other
-modality's clean embedding, on preprocessed pixels or on token-embedding rows pooled at each row's EOT),
-reference inputs, token positions and per-pair random streams. Not a method: importing it registers nothing.
+"""The one place for what methods (and the metrics that perturb inputs) share: the pair score — the cosine of
+the explained tower's embedding with the other modality's clean embedding, on preprocessed pixels or on
+token-embedding rows pooled at each row's EOT — reference inputs, the patch index map and per-pair random
+streams. Token spans are the text tower's (:meth:`clipib.models.split.TextTower.span_mask`).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Optional, Tuple
+from typing import Callable, Iterator, Literal, Tuple
 
 import torch
 from torch import Tensor
@@ -48,14 +49,12 @@ def reference_image(clip: SplitCLIP, images: Tensor, fill: Fill) -> Tensor:
     raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
 
 
-def content_tokens(clip: SplitCLIP, ids: Tensor) -> Tensor:
-    """``[B, ctx]`` bool, True strictly between SOT (position 0) and EOT: the tokens perturbation methods remove."""
-    pos = torch.arange(ids.shape[1], device=ids.device)
-    return (pos[None] > 0) & (pos[None] < clip.text.eot_positions(ids)[:, None])
-
-
 def cosine(emb: Tensor, target: Tensor) -> Tensor:
-    """Row-wise cosine of L2-normalised embeddings ``[N, E]`` with targets ``[N, E]`` (or ``[1, E]``), ``[N]``."""
+    """Row-wise cosine of L2-normalised embeddings ``[N, E]`` with targets ``[N, E]`` (or ``[1, E]``), ``[N]``.
+
+    Tower embeddings are L2-normalised by contract (:meth:`~clipib.models.split.Tower.encode`), so the cosine
+    is their dot product. Every method and metric scores a pair with this function.
+    """
     return (emb * target).sum(-1)
 
 
@@ -90,7 +89,7 @@ def image_cosine(clip: SplitCLIP, target: Tensor) -> ScoreFn:
     """``pixels [B, 3, H, W] -> cos(image embedding, target) [B]``; ``target`` is ``[B, E]``, normalised."""
 
     def score(pixels: Tensor) -> Tensor:
-        return (clip.image.encode(pixels) * target).sum(-1)
+        return cosine(clip.image.encode(pixels), target)
 
     return score
 
@@ -116,15 +115,6 @@ def text_cosine(clip: SplitCLIP, ids: Tensor, target: Tensor) -> TextInput:
         emb = clip.text.token_embeddings(ids[:, :length])  # [B, L, D]
 
     def score(embeddings: Tensor) -> Tensor:
-        return (clip.text.encode_embeddings(embeddings, pool_at) * target).sum(-1)
+        return cosine(clip.text.encode_embeddings(embeddings, pool_at), target)
 
     return TextInput(emb, score)
-
-
-def pixel_normalisation(clip: SplitCLIP) -> Optional[Tuple[Tensor, Tensor]]:
-    """``(mean, std)`` ``[3]`` float64 of the model's preprocess (:attr:`SplitCLIP.normalization`).
-
-    Preprocessed pixels are ``(p − mean) / std`` for raw pixels ``p`` in [0, 1].
-    """
-    mean, std = clip.normalization
-    return torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
