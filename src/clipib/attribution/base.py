@@ -96,6 +96,18 @@ class Attributor:
         self.seed = seed
         self.layer = layer
 
+    @classmethod
+    def modality_for(cls, wanted: Modality = "both") -> Optional[Modality]:
+        """The ``modality`` argument that runs what this method can do of ``wanted`` (None: nothing).
+
+        >>> class ImageOnly(Attributor): modalities = ("image",)
+        >>> ImageOnly.modality_for("both"), ImageOnly.modality_for("text")
+        ('image', None)
+        """
+        want = ("image", "text") if wanted == "both" else (wanted,)
+        can = [m for m in want if m in cls.modalities]
+        return None if not can else "both" if len(can) == 2 else can[0]
+
     def layer_for(self, tower: Tower) -> int:
         """The layer the method acts on in ``tower``: ``self.layer``, or the paper's depth scaled to the tower."""
         if self.layer is None:
