@@ -15,6 +15,12 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
+def tiny_config() -> str:
+    """Path of the tiny open_clip model config (for ``--model`` on command lines and ``load_clip``)."""
+    return TINY
+
+
+@pytest.fixture(scope="session")
 def tiny_clip() -> clipib.SplitCLIP:
     """3-block towers, 32 px, patch 8 (4x4 grid), width 64, random weights (seed 0)."""
     torch.manual_seed(0)

@@ -9,9 +9,8 @@ import pytest
 from PIL import Image
 
 from clipib.cli import main
-from tests.conftest import TINY
-
 SAMPLE = "src/clipib/assets/sample.png"
+TINY = "tests/data/tiny-clip.json"  # the tiny model of conftest.py (fixture tiny_config), relative to the root
 
 
 def _explain(tmp_path, image, text="a red circle", method="m2ib", extra=()):

@@ -13,7 +13,6 @@ import torch
 
 import clipib
 from clipib.cli import main
-from tests.conftest import TINY
 
 SAMPLE = "src/clipib/assets/sample.png"
 NAMES = sorted(clipib.METHODS)
@@ -146,8 +145,8 @@ def test_batch_equals_single_calls(pairs, results, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_explain_cli(tmp_path, name):
-    code = main(["explain", "--image", SAMPLE, "--text", "a red circle", "--method", name, "--model", TINY,
+def test_explain_cli(tmp_path, tiny_config, name):
+    code = main(["explain", "--image", SAMPLE, "--text", "a red circle", "--method", name, "--model", tiny_config,
                  "--pretrained", "none", "--out", str(tmp_path)])
     assert code == 0
     record = json.loads((tmp_path / "explanation.json").read_text())

@@ -77,9 +77,8 @@ def test_frozen_eval(tiny_clip):
     assert not tiny_clip.model.training
 
 
-def test_local_checkpoints(tmp_path, tiny_clip, pairs):
+def test_local_checkpoints(tmp_path, tiny_clip, tiny_config, pairs):
     images, ids = pairs
-    from tests.conftest import TINY
 
     state = tiny_clip.model.state_dict()
     st = tmp_path / "w.safetensors"
@@ -87,13 +86,13 @@ def test_local_checkpoints(tmp_path, tiny_clip, pairs):
     pt = tmp_path / "w.pt"
     torch.save(state, pt)
     for path in (st, pt):
-        clip = clipib.load_clip(TINY, pretrained=str(path))
+        clip = clipib.load_clip(tiny_config, pretrained=str(path))
         torch.testing.assert_close(clip.similarity(images, ids), tiny_clip.similarity(images, ids))
     # a pickle that is not a plain state dict is refused, never executed
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": {"x": object()}}, evil)
     with pytest.raises(clipib.ModelLoadError):
-        clipib.load_clip(TINY, pretrained=str(evil))
+        clipib.load_clip(tiny_config, pretrained=str(evil))
 
 
 def test_bad_models():

@@ -3,13 +3,16 @@
 Layout of a run directory (``trainer.default_root_dir`` unless ``out_dir`` is given)::
 
     records/rank{r}-{attempt}.jsonl      one JSON line per (sample key, method, seed), flushed per batch
-    attributions/rank{r}-{attempt}.tar   the maps (webdataset tar: <id>.json, <id>.image.npy, <id>.text.npy)
+    attributions/rank{r}-{attempt}.tar   the maps, a webdataset tar (<id>.json, <id>.image.npy, <id>.text.npy)
     summary.json, summary.md             {method: {metric: {"mean", "std", "n", ...}}}, written by rank 0
 
-Re-running the same command resumes: keys with a record for every (method, seed) are skipped and their
-records replayed into the metric states, so the summary equals an uninterrupted run's. Each attempt writes
-new files (a killed run may leave a truncated last line or tar member; readers skip them). When a key
-appears in several attempts, the last record of each (key, method, seed) wins.
+The callback writes and reads files only; the numbers come from the LightningModule's public API. Re-running
+the same command resumes: at ``setup`` the keys with a record for every (method, seed) are handed to the data
+(``datamodule.exclude(keys)``: never decoded again) and their records to the module (``pl_module.resume``,
+rank 0), so the summary equals an uninterrupted run's. Each attempt writes new files (a killed run may leave a
+truncated last line or tar member; readers skip them). When a key appears in several attempts, the last record
+of each (key, method, seed) wins. Nothing read here is ever unpickled (JSON, and ``.npy`` with
+``allow_pickle=False``).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import numpy as np
+import webdataset as wds
 from lightning.pytorch import Callback, LightningModule, Trainer
-
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 
 def _json_lines(path: Path) -> Iterator[Dict[str, Any]]:
@@ -53,6 +57,15 @@ def read_skips(run_dir: Path) -> List[Dict[str, str]]:
     return [{"key": k, "reason": skips[k]} for k in sorted(skips)]
 
 
+def finished_keys(records: List[Dict[str, Any]], methods: List[str], seeds: List[int]) -> Set[str]:
+    """Keys with a record for every (method, seed) of the run."""
+    expected = {(m, s) for m in methods for s in seeds}
+    done: Dict[str, set] = {}
+    for r in records:
+        done.setdefault(r["key"], set()).add((r["method"], r["seed"]))
+    return {k for k, got in done.items() if expected <= got}
+
+
 def store_id(method: str, seed: int, key: str) -> str:
     """A tar-safe member id for one map (webdataset splits names at the first dot)."""
     return f"{method}-{seed}-{hashlib.sha1(key.encode()).hexdigest()[:20]}"
@@ -64,12 +77,11 @@ def iter_attributions(run_dir: Path) -> Iterator[Dict[str, Any]]:
     Each (key, method, seed) is yielded once, and only from an attempt whose record file holds its record
     (records are written after the batch's maps are flushed, so such maps are complete): a killed attempt's
     unrecorded or truncated maps are skipped, and a key recomputed by a resumed run is not yielded twice.
-    Arrays are read with ``allow_pickle=False``.
     """
     run_dir, seen = Path(run_dir), set()
     for path in sorted((run_dir / "attributions").glob("rank*-*.tar")):
         recorded = _record_ids(run_dir / "records" / f"{path.stem}.jsonl")
-        for sample in _read_store(path):
+        for sample in read_store(path):
             ident = (sample.get("key"), sample.get("method"), sample.get("seed"))
             if ident in recorded and ident not in seen:
                 seen.add(ident)
@@ -81,37 +93,33 @@ def _record_ids(path: Path) -> set:
     return {(r["key"], r["method"], r["seed"]) for r in _json_lines(path) if "skipped" not in r}
 
 
-def _read_store(path: Path) -> Iterator[Dict[str, Any]]:
-    """The samples of one attribution tar in order; a truncated tail ends the stream quietly."""
-    current: Dict[str, Any] = {}
+def read_store(path: Path) -> Iterator[Dict[str, Any]]:
+    """The samples of one attribution tar in order (webdataset's tar reader); a truncated tail ends the stream.
+
+    Only ``json`` and ``*.npy`` members are read, the arrays with ``allow_pickle=False``; other members are ignored.
+    """
     try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                stem, _, ext = member.name.partition(".")
-                if current and current["_id"] != stem:
-                    yield _finish(current)
-                    current = {}
-                data = tar.extractfile(member).read()
-                current["_id"] = stem
-                if ext == "json":
-                    current.update(json.loads(data))
-                else:
-                    current[ext.split(".")[0]] = np.load(io.BytesIO(data), allow_pickle=False)
-    except (tarfile.ReadError, EOFError, OSError):
+        with open(path, "rb") as stream:
+            for raw in group_by_keys(tar_file_iterator(stream)):
+                yield _decode_sample(raw)
+    except (tarfile.ReadError, EOFError, OSError, ValueError):
         return  # the member being read was cut short: not yielded
-    if current:
-        yield _finish(current)
 
 
-def _finish(sample: Dict[str, Any]) -> Dict[str, Any]:
-    sample.pop("_id", None)
-    sample.setdefault("image", None)
-    sample.setdefault("text", None)
+def _decode_sample(raw: Dict[str, Any]) -> Dict[str, Any]:
+    sample: Dict[str, Any] = {"image": None, "text": None}
+    for name, data in raw.items():
+        if name == "json":
+            sample.update(json.loads(data))
+        elif name.endswith(".npy"):
+            sample[name.split(".")[0]] = np.load(io.BytesIO(data), allow_pickle=False)
     return sample
 
 
 class RecordWriter(Callback):
     """Write records and maps per rank as batches finish; resume finished keys; write the summary.
+
+    A default of the eval CLI (:mod:`clipib.lit.cli`): configs need not list it.
 
     Args:
         out_dir: run directory (default: ``trainer.default_root_dir``).
@@ -122,22 +130,26 @@ class RecordWriter(Callback):
         self.out_dir = out_dir
         self.store_maps = store_maps
         self._records = None
-        self._tar = None
+        self._tar: Optional[wds.TarWriter] = None
+        self.resumed = 0
 
     def run_dir(self, trainer: Trainer) -> Path:
         """The run directory."""
         return Path(self.out_dir or trainer.default_root_dir)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Resume what earlier attempts finished and open this attempt's files."""
         run = self.run_dir(trainer)
         records = read_records(run)
-        expected = {(m, s) for m in pl_module.methods for s in pl_module.seeds}
-        done: Dict[str, set] = {}
-        for r in records:
-            done.setdefault(r["key"], set()).add((r["method"], r["seed"]))
-        pl_module.finished_keys = {k for k, got in done.items() if expected <= got}
-        if trainer.global_rank == 0:
-            pl_module.replay([r for r in records if r["key"] in pl_module.finished_keys])
+        done = finished_keys(records, list(pl_module.methods), pl_module.seeds)
+        if done:
+            exclude = getattr(trainer.datamodule, "exclude", None)
+            if exclude is None:
+                raise ValueError(f"{run} holds finished samples, but the datamodule has no exclude(keys) to skip them")
+            exclude(done)
+            if trainer.global_rank == 0:
+                pl_module.resume([r for r in records if r["key"] in done])
+        self.resumed = len(done)
         existing = [int(p.stem.split("-")[1]) for p in (run / "records").glob("rank*-*.jsonl")]
         attempt = trainer.strategy.broadcast(max(existing, default=-1) + 1)
         for sub in ("records", "attributions"):
@@ -145,10 +157,10 @@ class RecordWriter(Callback):
         name = f"rank{trainer.global_rank}-{attempt:03d}"
         self._records = open(run / "records" / f"{name}.jsonl", "a")
         if self.store_maps:
-            self._tar = tarfile.open(run / "attributions" / f"{name}.tar", "w")
-        self.resumed = len(pl_module.finished_keys)
+            self._tar = wds.TarWriter(str(run / "attributions" / f"{name}.tar"))
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        """Write the batch's maps, then its records and skips (flushed and synced to disk)."""
         if not outputs:
             return
         if self._tar is not None and outputs["batch"] is not None:
@@ -164,32 +176,26 @@ class RecordWriter(Callback):
         keys = outputs["batch"]["key"]
         for (method, seed), attr in outputs["maps"].items():
             for i, key in enumerate(keys):
-                sid = store_id(method, seed, key)
-                self._add(f"{sid}.json", json.dumps({"key": key, "method": method, "seed": seed}).encode())
+                sample: Dict[str, Any] = {"__key__": store_id(method, seed, key),
+                                          "json": {"key": key, "method": method, "seed": seed}}
                 for field in ("image", "text"):
                     value = getattr(attr, field)
                     if value is not None:
-                        buf = io.BytesIO()
-                        np.save(buf, value[i].detach().cpu().numpy().astype(np.float16), allow_pickle=False)
-                        self._add(f"{sid}.{field}.npy", buf.getvalue())
-        self._tar.fileobj.flush()
+                        sample[f"{field}.npy"] = value[i].detach().cpu().numpy().astype(np.float16)
+                self._tar.write(sample)
+        self._tar.stream.flush()
 
-    def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        self._tar.addfile(info, io.BytesIO(data))
-
-    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for handle in (self._records, self._tar):
-            if handle is not None:
-                handle.close()
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Close this attempt's files; rank 0 writes ``summary.json`` / ``summary.md`` and prints the table."""
+        summary = pl_module.summary()  # every process: the metrics sync here
+        if self._records is not None:
+            self._records.close()
+        if self._tar is not None:
+            self._tar.close()
         trainer.strategy.barrier()
         if trainer.global_rank == 0:
             run = self.run_dir(trainer)
             skipped = read_skips(run)
-            summary = {m: dict(v) for m, v in pl_module.final_summary.items()}
-            for method, values in pl_module.auroc_summary(read_records(run)).items():
-                summary[method].update(values)
             write_summary(run, summary, {"skipped": {"n": len(skipped), "samples": skipped}})
             print((run / "summary.md").read_text())
             if self.resumed:

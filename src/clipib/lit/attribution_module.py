@@ -1,10 +1,11 @@
 """AttributionModule: a frozen CLIP and a set of attribution methods, evaluated in Lightning's test loop.
 
 ``test_step`` explains each batch with every method and seed (gradients enabled inside the method; the
-Trainer must run with ``inference_mode=False``), turns each attribution into per-sample metric values with
-the configured scorers, updates summed-state metrics, and returns per-sample records and maps for the
-callbacks, which do every disk and image write. Samples already finished in an earlier run of the same
-command (``finished_keys``, set by :class:`~clipib.callbacks.records.RecordWriter`) are skipped.
+Trainer must run with ``inference_mode=False``), updates the metrics it owns — one torchmetrics ``Metric`` per
+configured metric and method (:data:`clipib.metrics.METRICS`), one matched-vs-mismatched AUROC per configured
+value and method, one throughput meter per method — and returns per-sample records and maps for the callbacks,
+which do every disk and image write. A resumed run feeds the records of finished samples back with
+:meth:`AttributionModule.resume`; :meth:`AttributionModule.summary` gives the synced result.
 
 Seeds: a pair's seed is derived from its sample key and the run seed (:func:`sample_seed`), so records do not
 depend on batch size, worker count or number of processes.
@@ -12,20 +13,22 @@ depend on batch size, worker count or number of processes.
 
 from __future__ import annotations
 
-import resource
-import time
 import zlib
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from clipib.attribution import METHODS, Attribution, Attributor
-from clipib.lit.scorers import SCORERS, Scorer
-from clipib.metrics.aggregate import SeedMeanStd, Throughput
-from clipib.metrics.mismatch import mismatch_auroc as auroc_kernel
+from clipib.bench.timing import start_timer, stop_timer
+from clipib.metrics import METRICS, MismatchAUROC, Throughput
 from clipib.models.loading import DEFAULT, load_clip
+
+Record = Dict[str, Any]
+"""One per-sample record: ``{"key", "method", "seed", <value name>: float | bool | None, ...}``."""
+Summary = Dict[str, Dict[str, Dict[str, float]]]
+"""``{method: {value: {"mean", "std", "n", ...}}}``."""
 
 
 def sample_seed(key: str, seed: int) -> int:
@@ -43,10 +46,10 @@ class AttributionModule(LightningModule):
             run one method under several names) and its constructor arguments.
         modality: ``"both"``, ``"image"`` or ``"text"``; methods that cannot do a modality skip it.
         seeds: run seeds; each pair's seed is derived from its key and the run seed. AdaIB reports 42-46.
-        metrics: ``{scorer name: settings}`` (see :data:`clipib.lit.scorers.SCORERS`).
+        metrics: ``{metric name: settings}`` (see :data:`clipib.metrics.METRICS`).
         keep_maps: return the maps to the callbacks (gallery, attribution store).
         mismatch_auroc: ``{value: orientation}`` — per method and seed, the AUROC with which a per-pair value
-            (a scorer's value or a method scalar such as ``image_fit``) separates matched from mismatched pairs
+            (a metric's value or a method scalar such as ``image_fit``) separates matched from mismatched pairs
             (AdaIB App. C; needs ``matched`` in the batch). Orientation: ``matched_high`` | ``matched_low`` |
             ``either``. Reported as ``auroc_<value>``, mean ± std over seeds.
     """
@@ -64,160 +67,161 @@ class AttributionModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        unknown = [m for m in (metrics or {}) if m not in SCORERS]
+        unknown = [m for m in (metrics or {}) if m not in METRICS]
         if unknown:
-            raise ValueError(f"unknown metrics {unknown}; available: {sorted(SCORERS)}")
-        self.method_specs = dict(methods or {"m2ib": {}})
-        for name, spec in self.method_specs.items():
+            raise ValueError(f"unknown metrics {unknown}; available: {sorted(METRICS)}")
+        specs = dict(methods or {"m2ib": {}})
+        for name, spec in specs.items():
             if (spec or {}).get("method", name) not in METHODS:
                 raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
         self.clip = load_clip(model, pretrained=pretrained)
         self.methods: Dict[str, Attributor] = {}
-        for name, spec in self.method_specs.items():
+        for name, spec in specs.items():
             spec = dict(spec or {})
             self.methods[name] = METHODS[spec.pop("method", name)](self.clip, **spec)
-        self.scorers: Dict[str, Scorer] = {n: SCORERS[n](**(s or {})) for n, s in (metrics or {}).items()}
         self.seeds = [int(s) for s in seeds]
-        self.finished_keys: Set[str] = set()
-        self.stats = nn.ModuleDict({
-            m: nn.ModuleDict({v: SeedMeanStd(n_seeds=len(self.seeds)) for v in self._values(m)})
+        n = len(self.seeds)
+        self.metrics = nn.ModuleDict({
+            m: nn.ModuleDict({k: METRICS[k](n_seeds=n, **(s or {})) for k, s in (metrics or {}).items()})
+            for m in self.methods
+        })
+        self.auroc = nn.ModuleDict({
+            m: nn.ModuleDict({v: MismatchAUROC(orientation=o, n_seeds=n) for v, o in (mismatch_auroc or {}).items()})
             for m in self.methods
         })
         self.speed = nn.ModuleDict({m: Throughput() for m in self.methods})
-        self.mismatch_auroc = dict(mismatch_auroc or {})
+
+    def setup(self, stage: str) -> None:
+        """Hand the loaded model's preprocess, tokenizer and pair scorer to the data (``use_model``)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "use_model"):
+            datamodule.use_model(self.clip)
+
+    def modality(self, method: str) -> Optional[str]:
+        """The modality argument ``method`` runs with (what it can do of the configured ``modality``)."""
+        return self.methods[method].modality_for(self.hparams.modality)
 
     def _modalities(self, method: str) -> List[str]:
-        wanted = ["image", "text"] if self.hparams.modality == "both" else [self.hparams.modality]
-        return [m for m in wanted if m in self.methods[method].modalities]
-
-    def _values(self, method: str) -> List[str]:
-        """Names of the per-sample values the scorers produce for ``method``."""
-        return [v for s in self.scorers.values() for mod in self._modalities(method) for v in s.names(mod)]
+        mod = self.modality(method)
+        return [] if mod is None else ["image", "text"] if mod == "both" else [mod]
 
     def _attribute(self, method: str, batch: Dict[str, Any], seed: int) -> Attribution:
-        mods = self._modalities(method)
-        modality = "both" if len(mods) == 2 else mods[0]
         seeds = [sample_seed(k, seed) for k in batch["key"]]
         with torch.enable_grad():
-            return self.methods[method].attribute(batch["image"], batch["ids"], modality=modality, seeds=seeds)
+            return self.methods[method].attribute(batch["image"], batch["ids"], self.modality(method), seeds=seeds)
 
-    def _keep(self, batch: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        """The batch without finished samples (None if nothing is left)."""
-        keep = [i for i, k in enumerate(batch["key"]) if k not in self.finished_keys]
-        batch = {k: v for k, v in batch.items() if k != "skipped"}
-        if len(keep) == len(batch["key"]):
-            return batch
-        if not keep:
-            return None
-        idx = torch.tensor(keep, device=batch["image"].device)
-        return {k: (v[idx] if isinstance(v, Tensor) else [v[i] for i in keep]) if _is_batched(v, batch) else v
-                for k, v in batch.items()}
-
-    def test_step(self, batch: Dict[str, Any], batch_idx: int) -> Optional[Dict[str, Any]]:
+    def test_step(self, batch: Dict[str, Any], batch_idx: int) -> Dict[str, Any]:
         """Explain, score and return ``{"records", "maps": {(method, seed): Attribution}, "batch", "skipped"}``.
 
-        ``skipped`` lists the samples the data pipeline could not read (``{"key", "reason"}``).
+        ``skipped`` lists the samples the data pipeline could not read (``{"key", "reason"}``); ``batch`` is
+        None when every sample of the batch was skipped.
         """
-        skipped = [s for s in batch.get("skipped", []) if s["key"] not in self.finished_keys]
-        batch = self._keep(batch) if len(batch["key"]) else None
-        if batch is None:
+        skipped = list(batch.get("skipped", []))
+        if not len(batch["key"]):
             return {"records": [], "maps": {}, "batch": None, "skipped": skipped}
-        records: List[Dict[str, Any]] = []
+        records: List[Record] = []
         maps: Dict[tuple, Attribution] = {}
         for method in self.methods:
+            if self.modality(method) is None:
+                continue
             for s_idx, seed in enumerate(self.seeds):
-                start = _start_timer(self.device)
+                start = start_timer(self.device)
                 attr = self._attribute(method, batch, seed)
-                self.speed[method].update(len(batch["key"]), *_stop_timer(self.device, start))
-                values = self._score(method, batch, attr)
-                for name, v in values.items():
-                    self.stats[method][name].update(v, seed_index=s_idx)
+                self.speed[method].update(len(batch["key"]), *stop_timer(self.device, start))
+                values = self._score(method, batch, attr, s_idx)
                 extra = {**attr.scalars, **({"matched": batch["matched"]} if "matched" in batch else {})}
-                records += _records(batch, method, seed, {**values, **extra})
+                self._update_auroc(method, {**values, **extra}, batch.get("matched"), s_idx)
+                records += _records(batch["key"], method, seed, {**values, **extra})
                 if self.hparams.keep_maps:
                     maps[(method, seed)] = attr
         return {"records": records, "maps": maps, "batch": batch, "skipped": skipped}
 
-    def _score(self, method: str, batch: Dict[str, Any], attr: Attribution) -> Dict[str, Tensor]:
+    def _score(self, method: str, batch: Dict[str, Any], attr: Attribution, seed_index: int) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
-        for scorer in self.scorers.values():
+        for metric in self.metrics[method].values():
             for mod in self._modalities(method):
-                out.update(scorer(self.clip, batch, attr, mod))
+                out.update(metric.update(self.clip, batch, attr, mod, seed_index=seed_index))
         return out
 
-    def replay(self, records: List[Dict[str, Any]]) -> None:
-        """Feed records of an earlier, interrupted run into the metric states (rank 0 only)."""
-        for r in records:
-            if r["method"] not in self.stats or r["seed"] not in self.seeds:
-                continue
-            s_idx = self.seeds.index(r["seed"])
-            for name, metric in self.stats[r["method"]].items():
-                if name in r:
-                    metric.update(torch.tensor([float("nan") if r[name] is None else r[name]]), seed_index=s_idx)
+    def _update_auroc(self, method: str, values: Dict[str, Tensor], matched: Optional[Tensor], seed_index: int) -> None:
+        """Feed each configured value's finite per-pair scores into its AUROC (pairs without one are left out)."""
+        if matched is None:
+            return
+        for name, auroc in self.auroc[method].items():
+            if name in values:
+                v = values[name].detach().double().reshape(-1).cpu()
+                ok = torch.isfinite(v)
+                auroc.update(v[ok], matched.reshape(-1).cpu()[ok], seed_index=seed_index)
 
-    def summary(self) -> Dict[str, Dict[str, Dict[str, float]]]:
-        """``{method: {value: {"mean", "std", "n", ...}}}`` synced over processes."""
-        out: Dict[str, Dict[str, Dict[str, float]]] = {}
-        for method, values in self.stats.items():
-            out[method] = {name: {k: float(v) for k, v in m.compute().items()} for name, m in values.items()}
-            speed = self.speed[method].compute()
-            out[method]["pairs_per_s"] = {"mean": float(speed["pairs_per_s"]), "std": 0.0, "n": float(speed["pairs"])}
-            out[method]["peak_mib"] = {"mean": float(speed["peak_mib"]), "std": 0.0, "n": float(speed["pairs"])}
-        return out
+    def resume(self, records: Sequence[Record]) -> None:
+        """Feed the records of samples finished by an earlier attempt into the metric states.
 
-    def auroc_summary(self, records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, float]]]:
-        """Matched-vs-mismatched AUROC per method and configured value, mean ± std over seeds, from the
-        complete records of all processes (computed once, by rank 0, from the run's record files)."""
-        out: Dict[str, Dict[str, Dict[str, float]]] = {}
+        Call it on one process only (the callback uses rank 0), so multi-process sums count each sample once.
+        """
+        for method, s_idx, rows in _grouped(records, list(self.methods), self.seeds):
+            names = {n for m in self.metrics[method].values() for mod in self._modalities(method)
+                     for n in m.value_names(mod)} | set(self.auroc[method])
+            columns = {n: torch.tensor([_value(r.get(n)) for r in rows], dtype=torch.float64)
+                       for n in names if any(n in r for r in rows)}
+            for metric in self.metrics[method].values():
+                mine = {n: columns[n] for mod in self._modalities(method) for n in metric.value_names(mod) if n in columns}
+                if mine:
+                    metric.add(mine, seed_index=s_idx)
+            if all("matched" in r for r in rows):
+                matched = torch.tensor([bool(r["matched"]) for r in rows])
+                self._update_auroc(method, columns, matched, s_idx)
+
+    def summary(self) -> Summary:
+        """``{method: {value: {"mean", "std", "n", ...}}}`` synced over processes (call it on every process).
+
+        Besides the metric values: ``pairs_per_s`` and ``peak_mib`` (throughput of this run's attributions) and
+        ``auroc_<value>`` for each configured matched-vs-mismatched AUROC.
+        """
+        out: Summary = {}
         for method in self.methods:
-            for value, orientation in self.mismatch_auroc.items():
-                per_seed = []
-                for seed in self.seeds:
-                    rows = [r for r in records if r["method"] == method and r["seed"] == seed
-                            and r.get(value) is not None and "matched" in r]
-                    flags = torch.tensor([bool(r["matched"]) for r in rows])
-                    if len(rows) and flags.any() and not flags.all():
-                        scores = torch.tensor([float(r[value]) for r in rows], dtype=torch.float64)
-                        per_seed.append(float(auroc_kernel(scores, flags, orientation)))
-                if per_seed:
-                    std = float(torch.tensor(per_seed).std()) if len(per_seed) > 1 else 0.0
-                    out.setdefault(method, {})[f"auroc_{value}"] = {
-                        "mean": sum(per_seed) / len(per_seed), "std": std, "n": float(len(rows))}
+            values: Dict[str, Dict[str, float]] = {}
+            for metric in self.metrics[method].values():
+                values.update({name: _floats(stats) for name, stats in metric.compute().items()})
+            speed = self.speed[method].compute()
+            pairs = float(speed["pairs"])
+            values["pairs_per_s"] = {"mean": float(speed["pairs_per_s"]), "std": 0.0, "n": pairs}
+            values["peak_mib"] = {"mean": float(speed["peak_mib"]), "std": 0.0, "n": pairs}
+            for name, auroc in self.auroc[method].items():
+                stats = _floats(auroc.compute())
+                if stats.get("n", 0) > 0 and stats["mean"] == stats["mean"]:
+                    values[f"auroc_{name}"] = stats
+            out[method] = values
         return out
 
     def on_test_epoch_end(self) -> None:
-        """Log every metric mean as a scalar."""
-        self.final_summary = self.summary()
-        for method, values in self.final_summary.items():
+        """Log every summary mean as a scalar (TensorBoard's SCALARS)."""
+        for method, values in self.summary().items():
             for name, stats in values.items():
                 self.log(f"{method}/{name}", stats["mean"], rank_zero_only=True, sync_dist=False)
 
 
-def _start_timer(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    return time.perf_counter()
+def _floats(stats: Dict[str, Any]) -> Dict[str, float]:
+    return {k: float(v) for k, v in stats.items()}
 
 
-def _stop_timer(device: torch.device, start: float) -> tuple:
-    """``(seconds, peak MiB)``: CUDA peak allocated for the timed call, else the process's peak RSS so far."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return time.perf_counter() - start, torch.cuda.max_memory_allocated(device) / 2**20
-    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _value(v: Any) -> float:
+    return float("nan") if v is None else float(v)
 
 
-def _is_batched(value: Any, batch: Dict[str, Any]) -> bool:
-    n = len(batch["key"])
-    return (isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n) or (
-        isinstance(value, list) and len(value) == n)
+def _grouped(records: Sequence[Record], methods: List[str], seeds: List[int]):
+    """``(method, seed index, rows)`` for each (method, seed) of this run that has records."""
+    groups: Dict[tuple, List[Record]] = {}
+    for r in records:
+        if r["method"] in methods and r["seed"] in seeds:
+            groups.setdefault((r["method"], seeds.index(r["seed"])), []).append(r)
+    for (method, s_idx), rows in groups.items():
+        yield method, s_idx, rows
 
 
-def _records(batch: Dict[str, Any], method: str, seed: int, values: Dict[str, Tensor]) -> List[Dict[str, Any]]:
+def _records(keys: List[str], method: str, seed: int, values: Dict[str, Tensor]) -> List[Record]:
     rows = []
-    for i, key in enumerate(batch["key"]):
-        row: Dict[str, Any] = {"key": key, "method": method, "seed": seed}
+    for i, key in enumerate(keys):
+        row: Record = {"key": key, "method": method, "seed": seed}
         for name, v in values.items():
             x = float(v[i])
             if v.dtype == torch.bool:

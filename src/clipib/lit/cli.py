@@ -1,10 +1,18 @@
-"""LightningCLI set-up shared by ``eval.py`` (and ``train.py``): defaults, config saving in the run folder."""
+"""LightningCLI set-up of ``eval.py``: trainer defaults, the default callbacks and logger, config saving.
+
+An eval YAML needs only ``model:``, ``data:`` and ``trainer.default_root_dir``: the records callback
+(:class:`~clipib.callbacks.records.RecordWriter`, configurable under the top-level ``records:`` key) and a
+TensorBoard logger writing to ``<default_root_dir>/tensorboard`` are always there.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from clipib.callbacks.records import RecordWriter
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -28,18 +36,39 @@ EVAL_TRAINER_DEFAULTS = {
 
 
 class EvalCLI(LightningCLI):
-    """``eval.py``: the data's preprocess and tokenizer follow ``model.model`` (one place to name the model)."""
+    """``eval.py``: RecordWriter and a TensorBoard logger by default; the data gets the model's transforms from
+    the module (``AttributionModule.setup`` -> ``datamodule.use_model``), so the model is named in one place."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.model", "data.model")
+        """The records callback is always added (settings under ``records:``)."""
+        parser.add_lightning_class_args(RecordWriter, "records")
+
+    def before_instantiate_classes(self) -> None:
+        """Without a configured logger, log to TensorBoard in ``<default_root_dir>/tensorboard``."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.get("logger") in (None, True):
+            root = config.trainer.get("default_root_dir") or "."
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                init_args=Namespace(save_dir=root, name="tensorboard"))
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer; a RecordWriter listed in ``trainer.callbacks`` (older configs) replaces the default one."""
+        listed = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        if any(isinstance(c, RecordWriter) for c in (listed if isinstance(listed, list) else [listed])):
+            extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+            extra = [c for c in extra if not isinstance(c, RecordWriter)]
+            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+            return self._instantiate_trainer(trainer_config, extra)
+        return super().instantiate_trainer(**kwargs)
 
 
 def eval_cli(**kwargs) -> LightningCLI:
     """The ``eval.py`` command line: ``python eval.py test -c configs/eval/<name>.yaml``."""
-    from clipib.data.datamodule import ClipDataModule
+    from clipib.data.datamodule import EvalDataModule
     from clipib.lit.attribution_module import AttributionModule
 
     return EvalCLI(
-        AttributionModule, ClipDataModule, save_config_callback=RunConfigSaver,
+        AttributionModule, EvalDataModule, save_config_callback=RunConfigSaver,
         trainer_defaults=EVAL_TRAINER_DEFAULTS, seed_everything_default=0, **kwargs,
     )

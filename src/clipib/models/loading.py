@@ -81,19 +81,31 @@ def _resolve_pretrained(model: str, name: str, pretrained: Optional[str]) -> Opt
     return pretrained
 
 
+class _DropLibraryRecords(logging.Filter):
+    """Drops records that open_clip logs on the root logger (it calls ``logging.info`` / ``logging.warning``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and f"{os.sep}open_clip{os.sep}" in record.pathname)
+
+
 @contextlib.contextmanager
 def _quiet(offline: bool):
-    """Silence open_clip's and huggingface_hub's logging; with ``offline``, forbid Hub requests."""
+    """Silence open_clip's and huggingface_hub's own log records while loading; with ``offline``, forbid Hub
+    requests. Only those two libraries' records are dropped: every other logger of the process keeps logging."""
     import huggingface_hub.constants as hub
 
-    was_offline, was_disabled = hub.HF_HUB_OFFLINE, logging.root.manager.disable
+    hub_log = logging.getLogger("huggingface_hub")
+    was_offline, was_level = hub.HF_HUB_OFFLINE, hub_log.level
     hub.HF_HUB_OFFLINE = offline or was_offline
-    logging.disable(logging.CRITICAL)
+    drop = _DropLibraryRecords()
+    logging.getLogger().addFilter(drop)
+    hub_log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
         hub.HF_HUB_OFFLINE = was_offline
-        logging.disable(was_disabled)
+        hub_log.setLevel(was_level)
+        logging.getLogger().removeFilter(drop)
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
