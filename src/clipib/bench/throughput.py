@@ -1,89 +1,29 @@
 """Throughput of the attribution methods, measured against the reference-shaped loops (issue 7).
 
 For every method and batch size: pairs/s and peak memory of one ``method.attribute`` call on synthetic pairs
-(both modalities where the method has both). For M2IB and NIB the same run times :mod:`clipib.reference`
+(both modalities where the method has both). For the methods of
+:data:`~clipib.bench.reference_loops.REFERENCE_LOOPS` (M2IB, NIB) the same run times their reference-shaped loop
 (one pair at a time, the model's weights requiring gradients, as the official code runs), and reports
-clipib's speed-up and the agreement of the maps: M2IB by Spearman ρ next to the reference's own seed-to-seed
-ρ, NIB by the max abs difference of the normalised maps. :mod:`clipib.bench_flops` adds the FLOP floor.
-Used by ``clipib bench`` and ``benchmarks/throughput.py``.
+clipib's speed-up and the agreement of the maps: a stochastic loop (M2IB) by Spearman ρ next to the
+reference's own seed-to-seed ρ, a deterministic one (NIB) by the max abs difference of the normalised maps.
+:mod:`clipib.bench.flops` adds the FLOP floor. Used by ``clipib bench`` and ``benchmarks/throughput.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import os
-import platform
-import resource
 import sys
-import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torchmetrics.functional import spearman_corrcoef
 from tqdm.auto import tqdm
 
-from clipib.attribution import METHODS, Attributor
+from clipib.attribution import METHODS, Attribution, Attributor, to_maps
+from clipib.bench.common import load_average, machine_info, synthetic_pairs
+from clipib.bench.flops import flop_report
+from clipib.bench.reference_loops import REFERENCE_LOOPS, ReferenceLoop, loop_weights
+from clipib.bench.timing import measure, seconds, spearman
 from clipib.models.split import SplitCLIP
-from clipib.reference import loop_weights, m2ib_map, nib_map
-
-CAPTIONS = ["a photo of a dog", "two cats sleeping on a red sofa", "a man riding a horse on the beach",
-            "a bowl of fruit", "a city street at night with cars and people", "a small boat on a lake"]
-REFERENCED = ("m2ib", "nib")
-"""Methods with a reference-shaped loop in :mod:`clipib.reference`."""
-
-
-def synthetic_pairs(clip: SplitCLIP, n: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
-    """``n`` pairs on the model's device: standard-normal images ``[n, 3, H, W]`` and captions of 6-11
-    tokens (SOT..EOT), cycling."""
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, *clip.image_size, generator=gen).to(clip.device)
-    return images, clip.tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(n)])
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            line = next(x for x in f if x.startswith("VmHWM:"))
-        return int(line.split()[1]) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
-
-
-@contextlib.contextmanager
-def measure(device: torch.device) -> Iterator[Dict[str, Any]]:
-    """Wall and CPU seconds and peak memory (MiB) of the enclosed block: ``torch.cuda.max_memory_allocated``
-    on CUDA; on the CPU the process's peak RSS, reset at entry (VmHWM) or, if that fails, since start."""
-    rec: Dict[str, Any] = {}
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        rec["memory"] = "cuda max_memory_allocated"
-    else:
-        rec["memory"] = "peak RSS (VmHWM reset per measurement)" if _reset_peak_rss() else "peak RSS since start"
-    wall, cpu = time.perf_counter(), time.process_time()
-    yield rec
-    if cuda:
-        torch.cuda.synchronize(device)
-    rec["wall_s"], rec["cpu_s"] = time.perf_counter() - wall, time.process_time() - cpu
-    rec["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mb()
-
-
-def modality_of(method: Attributor) -> str:
-    """``"both"`` for a two-modality method, else its one modality."""
-    return "both" if {"image", "text"} <= set(method.modalities) else method.modalities[0]
 
 
 def _skipped_row(name: str, kwargs: Optional[dict], b: int, modality: str, estimate_s: float,
@@ -101,18 +41,16 @@ def bench_method(clip: SplitCLIP, name: str, batch_sizes: Sequence[int], kwargs:
     (``"skipped"``, ``"estimated_s"``) instead of carrying timings. None = run every batch size.
     """
     method = METHODS[name](clip, **(kwargs or {}))
-    modality = modality_of(method)
+    modality = method.modality_for("both")
     per_pair: Optional[float] = None
     if warmup:
-        start = time.perf_counter()
-        method.attribute(*synthetic_pairs(clip, 1), modality=modality)
-        per_pair = time.perf_counter() - start
+        per_pair = seconds(lambda: method.attribute(*synthetic_pairs(clip, 1), modality=modality), clip.device)
     rows = []
     for b in batch_sizes:
         if max_seconds is not None and per_pair is not None and per_pair * b > max_seconds:
             rows.append(_skipped_row(name, kwargs, b, modality, per_pair * b, max_seconds))
             continue
-        images, ids = synthetic_pairs(clip, b)
+        images, ids = synthetic_pairs(clip, b)  # [b, 3, H, W], [b, ctx]
         with measure(clip.device) as rec:
             method.attribute(images, ids, modality=modality)
         per_pair = rec["wall_s"] / b
@@ -121,97 +59,78 @@ def bench_method(clip: SplitCLIP, name: str, batch_sizes: Sequence[int], kwargs:
     return rows
 
 
-def _rho(a: Tensor, b: Tensor) -> float:
-    return float(spearman_corrcoef(a.flatten().double().cpu(), b.flatten().double().cpu()))
-
-
-def _reference_maps(clip: SplitCLIP, method: Attributor, images: Tensor, ids: Tensor, seed: int,
-                    weight_grads: bool = True) -> Tuple[Tensor, Tensor, Dict[str, Any], Dict[str, Any]]:
+def _reference_maps(clip: SplitCLIP, method: Attributor, loop: ReferenceLoop, images: Tensor, ids: Tensor,
+                    seed: int, weight_grads: bool = True) -> Tuple[Tensor, Tensor, Dict[str, Any], Dict[str, Any]]:
     """``(image scores [T], text scores [L], image timing, text timing)`` of the reference loop on one pair.
 
-    ``weight_grads``: the model's weights require gradients (REFERENCE_NOTES' description of the official code;
-    the backward then runs through the whole model) or stay frozen (the backward stops at the attributed
-    site). The maps are the same either way (``tests/test_speed_options.py``); only the cost differs.
+    ``seed``: the global RNG's seed before the image map (stochastic loops only). ``weight_grads``: the
+    model's weights require gradients (REFERENCE_NOTES' description of the official code; the backward then
+    runs through the whole model) or stay frozen (the backward stops at the attributed site). The maps are the
+    same either way (``tests/test_speed_options.py``); only the cost differs.
     """
-    k_img, k_txt = method.layer_for(clip.image), method.layer_for(clip.text)
+    settings = loop.settings(method)
+    timings, maps = [], []
     with loop_weights(clip.model, weight_grads) as model:
-        if method.name == "m2ib":
-            b = method.bottleneck
-            kw = dict(beta=method.beta, steps=b.steps, lr=b.lr, copies=b.copies)
+        if loop.stochastic:
             torch.manual_seed(seed)
-            with measure(clip.device) as t_img:
-                img = m2ib_map(model, "image", images, ids, k_img, **kw)
-            with measure(clip.device) as t_txt:
-                txt = m2ib_map(model, "text", images, ids, k_txt, **kw)
-        else:
-            with measure(clip.device) as t_img:
-                img = nib_map(model, "image", images, ids, k_img, steps=method.steps)
-            with measure(clip.device) as t_txt:
-                txt = nib_map(model, "text", images, ids, k_txt, steps=method.steps)
-    return img.detach(), txt.detach(), t_img, t_txt
+        for name, tower in (("image", clip.image), ("text", clip.text)):
+            with measure(clip.device) as rec:
+                maps.append(loop.map(model, name, images, ids, method.layer_for(tower), **settings).detach())
+            timings.append(rec)
+    return maps[0], maps[1], timings[0], timings[1]
 
 
-def _check_reference_settings(method: Attributor) -> None:
-    if method.name == "m2ib":
-        b = method.bottleneck
-        if b.alpha_init != 5.0 or b.clip_grad is not None or b.noise != "official" or method.precision != "fp32":
-            raise ValueError("the M2IB reference loop has α₀ = 5, no clipping, the official noise and fp32")
-    elif method.name == "nib" and (method.path != "riemann" or method.precision != "fp32"):
-        raise ValueError("the NIB reference loop is the paper's Riemann path in fp32")
+def _agreement(clip: SplitCLIP, method: Attributor, loop: ReferenceLoop, ours: Attribution, i: int, x: Tensor,
+               t: Tensor, img: Tensor, txt: Tensor) -> Dict[str, Any]:
+    """How the reference maps (``img`` ``[T]``, ``txt`` ``[L]``) of pair ``i`` agree with clipib's ``ours``:
+    ρ, then the reference's own seed-to-seed ρ (stochastic loops) or the largest difference of the normalised
+    maps."""
+    gh, gw = clip.grid
+    patches = img[img.shape[0] - gh * gw :]  # [gh·gw]: the patch tokens (after the class token)
+    n = txt.shape[0]
+    row: Dict[str, Any] = {"pair": i, "rho_image": spearman(ours.image_grid[i], patches),
+                           "rho_text": spearman(ours.text_raw[i, :n], txt)}
+    if loop.stochastic:
+        img1, txt1, _, _ = _reference_maps(clip, method, loop, x, t, seed=1, weight_grads=False)
+        row.update(rho_image_seed_to_seed=spearman(img, img1), rho_text_seed_to_seed=spearman(txt, txt1))
+    else:
+        ref = to_maps(clip, t, image=patches.view(1, gh, gw), text=txt[None])
+        row.update(max_abs_diff_image=float((ours.image[i] - ref.image[0]).abs().max()),
+                   max_abs_diff_text=float((ours.text[i] - ref.text[0]).abs().max()))
+    return row
 
 
 def bench_reference(clip: SplitCLIP, name: str, pairs: int = 1, kwargs: Optional[dict] = None) -> Dict[str, Any]:
-    """Time the reference-shaped loop of ``name`` on ``pairs`` pairs and compare its maps with clipib's.
+    """Time the reference-shaped loop of ``name`` (a key of
+    :data:`~clipib.bench.reference_loops.REFERENCE_LOOPS`) on ``pairs`` pairs and compare its maps with clipib's.
 
-    M2IB: every pair with seeds 0 and 1 (ρ(clipib, reference) at seed 0 next to the reference's ρ(seed 0,
-    seed 1)); the timing is the seed-0 run. NIB: max abs difference of the normalised maps, and ρ.
-    Each pair's loop is timed twice, with the weights requiring gradients (``timings``) and frozen
-    (``timings_frozen``); ``s_per_pair``, which the speed-ups divide, is the faster of the two means — the
-    stronger baseline.
+    A stochastic loop (M2IB): every pair with seeds 0 and 1 (ρ(clipib, reference) at seed 0 next to the
+    reference's ρ(seed 0, seed 1)); the timing is the seed-0 run. A deterministic one (NIB): max abs
+    difference of the normalised maps, and ρ. Each pair's loop is timed twice, with the weights requiring
+    gradients (``timings``) and frozen (``timings_frozen``); ``s_per_pair``, which the speed-ups divide, is
+    the faster of the two means — the stronger baseline.
     """
+    loop = REFERENCE_LOOPS[name]
     method = METHODS[name](clip, **(kwargs or {}))
-    _check_reference_settings(method)
-    images, ids = synthetic_pairs(clip, pairs)
+    why = loop.mismatch(method)
+    if why is not None:
+        raise ValueError(why)
+    images, ids = synthetic_pairs(clip, pairs)  # [pairs, 3, H, W], [pairs, ctx]
     ours = method.attribute(images, ids, seeds=[0] * pairs)
     timings, frozen, agreement = [], [], []
     for i in range(pairs):
         x, t = images[i : i + 1], ids[i : i + 1]
-        img, txt, t_img, t_txt = _reference_maps(clip, method, x, t, seed=0)
-        n = txt.shape[0]
+        img, txt, t_img, t_txt = _reference_maps(clip, method, loop, x, t, seed=0)
         timings.append({"pair": i, "image": t_img, "text": t_txt, "s_per_pair": t_img["wall_s"] + t_txt["wall_s"]})
-        _, _, f_img, f_txt = _reference_maps(clip, method, x, t, seed=0, weight_grads=False)
+        _, _, f_img, f_txt = _reference_maps(clip, method, loop, x, t, seed=0, weight_grads=False)
         frozen.append({"pair": i, "image": f_img, "text": f_txt, "s_per_pair": f_img["wall_s"] + f_txt["wall_s"]})
-        row: Dict[str, Any] = {"pair": i,
-                               "rho_image": _rho(ours.image_grid[i], img[1:]),
-                               "rho_text": _rho(ours.text_raw[i, :n], txt)}
-        if name == "m2ib":
-            img1, txt1, _, _ = _reference_maps(clip, method, x, t, seed=1, weight_grads=False)
-            row.update(rho_image_seed_to_seed=_rho(img, img1), rho_text_seed_to_seed=_rho(txt, txt1))
-        else:
-            _, ref_image = method._image_maps(img[1:].view(1, *clip.grid))
-            raw_text = torch.zeros(1, ids.shape[1], device=txt.device)
-            raw_text[0, :n] = txt
-            _, ref_text = method._text_maps(raw_text, t)
-            row.update(max_abs_diff_image=float((ours.image[i] - ref_image[0]).abs().max()),
-                       max_abs_diff_text=float((ours.text[i] - ref_text[0]).abs().max()))
-        agreement.append(row)
+        agreement.append(_agreement(clip, method, loop, ours, i, x, t, img, txt))
     with_grads = sum(r["s_per_pair"] for r in timings) / pairs
     without = sum(r["s_per_pair"] for r in frozen) / pairs
     s_per_pair = min(with_grads, without)
     return {"method": name, "pairs": pairs, "s_per_pair": s_per_pair, "pairs_per_s": 1 / s_per_pair,
             "s_per_pair_weight_grads": with_grads, "s_per_pair_frozen": without,
             "timings": timings, "timings_frozen": frozen, "agreement": agreement}
-
-
-def machine_info(device: torch.device) -> Dict[str, Any]:
-    """Where and when the benchmark ran: host, CPU count, torch threads, load average, device name, date."""
-    info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "host": platform.node(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": str(device), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batch_sizes: Sequence[int] = (1, 8, 32),
@@ -224,13 +143,11 @@ def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batc
         methods: registered names (default: every method in :data:`clipib.METHODS`).
         reference_pairs: pairs for the reference loops (0 = no reference, no speed-up).
         method_kwargs: constructor settings per method name.
-        flops: count FLOPs and compare with the measured matmul rate (:mod:`clipib.bench_flops`).
+        flops: count FLOPs and compare with the measured matmul rate (:mod:`clipib.bench.flops`).
         on_method: called with the partial result after each method (e.g. to save it, so that a run killed
             later keeps the methods already measured).
         max_seconds: per (method, batch size) budget; see :func:`bench_method`.
     """
-    from clipib.bench_flops import flop_report
-
     methods = list(methods) if methods else sorted(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -241,7 +158,7 @@ def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batc
     out["meta"]["max_seconds"] = max_seconds
     for name in tqdm(methods, desc="clipib bench", unit="method", file=sys.stderr):
         out["rows"] += bench_method(clip, name, batch_sizes, kwargs.get(name), warmup, max_seconds)
-        if name in REFERENCED and reference_pairs > 0:
+        if name in REFERENCE_LOOPS and reference_pairs > 0:
             ref = bench_reference(clip, name, reference_pairs, kwargs.get(name))
             out["reference"][name] = ref
             for row in out["rows"]:
@@ -251,7 +168,7 @@ def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batc
                 out["flops"][name] = flop_report(clip, name, kwargs.get(name), out["rows"], ref)
         if on_method is not None:
             on_method(out)
-    out["meta"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    out["meta"]["load_average_after"] = load_average()
     return out
 
 
