@@ -180,50 +180,68 @@ def _fmt_agreement(key: str, value: float) -> str:
     return f"{key} {value:.2e}" if key.startswith("max_abs") else f"{key} {value:.4f}"
 
 
+def _table(caption: Optional[str], columns: Sequence[str]) -> List[str]:
+    """The head of a markdown table: an optional caption paragraph, the column names and the rule."""
+    head = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return head if caption is None else ["", caption, "", *head]
+
+
+def _throughput_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    lines = _table(None, ["method", "settings", "batch", "modality", "pairs/s", "s/pair", "CPU s/pair", "peak MiB",
+                          "speed-up vs reference"])
+    for r in rows:
+        row = f"| {r['method']} | {r['settings'] or ''} | {r['batch_size']} | {r['modality']} | "
+        if "skipped" in r:
+            lines.append(row + f"not run: {r['skipped']} | | | | |")
+            continue
+        lines.append(row + f"{_fmt(r['pairs_per_s'])} | {_fmt(r['s_per_pair'])} | "
+                     f"{_fmt(r['cpu_s'] / r['batch_size'])} | {r['peak_mb']:.0f} | "
+                     f"{_fmt(r.get('speedup_vs_reference', '–'))} |")
+    return lines
+
+
+def _reference_lines(reference: Dict[str, Any]) -> List[str]:
+    lines = _table("Reference-shaped loops (one pair at a time; image / text map seconds with the weights requiring "
+                   "gradients, then frozen; speed-ups divide the faster mean):",
+                   ["method", "pair", "weights requiring grad: image / text s", "s/pair", "frozen: image / text s",
+                    "s/pair", "peak MiB", "agreement with clipib"])
+    for name, ref in reference.items():
+        for t, f, a in zip(ref["timings"], ref["timings_frozen"], ref["agreement"]):
+            agree = ", ".join(_fmt_agreement(k, v) for k, v in a.items() if k != "pair")
+            peak = max(t["image"]["peak_mb"], t["text"]["peak_mb"])
+            lines.append(f"| {name} | {t['pair']} | {_fmt(t['image']['wall_s'])} / {_fmt(t['text']['wall_s'])} | "
+                         f"{_fmt(t['s_per_pair'])} | {_fmt(f['image']['wall_s'])} / {_fmt(f['text']['wall_s'])} | "
+                         f"{_fmt(f['s_per_pair'])} | {peak:.0f} | {agree} |")
+    return lines
+
+
+def _flops_lines(flops: Dict[str, Any]) -> List[str]:
+    lines = _table("FLOP floor per pair (FlopCounterMode counts; floor time = floor / measured matmul rate; the "
+                   "reference with its weights requiring gradients / frozen):",
+                   ["method", "floor GFLOP", "clipib GFLOP", "reference GFLOP", "matmul GFLOP/s", "floor s",
+                    "clipib s/pair (× floor)", "reference s/pair (× floor)"])
+    for name, f in flops.items():
+        ours = ", ".join(f"b{k.split('_')[1]} {_fmt(v['s_per_pair'])} ({v['x_floor']:.1f}×)"
+                         for k, v in f["clipib"].items())
+        refs = " / ".join(f"{_fmt(f[k]['s_per_pair'])} ({f[k]['x_floor']:.1f}×)"
+                          for k in ("reference", "reference_frozen"))
+        lines.append(f"| {name} | {_fmt(f['floor_gflop_per_pair'])} | {_fmt(f['clipib_gflop_per_pair'])} | "
+                     f"{_fmt(f['reference_gflop_per_pair'])} / {_fmt(f['reference_frozen_gflop_per_pair'])} | "
+                     f"{_fmt(f['matmul_gflop_per_s'])} | {_fmt(f['floor_s_per_pair'])} | {ours} | {refs} |")
+    return lines
+
+
 def markdown(result: Dict[str, Any]) -> str:
     """The benchmark as markdown tables (throughput, reference loops, agreement, FLOP floor)."""
     meta = result["meta"]
     lines = [f"Model `{meta.get('model', '')}`, device `{meta['device']}` {meta.get('device_name', '')}, "
              f"{meta['cpu_count']} CPUs, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
              f"{meta['date_utc']}; load average {meta['load_average_1_5_15']} before, "
-             f"{meta.get('load_average_after')} after.", "",
-             "| method | settings | batch | modality | pairs/s | s/pair | CPU s/pair | peak MiB "
-             "| speed-up vs reference |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        if "skipped" in r:
-            lines.append(f"| {r['method']} | {r['settings'] or ''} | {r['batch_size']} | {r['modality']} | "
-                         f"not run: {r['skipped']} | | | | |")
-            continue
-        lines.append(f"| {r['method']} | {r['settings'] or ''} | {r['batch_size']} | {r['modality']} | "
-                     f"{_fmt(r['pairs_per_s'])} | {_fmt(r['s_per_pair'])} | {_fmt(r['cpu_s'] / r['batch_size'])} | "
-                     f"{r['peak_mb']:.0f} | {_fmt(r.get('speedup_vs_reference', '–'))} |")
+             f"{meta.get('load_average_after')} after.", "", *_throughput_lines(result["rows"])]
     if result["reference"]:
-        lines += ["", "Reference-shaped loops (one pair at a time; image / text map seconds with the weights requiring "
-                  "gradients, then frozen; speed-ups divide the faster mean):", "",
-                  "| method | pair | weights requiring grad: image / text s | s/pair | frozen: image / text s | s/pair "
-                  "| peak MiB | agreement with clipib |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, ref in result["reference"].items():
-            for t, f, a in zip(ref["timings"], ref["timings_frozen"], ref["agreement"]):
-                agree = ", ".join(_fmt_agreement(k, v) for k, v in a.items() if k != "pair")
-                peak = max(t["image"]["peak_mb"], t["text"]["peak_mb"])
-                lines.append(f"| {name} | {t['pair']} | {_fmt(t['image']['wall_s'])} / {_fmt(t['text']['wall_s'])} | "
-                             f"{_fmt(t['s_per_pair'])} | {_fmt(f['image']['wall_s'])} / {_fmt(f['text']['wall_s'])} | "
-                             f"{_fmt(f['s_per_pair'])} | {peak:.0f} | {agree} |")
+        lines += _reference_lines(result["reference"])
     if result["flops"]:
-        lines += ["", "FLOP floor per pair (FlopCounterMode counts; floor time = floor / measured matmul rate; the "
-                  "reference with its weights requiring gradients / frozen):", "",
-                  "| method | floor GFLOP | clipib GFLOP | reference GFLOP | matmul GFLOP/s | floor s | "
-                  "clipib s/pair (× floor) | reference s/pair (× floor) |", "|---|---|---|---|---|---|---|---|"]
-        for name, f in result["flops"].items():
-            ours = ", ".join(f"b{k.split('_')[1]} {_fmt(v['s_per_pair'])} ({v['x_floor']:.1f}×)"
-                             for k, v in f["clipib"].items())
-            refs = " / ".join(f"{_fmt(f[k]['s_per_pair'])} ({f[k]['x_floor']:.1f}×)"
-                              for k in ("reference", "reference_frozen"))
-            lines.append(f"| {name} | {_fmt(f['floor_gflop_per_pair'])} | {_fmt(f['clipib_gflop_per_pair'])} | "
-                         f"{_fmt(f['reference_gflop_per_pair'])} / {_fmt(f['reference_frozen_gflop_per_pair'])} | "
-                         f"{_fmt(f['matmul_gflop_per_s'])} | {_fmt(f['floor_s_per_pair'])} | {ours} | {refs} |")
+        lines += _flops_lines(result["flops"])
     return "\n".join(lines) + "\n"
 
 
