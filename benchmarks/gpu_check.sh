@@ -6,7 +6,8 @@
 # Random-weight ViT-B-32-quickgelu (no download). Writes under $OUT (default outputs/gpu_check):
 #   gpu.txt                    nvidia-smi's card name, memory, driver
 #   cuda_checks.json           placement, host-device syncs vs steps/chunks, device-vs-CPU / TF32 / bf16 /
-#                              device-noise agreement, allocated memory over 1,000 pairs (python -m clipib.bench_cuda)
+#                              device-noise agreement, allocated memory over 1,000 pairs
+#                              (python -m clipib.bench.cuda_checks)
 #   bench_fp32.json/.md        M2IB + NIB, batches 1 8 32 128, fp32, official noise, vs the reference loops
 #   bench_fast.json/.md        M2IB with noise="device" and TF32, NIB with TF32, batches 32 128 256
 # Exit status: non-zero if a check fails or a step runs past its time limit.
@@ -22,7 +23,7 @@ cat "$OUT/gpu.txt"
 
 status=0
 echo "== 1/3 CUDA path checks"
-timeout 200 "$PY" -m clipib.bench_cuda --device cuda --out "$OUT/cuda_checks.json" > "$OUT/cuda_checks.log" 2>&1 \
+timeout 200 "$PY" -m clipib.bench.cuda_checks --device cuda --out "$OUT/cuda_checks.json" > "$OUT/cuda_checks.log" 2>&1 \
   || { status=$?; echo "cuda checks failed (exit $status); see $OUT/cuda_checks.log"; }
 tail -n 5 "$OUT/cuda_checks.log" || true
 

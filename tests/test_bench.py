@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 from clipib.cli import main
 from tests.conftest import TINY
@@ -42,7 +44,7 @@ def test_bench_tiny(tmp_path, capsys):
 def test_bench_saves_after_each_method(tmp_path):
     """A run killed later keeps what it measured: the partial result goes out after every method."""
     import clipib
-    from clipib.bench import run_benchmark
+    from clipib.bench.throughput import run_benchmark
 
     seen = []
     clip = clipib.load_clip(TINY, pretrained=None)
@@ -75,7 +77,7 @@ def test_bench_bad_settings_one_line(capsys):
 def test_cuda_checks_run_on_cpu(tiny_clip):
     """The GPU script's checks (benchmarks/gpu_check.sh) run end to end here on the CPU: no syncs to count,
     device == CPU, so the agreements are exact and memory stays flat."""
-    from clipib.bench_cuda import run_checks
+    from clipib.bench.cuda_checks import run_checks
 
     result = run_checks(tiny_clip, pairs=2, leak_pairs=4, leak_batch=2)
     assert result["ok"] and all(result["placement"].values())
@@ -83,3 +85,17 @@ def test_cuda_checks_run_on_cpu(tiny_clip):
     assert agree["nib_device_vs_cpu"]["max_abs_diff_image"] == 0 == agree["m2ib_device_vs_cpu"]["max_abs_diff_text"]
     assert -1 <= agree["m2ib_device_noise_vs_official"]["rho_image"] <= 1
     assert [m["pairs"] for m in result["memory"]] == [4, 4]
+
+
+def test_explain_does_not_import_bench(tmp_path):
+    """The benchmark is imported by `clipib bench` only: importing the CLI and explaining a pair leave
+    ``clipib.bench`` out of ``sys.modules``; ``clipib bench --help`` still lists the bench options."""
+    code = ("import sys; from clipib.cli import main; "
+            f"assert main(['explain', '--image', 'src/clipib/assets/sample.png', '--text', 'a red circle', "
+            f"'--method', 'random', '--model', {TINY!r}, '--pretrained', 'none', '--out', {str(tmp_path)!r}]) == 0; "
+            "print(sorted(m for m in sys.modules if m.startswith('clipib.bench')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    helped = subprocess.run([sys.executable, "-m", "clipib", "bench", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--reference-pairs" in helped.stdout, helped.stderr

@@ -5,7 +5,7 @@ from torchmetrics.functional import spearman_corrcoef
 
 import clipib
 from clipib.attribution.bottleneck import Bottleneck
-from clipib.reference import m2ib_pair
+from clipib.bench.reference_loops import m2ib_pair
 
 
 def test_shapes_and_ranges(tiny_clip, pairs):

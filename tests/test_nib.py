@@ -7,7 +7,7 @@ import torch
 
 import clipib
 from clipib.attribution.nib import log_trapezoid_path
-from clipib.reference import nib_map
+from clipib.bench.reference_loops import nib_map
 
 
 @pytest.fixture(scope="module")

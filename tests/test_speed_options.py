@@ -3,22 +3,14 @@ stated amount (the on-device noise stream, bf16)."""
 
 import pytest
 import torch
-from torchmetrics.functional import spearman_corrcoef
 
 import clipib
 from clipib.attribution.bottleneck import Bottleneck
-from clipib.reference import m2ib_map, weights_requiring_grad
+from clipib.bench.reference_loops import m2ib_map, weights_requiring_grad
+from clipib.bench.timing import attribution_rhos
 
 SEEDS = [5, 6, 7, 8]
 FAST = dict(steps=3, copies=3)
-
-
-def _rhos(a, b, ids):
-    """Per-pair Spearman ρ of image grids and of text scores over SOT..EOT."""
-    ends = (ids.argmax(-1) + 1).tolist()
-    img = [float(spearman_corrcoef(a.image_grid[i].flatten(), b.image_grid[i].flatten())) for i in range(len(ends))]
-    txt = [float(spearman_corrcoef(a.text_raw[i, :n], b.text_raw[i, :n])) for i, n in enumerate(ends)]
-    return img, txt
 
 
 def test_m2ib_internal_batch_size_same_maps(tiny_clip, pairs):
@@ -88,7 +80,8 @@ def test_device_noise_stream(tiny_clip, pairs):
     shifted = [[s + k for s in SEEDS] for k in (100, 200)]
     dev = [batch, dev.attribute(images, ids, seeds=shifted[0])]
     seed = [clipib.M2IB(tiny_clip).attribute(images, ids, seeds=s) for s in shifted]
-    mean = lambda runs: torch.tensor([sum(_rhos(official, r, ids), []) for r in runs]).mean()  # noqa: E731
+    spans = tiny_clip.text.span_mask(ids)
+    mean = lambda runs: torch.tensor([sum(attribution_rhos(official, r, spans), []) for r in runs]).mean()  # noqa: E731
     rho_dev, rho_seed = mean(dev), mean(seed)  # measured 0.83 and 0.85
     assert rho_seed > 0.5 and abs(rho_dev - rho_seed) < 0.1, (rho_dev, rho_seed)
 
@@ -100,7 +93,7 @@ def test_bf16_tolerance(tiny_clip, pairs):
     images, ids = pairs
     fp32 = clipib.M2IB(tiny_clip, **FAST).attribute(images, ids, seeds=SEEDS)
     bf16 = clipib.M2IB(tiny_clip, precision="bf16", **FAST).attribute(images, ids, seeds=SEEDS)
-    img, txt = _rhos(fp32, bf16, ids)
+    img, txt = attribution_rhos(fp32, bf16, tiny_clip.text.span_mask(ids))
     assert min(img + txt) >= 0.9 and sum(img + txt) / len(img + txt) >= 0.97, (img, txt)
     n32 = clipib.NIB(tiny_clip).attribute(images, ids, modality="text")
     n16 = clipib.NIB(tiny_clip, precision="bf16").attribute(images, ids, modality="text")

@@ -1,6 +1,7 @@
 """The ``clipib`` console script (also ``python -m clipib``): ``explain`` and ``bench``.
 
-Every failure on bad input is one line on stderr (``clipib: error: ...``) and exit code 2.
+Every failure on bad input is one line on stderr (``clipib: error: ...``) and exit code 2. The benchmark code
+(:mod:`clipib.bench`) is imported only by the ``bench`` command.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from clipib.attribution import METHODS, Attributor
-from clipib.bench import add_arguments as add_bench_arguments
-from clipib.bench import run_from_args as run_bench
 from clipib.models.loading import DEFAULT, ModelLoadError, load_clip
 from clipib.models.split import SplitCLIP, UnsupportedModelError
 from clipib.viz import explanation_figure, to_uint8
@@ -71,7 +70,7 @@ def explain(
     method = METHODS[method_name](clip, **(settings or {}))
     x = clip.preprocess(image)[None].to(clip.device)  # [1, 3, H, W]
     ids = clip.tokenize([text])  # [1, ctx]
-    modality = "both" if set(method.modalities) >= {"image", "text"} else method.modalities[0]
+    modality = method.modality_for("both")
     attr = method.attribute(x, ids, modality=modality)
     tokens = clip.token_strings(ids[0])
     n = len(tokens)
@@ -92,7 +91,8 @@ def explain(
     return record
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(bench_options: bool = True) -> argparse.ArgumentParser:
+    """The console script's parser; ``bench_options``: give ``bench`` its options (imports the benchmark)."""
     parser = argparse.ArgumentParser(prog="clipib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("explain", help="explain one image-text pair")
@@ -105,7 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", default="outputs/explain", help="output folder")
     ex.add_argument("--device", default="cpu")
     bench = sub.add_parser("bench", help="throughput against the reference loops (clipib.bench)")
-    add_bench_arguments(bench)
+    if bench_options:
+        from clipib.bench.throughput import add_arguments
+
+        add_arguments(bench)
     return parser
 
 
@@ -119,15 +122,18 @@ def _run_explain(args: argparse.Namespace) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> None:
+    from clipib.bench.throughput import run_from_args
+
     try:
-        run_bench(args)
+        run_from_args(args)
     except ValueError as err:  # unknown method, bad --settings
         raise InputError(str(err).splitlines()[0]) from err
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit code."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(bench_options=argv[:1] == ["bench"]).parse_args(argv)
     warnings.simplefilter("default")
     try:
         {"explain": _run_explain, "bench": _run_bench}[args.command](args)

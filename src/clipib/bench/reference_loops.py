@@ -11,14 +11,16 @@ gradients, see :func:`weights_requiring_grad`) is back-propagated too.
 
 Captions are fed without padding (SOT..EOT only), as the official code feeds one caption. Written
 independently of :mod:`clipib.attribution` and :class:`~clipib.models.split.SplitCLIP` (it calls open_clip's
-modules directly), so tests check clipib's fast, batched methods against it, and :mod:`clipib.bench` times it
-as the baseline.
+modules directly), so tests check clipib's fast, batched methods against it, and
+:mod:`clipib.bench.throughput` times it as the baseline. :data:`REFERENCE_LOOPS` says, per method name, how
+to run a loop with a clipib method's settings and what its FLOP floor is.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +145,8 @@ def m2ib_map(
     return kl.detach().sum(-1)
 
 
-def m2ib_pair(model: nn.Module, image: Tensor, ids: Tensor, layer: int, seed: int, **kw) -> Tuple[Tensor, Tensor]:
+def m2ib_pair(model: nn.Module, image: Tensor, ids: Tensor, layer: int, seed: int,
+              **kw: Any) -> Tuple[Tensor, Tensor]:
     """``(image capacity [T], text capacity [L])`` of one pair after ``torch.manual_seed(seed)``, image first."""
     torch.manual_seed(seed)
     return m2ib_map(model, "image", image, ids, layer, **kw), m2ib_map(model, "text", image, ids, layer, **kw)
@@ -168,3 +171,54 @@ def nib_map(model: nn.Module, tower: str, image: Tensor, ids: Tensor, layer: int
         cos.backward()
         total += z.grad / steps
     return (h * total).sum(-1)[0]
+
+
+@dataclass(frozen=True)
+class ReferenceLoop:
+    """One method's reference-shaped loop, as the benchmark runs it next to the clipib method."""
+
+    map: Callable[..., Tensor]
+    """``(model, tower, image [1, 3, H, W], ids [1, ctx], layer, **settings) -> scores [T]`` of one pair."""
+    settings: Callable[[Any], Dict[str, Any]]
+    """The loop's keyword arguments (``steps`` among them), read off a clipib method object."""
+    mismatch: Callable[[Any], Optional[str]]
+    """Why a clipib method's settings are not what the loop computes (None: they are)."""
+    floor: Callable[[Dict[str, Any], Dict[str, int]], int]
+    """FLOPs per map the method cannot avoid, from :attr:`settings` and one suffix row's ``{"fwd", "bwd"}``."""
+    rows: Callable[[Dict[str, Any]], int]
+    """Rows of one pair's batched suffix pass in clipib (M2IB's copies, NIB's λ points)."""
+    stochastic: bool
+    """Draws its noise from the global RNG: compared with clipib by ρ next to its own seed-to-seed ρ (else by
+    the largest difference of the normalised maps)."""
+    extrapolate_from: Optional[Tuple[int, int]] = None
+    """Count FLOPs at ``(clipib, reference)`` steps ``a`` and ``a + 1`` and extrapolate linearly (None: count
+    the full run)."""
+
+
+def _m2ib_mismatch(method: Any) -> Optional[str]:
+    b = method.bottleneck
+    if b.alpha_init != 5.0 or b.clip_grad is not None or b.noise != "official" or method.precision != "fp32":
+        return "the M2IB reference loop has α₀ = 5, no clipping, the official noise and fp32"
+    return None
+
+
+def _nib_mismatch(method: Any) -> Optional[str]:
+    if method.path != "riemann" or method.precision != "fp32":
+        return "the NIB reference loop is the paper's Riemann path in fp32"
+    return None
+
+
+REFERENCE_LOOPS: Dict[str, ReferenceLoop] = {
+    "m2ib": ReferenceLoop(
+        map=m2ib_map,
+        settings=lambda m: dict(beta=m.beta, steps=m.bottleneck.steps, lr=m.bottleneck.lr, copies=m.bottleneck.copies),
+        mismatch=_m2ib_mismatch,
+        # every step a forward of each copy, every step but the last a backward to the bottleneck input
+        floor=lambda s, f: s["copies"] * (s["steps"] * f["fwd"] + (s["steps"] - 1) * f["bwd"]),
+        rows=lambda s: s["copies"], stochastic=True, extrapolate_from=(2, 1)),
+    "nib": ReferenceLoop(
+        map=nib_map, settings=lambda m: dict(steps=m.steps), mismatch=_nib_mismatch,
+        floor=lambda s, f: s["steps"] * (f["fwd"] + f["bwd"]),  # one forward and one backward per λ point
+        rows=lambda s: s["steps"], stochastic=False),
+}
+"""Method name -> its reference-shaped loop; the methods :mod:`clipib.bench.throughput` compares with one."""

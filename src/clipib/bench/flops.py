@@ -9,6 +9,8 @@ block is reported too):
   copy, every step but the last a backward to the bottleneck input (no weight gradients).
 - NIB: ``m × (F_fwd + F_bwd)``: one forward and one input-gradient backward per λ point.
 
+(``ReferenceLoop.floor`` in :data:`~clipib.bench.reference_loops.REFERENCE_LOOPS`.)
+
 The time floor is that count divided by a measured matmul rate of this device on a suffix-shaped product
 (``[R·T, D] @ [D, 4D]``, R = M2IB's copies or NIB's λ points: the rows of one pair's batched pass).
 clipib's and the reference loop's own FLOPs are counted the same way (M2IB
@@ -18,14 +20,16 @@ extrapolated linearly from 2-3 steps, which is exact: every step has the same sh
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipib.attribution import METHODS
+from clipib.bench.common import synthetic_pairs
+from clipib.bench.reference_loops import REFERENCE_LOOPS, loop_weights
+from clipib.bench.timing import start_timer, stop_timer
 from clipib.models.split import SplitCLIP, Tower
-from clipib.reference import loop_weights, m2ib_map, nib_map
 
 
 class _GlobalOnly:
@@ -64,74 +68,71 @@ def suffix_flops(tower: Tower, x: torch.Tensor, k: int, pooled_only: bool = True
 
 def matmul_rate(device: torch.device, rows: int, width: int, seconds: float = 0.5) -> float:
     """Measured GFLOP/s of ``[rows, width] @ [width, 4·width]`` float32 products on ``device``."""
-    a = torch.randn(rows, width, device=device)
-    b = torch.randn(width, 4 * width, device=device)
+    a = torch.randn(rows, width, device=device)  # [rows, D]
+    b = torch.randn(width, 4 * width, device=device)  # [D, 4D]
     a @ b  # warm-up
-    n, start = 0, time.perf_counter()
+    n, start = 0, start_timer(device)
     while time.perf_counter() - start < seconds:
         a @ b
         n += 1
         if device.type == "cuda" and n % 50 == 0:
             torch.cuda.synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * rows * width * 4 * width * n / (time.perf_counter() - start) / 1e9
+    elapsed, _ = stop_timer(device, start)
+    return 2 * rows * width * 4 * width * n / elapsed / 1e9
 
 
-def _extrapolate(fn: Callable[[int], Any], steps: int, a: int) -> int:
-    """FLOPs of ``fn(steps)`` from counts at ``a`` and ``a + 1`` steps (linear in the step count past ``a``)."""
-    fa, fb = count_flops(lambda: fn(a)), count_flops(lambda: fn(a + 1))
-    return fa + (steps - a) * (fb - fa)
+def _count_steps(fn: Callable[[int], Any], steps: int, start: Optional[int]) -> int:
+    """FLOPs of ``fn(steps)``: counted, or (``start``) from counts at ``start`` and ``start + 1`` steps,
+    extrapolated linearly (exact where every step has the same shape)."""
+    if start is None:
+        return count_flops(lambda: fn(steps))
+    fa, fb = count_flops(lambda: fn(start)), count_flops(lambda: fn(start + 1))
+    return fa + (steps - start) * (fb - fa)
+
+
+def _method_and_reference_flops(clip: SplitCLIP, name: str, kwargs: Dict[str, Any], images: torch.Tensor,
+                                ids: torch.Tensor, k: Dict[str, int]) -> Tuple[int, int, int]:
+    """``(clipib, reference with weight gradients, reference frozen)`` FLOPs on one pair."""
+    loop = REFERENCE_LOOPS[name]
+    settings = loop.settings(METHODS[name](clip, **kwargs))
+    ours_from, ref_from = loop.extrapolate_from or (None, None)
+
+    def ours(s: int) -> None:
+        METHODS[name](clip, **{**kwargs, "steps": s}).attribute(images, ids)
+
+    def reference(s: int, grads: bool = True) -> None:
+        with loop_weights(clip.model, grads) as model:
+            for tower in ("image", "text"):
+                loop.map(model, tower, images, ids, k[tower], **{**settings, "steps": s})
+
+    steps = settings["steps"]
+    return (_count_steps(ours, steps, ours_from), _count_steps(reference, steps, ref_from),
+            _count_steps(lambda s: reference(s, grads=False), steps, ref_from))
 
 
 def flop_report(clip: SplitCLIP, name: str, kwargs: Optional[dict], rows: List[Dict[str, Any]],
                 ref: Dict[str, Any]) -> Dict[str, Any]:
-    """Floor, clipib's and the reference's FLOPs per pair (pair 0 of :func:`clipib.bench.synthetic_pairs`),
-    the measured matmul rate, and each timing's distance from the floor."""
-    from clipib.bench import synthetic_pairs
-
+    """Floor, clipib's and the reference's FLOPs per pair (pair 0 of
+    :func:`~clipib.bench.common.synthetic_pairs`), the measured matmul rate, and each timing's distance from the
+    floor. ``name`` has a loop in :data:`~clipib.bench.reference_loops.REFERENCE_LOOPS`; ``rows`` and ``ref``
+    are its throughput rows and reference timings."""
     kwargs = dict(kwargs or {})
+    loop = REFERENCE_LOOPS[name]
     method = METHODS[name](clip, **kwargs)
-    images, ids = synthetic_pairs(clip, 1)
+    settings = loop.settings(method)
+    images, ids = synthetic_pairs(clip, 1)  # [1, 3, H, W], [1, ctx]
     k = {"image": method.layer_for(clip.image), "text": method.layer_for(clip.text)}
     full = {"image": suffix_flops(clip.image, images, k["image"], False),
             "text": suffix_flops(clip.text, ids, k["text"], False)}
     per = {"image": suffix_flops(clip.image, images, k["image"]), "text": suffix_flops(clip.text, ids, k["text"])}
-    if name == "m2ib":
-        b = method.bottleneck
-        steps, copies = b.steps, b.copies
-        floor = sum(copies * (steps * f["fwd"] + (steps - 1) * f["bwd"]) for f in per.values())
-        floor_full = sum(copies * (steps * f["fwd"] + (steps - 1) * f["bwd"]) for f in full.values())
-        ours = _extrapolate(lambda s: METHODS[name](clip, **{**kwargs, "steps": s}).attribute(images, ids), steps, 2)
-        ref_kw = dict(beta=method.beta, lr=b.lr, copies=copies)
-
-        def reference(s: int, grads: bool = True) -> None:
-            with loop_weights(clip.model, grads) as model:
-                for tower in ("image", "text"):
-                    m2ib_map(model, tower, images, ids, k[tower], steps=s, **ref_kw)
-
-        theirs = _extrapolate(reference, steps, 1)
-        theirs_frozen = _extrapolate(lambda s: reference(s, grads=False), steps, 1)
-    else:
-        steps, copies = method.steps, 1
-        floor = sum(steps * (f["fwd"] + f["bwd"]) for f in per.values())
-        floor_full = sum(steps * (f["fwd"] + f["bwd"]) for f in full.values())
-        ours = count_flops(lambda: method.attribute(images, ids))
-
-        def reference_nib(grads: bool = True) -> None:
-            with loop_weights(clip.model, grads) as model:
-                for tower in ("image", "text"):
-                    nib_map(model, tower, images, ids, k[tower], steps=steps)
-
-        theirs = count_flops(reference_nib)
-        theirs_frozen = count_flops(lambda: reference_nib(grads=False))
+    floor = sum(loop.floor(settings, f) for f in per.values())
+    floor_full = sum(loop.floor(settings, f) for f in full.values())
+    ours, theirs, theirs_frozen = _method_and_reference_flops(clip, name, kwargs, images, ids, k)
     with torch.no_grad():
-        h = clip.image.prefix(images, k["image"])
-    rows_per_pair = copies if name == "m2ib" else steps  # rows of one pair's batched suffix pass
-    rate = matmul_rate(clip.device, rows_per_pair * h.shape[1], h.shape[2])
+        h = clip.image.prefix(images, k["image"])  # [1, T, D]
+    rate = matmul_rate(clip.device, loop.rows(settings) * h.shape[1], h.shape[2])
     floor_s = floor / (rate * 1e9)
-    timed = {f"batch_{r['batch_size']}": {"s_per_pair": r["s_per_pair"], "x_floor": r["s_per_pair"] / floor_s,
-                                          "gflop_per_s": ours / r["s_per_pair"] / 1e9}
+    timed = {f"batch_{r['batch_size']}": _timed(r["s_per_pair"], ours, floor_s)
              for r in rows if r["method"] == name and "skipped" not in r}
     return {"suffix_flops_per_row": per, "floor_gflop_per_pair": floor / 1e9,
             "floor_full_last_block_gflop_per_pair": floor_full / 1e9,

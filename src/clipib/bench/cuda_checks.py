@@ -7,7 +7,7 @@
   noise stream against the official one next to the official stream's seed-to-seed ρ;
 - memory: allocated memory after each of ``leak_batches`` batches must stay flat (no growth with pairs).
 
-    python -m clipib.bench_cuda --device cuda --out outputs/cuda_checks.json
+    python -m clipib.bench.cuda_checks --device cuda --out outputs/cuda_checks.json
 """
 
 from __future__ import annotations
@@ -15,17 +15,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import torch
-from torchmetrics.functional import spearman_corrcoef
 
 import clipib
 from clipib.attribution import Attribution
-from clipib.bench import machine_info, synthetic_pairs
+from clipib.bench.common import machine_info, synthetic_pairs
+from clipib.bench.timing import attribution_rhos, rss_mib, seconds, start_timer, stop_timer
 
 
 def count_syncs(fn: Callable[[], Any], device: torch.device) -> int:
@@ -44,22 +43,9 @@ def count_syncs(fn: Callable[[], Any], device: torch.device) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def _rho(a: Attribution, b: Attribution, ids: torch.Tensor) -> Dict[str, float]:
-    """Mean Spearman ρ over pairs of image grids and of text scores (SOT..EOT)."""
-    ends = (ids.argmax(-1) + 1).tolist()
-    img = [float(spearman_corrcoef(a.image_grid[i].flatten().cpu(), b.image_grid[i].flatten().cpu()))
-           for i in range(len(ends))]
-    txt = [float(spearman_corrcoef(a.text_raw[i, :n].cpu(), b.text_raw[i, :n].cpu())) for i, n in enumerate(ends)]
+def _rho(a: Attribution, b: Attribution, spans: torch.Tensor) -> Dict[str, float]:
+    """Mean Spearman ρ over pairs of image grids and of text scores over ``spans`` ``[B, ctx]`` (SOT..EOT)."""
+    img, txt = attribution_rhos(a, b, spans)
     return {"rho_image": sum(img) / len(img), "rho_text": sum(txt) / len(txt)}
 
 
@@ -74,7 +60,7 @@ def sync_checks(clip: clipib.SplitCLIP, images: torch.Tensor, ids: torch.Tensor)
     for noise in ("device", "official"):
         runs = {s: clipib.M2IB(clip, steps=s, noise=noise) for s in (2, 6)}
         syncs = {s: count_syncs(lambda m=m: m.attribute(images, ids), dev) for s, m in runs.items()}
-        secs = {s: _seconds(lambda m=m: m.attribute(images, ids), dev) for s, m in runs.items()}
+        secs = {s: seconds(lambda m=m: m.attribute(images, ids), dev) for s, m in runs.items()}
         out[f"m2ib_{noise}"] = {"syncs_2_steps": syncs[2], "syncs_6_steps": syncs[6],
                                 "s_per_extra_step": (secs[6] - secs[2]) / 4}
     rows = images.shape[0] * 10
@@ -93,19 +79,20 @@ def agreement_checks(clip: clipib.SplitCLIP, images: torch.Tensor, ids: torch.Te
     try:
         cpu = copy.deepcopy(clip).to("cpu")
         seeds = list(range(images.shape[0]))
+        spans = clip.text.span_mask(ids)  # [B, ctx]: SOT..EOT
         out: Dict[str, Any] = {}
         for name in ("m2ib", "nib"):
             here = clipib.METHODS[name](clip).attribute(images, ids, seeds=seeds)
             there = clipib.METHODS[name](cpu).attribute(images.cpu(), ids.cpu(), seeds=seeds)
-            out[f"{name}_device_vs_cpu"] = {**_rho(here, there, ids), **_maxdiff(here, there)}
+            out[f"{name}_device_vs_cpu"] = {**_rho(here, there, spans), **_maxdiff(here, there)}
             for precision in ("tf32", "bf16"):
                 other = clipib.METHODS[name](clip, precision=precision).attribute(images, ids, seeds=seeds)
-                out[f"{name}_{precision}_vs_fp32"] = {**_rho(here, other, ids), **_maxdiff(here, other)}
+                out[f"{name}_{precision}_vs_fp32"] = {**_rho(here, other, spans), **_maxdiff(here, other)}
         official = clipib.M2IB(clip).attribute(images, ids, seeds=seeds)
         out["m2ib_device_noise_vs_official"] = _rho(official, clipib.M2IB(clip, noise="device").attribute(
-            images, ids, seeds=seeds), ids)
+            images, ids, seeds=seeds), spans)
         out["m2ib_official_seed_to_seed"] = _rho(official, clipib.M2IB(clip).attribute(
-            images, ids, seeds=[s + 1000 for s in seeds]), ids)
+            images, ids, seeds=[s + 1000 for s in seeds]), spans)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     return out
@@ -116,7 +103,7 @@ def memory_checks(clip: clipib.SplitCLIP, name: str, batch: int, batches: int, *
     method = clipib.METHODS[name](clip, **kwargs)
     cuda = clip.device.type == "cuda"
     after: List[float] = []
-    start = time.perf_counter()
+    start = start_timer(clip.device)
     for i in range(batches):
         images, ids = synthetic_pairs(clip, batch, seed=i)
         method.attribute(images, ids)
@@ -124,10 +111,10 @@ def memory_checks(clip: clipib.SplitCLIP, name: str, batch: int, batches: int, *
             torch.cuda.synchronize(clip.device)
             after.append(torch.cuda.memory_allocated(clip.device) / 2**20)
         else:
-            with open("/proc/self/status") as f:
-                after.append(int(next(x for x in f if x.startswith("VmRSS:")).split()[1]) / 1024)
+            after.append(rss_mib())
+    elapsed, _ = stop_timer(clip.device, start)
     growth = after[-1] - after[0]
-    return {"method": name, "pairs": batch * batches, "pairs_per_s": batch * batches / (time.perf_counter() - start),
+    return {"method": name, "pairs": batch * batches, "pairs_per_s": batch * batches / elapsed,
             "mib_after_each_batch": after, "growth_mib": growth,
             "ok": growth <= (1.0 if cuda else 64.0)}
 
@@ -153,7 +140,7 @@ def run_checks(clip: clipib.SplitCLIP, pairs: int = 4, leak_pairs: int = 1000, l
 
 
 def main() -> None:
-    """``python -m clipib.bench_cuda``: run :func:`run_checks` and write JSON; exit 1 if a check fails."""
+    """``python -m clipib.bench.cuda_checks``: run :func:`run_checks` and write JSON; exit 1 if a check fails."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-32-quickgelu")
     parser.add_argument("--device", default="cuda")
