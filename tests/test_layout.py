@@ -1,8 +1,6 @@
-"""The package layout: no import cycle inside ``src/clipib`` (DESIGN.md §6), lazy bench imports."""
+"""The package layout: no import cycle inside ``src/clipib`` (DESIGN.md §6)."""
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -67,8 +65,3 @@ def test_no_import_cycle_in_the_package():
     edges = {name: _imports(name, path, modules) for name, path in modules.items()}
     assert _cycles(edges) == []
 
-
-def test_explain_does_not_import_bench_code():
-    code = "import sys, clipib.cli; bench = [m for m in sys.modules if m.startswith('clipib.bench')]; assert not bench, bench"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]

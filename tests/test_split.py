@@ -116,3 +116,20 @@ def test_truncation_warns(tiny_clip):
     with pytest.warns(UserWarning, match="truncated"):
         ids = tiny_clip.tokenize(["word " * 100])
     assert int(tiny_clip.text.eot_positions(ids)[0]) == tiny_clip.context_length - 1
+
+
+def test_loading_keeps_other_loggers(tiny_config, caplog):
+    """Loading silences open_clip's own records only: the process's other loggers keep logging meanwhile."""
+    import logging
+
+    from clipib.models import loading
+
+    caplog.set_level(logging.INFO)
+    with loading._quiet(offline=True):
+        logging.getLogger("my_experiment").warning("still heard")
+        logging.info("root records of the user's code too")
+    assert [r.getMessage() for r in caplog.records] == ["still heard", "root records of the user's code too"]
+    assert logging.root.manager.disable == logging.NOTSET
+    clipib.load_clip(tiny_config, pretrained=None)
+    logging.getLogger("my_experiment").warning("after")
+    assert caplog.records[-1].getMessage() == "after"
