@@ -201,7 +201,7 @@ def text_confidence_scores(
     tower = clip.text
     eot = tower.eot_positions(ids)  # [B]
     if protocol == "corrected":
-        new_ids = median_mask(ids, scores, tower.span_mask(ids, special=False), replacement_id)
+        new_ids = median_mask(ids, scores, token_span(eot, ids.shape[1], special=False), replacement_id)
         orig = cosine(tower.encode(ids), image_emb)
         pert = cosine(tower.encode_embeddings(tower.token_embeddings(new_ids), eot), image_emb)
         return orig, pert
