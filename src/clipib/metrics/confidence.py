@@ -228,10 +228,10 @@ class Confidence(AttributionMetric):
 
     Example (a map of ones keeps the image: no drop, no increase):
         >>> from clipib import load_clip
-        >>> clip = load_clip("tests/data/tiny-clip.json", pretrained=None)
-        >>> batch = {"image": torch.randn(2, 3, 32, 32), "ids": clip.tokenize(["a dog", "a cat"])}
+        >>> clip = load_clip("clipib-shapes")  # the shipped 64 px model
+        >>> batch = {"image": torch.randn(2, 3, 64, 64), "ids": clip.tokenize(["a dog", "a cat"])}
         >>> metric = Confidence(protocol="corrected")
-        >>> metric.update(clip, batch, Attribution(image=torch.ones(2, 32, 32)), "image")
+        >>> metric.update(clip, batch, Attribution(image=torch.ones(2, 64, 64)), "image")
         {'image_drop': tensor([0., 0.]), 'image_incr': tensor([0., 0.])}
         >>> metric.compute()["image_drop"]["mean"]
         tensor(0., dtype=torch.float64)

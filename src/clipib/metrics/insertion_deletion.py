@@ -234,11 +234,11 @@ class InsertionDeletion(AttributionMetric):
         replacement_id: the token put in place of a removed token.
         n_seeds: number of seeds aggregated.
 
-    Example (the tiny test model; curves have ``steps + 1`` points):
+    Example (the shipped model; curves have ``steps + 1`` points):
         >>> from clipib import load_clip
-        >>> clip = load_clip("tests/data/tiny-clip.json", pretrained=None)
-        >>> batch = {"image": torch.randn(2, 3, 32, 32), "ids": clip.tokenize(["a dog", "a red cat"])}
-        >>> attr = Attribution(image=torch.rand(2, 32, 32), text=torch.rand(2, 77))
+        >>> clip = load_clip("clipib-shapes")  # the shipped 64 px model
+        >>> batch = {"image": torch.randn(2, 3, 64, 64), "ids": clip.tokenize(["a dog", "a red cat"])}
+        >>> attr = Attribution(image=torch.rand(2, 64, 64), text=torch.rand(2, 77))
         >>> metric = InsertionDeletion(steps=2)
         >>> sorted(metric.update(clip, batch, attr, "text"))
         ['text_deletion', 'text_insertion']

@@ -26,8 +26,8 @@ class Similarity(AttributionMetric):
 
     Example:
         >>> from clipib import load_clip
-        >>> clip = load_clip("tests/data/tiny-clip.json", pretrained=None)
-        >>> batch = {"image": torch.randn(2, 3, 32, 32), "ids": clip.tokenize(["a dog", "a cat"])}
+        >>> clip = load_clip("clipib-shapes")  # the shipped 64 px model
+        >>> batch = {"image": torch.randn(2, 3, 64, 64), "ids": clip.tokenize(["a dog", "a cat"])}
         >>> metric = Similarity()
         >>> metric.update(clip, batch, Attribution(), "image")["cos"].shape, metric.update(clip, batch, Attribution(), "text")
         (torch.Size([2]), {})
