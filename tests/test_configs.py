@@ -25,9 +25,9 @@ def test_config_names_are_registered(config):
     import yaml
 
     import clipib
-    from clipib.lit.scorers import SCORERS
+    from clipib.metrics import METRICS
 
     model = yaml.safe_load(Path(config).read_text())["model"]
     for name, spec in model["methods"].items():
         assert (spec or {}).get("method", name) in clipib.METHODS, name
-    assert set(model.get("metrics", {})) <= set(SCORERS)
+    assert set(model.get("metrics", {})) <= set(METRICS)

@@ -7,15 +7,18 @@ import torch.nn.functional as F
 
 import clipib
 from clipib.metrics import (
-    ConfidenceDrop,
+    Confidence,
     InsertionDeletion,
-    LocalizationIoU,
+    Localization,
+    confidence_drop,
     duplicate_product_factors,
     image_confidence_scores,
+    image_insertion_deletion,
     image_scorer,
     median_mask,
     strip_special,
     text_confidence_scores,
+    text_insertion_deletion,
     text_scorer,
 )
 
@@ -97,20 +100,42 @@ def test_scorers_and_curve_endpoints(setup):
     clean = _cos(img_emb, txt_emb)
     assert torch.allclose(image_scorer(clip, ids)(images), clean, atol=1e-5)
     assert torch.allclose(text_scorer(clip, images, ids)(ids), clean, atol=1e-5)
-    deletion = InsertionDeletion("image", "deletion", steps=2)
-    auc, _, curves = deletion.curves(images, maps, image_scorer(clip, ids))
+    mean, std = clip.normalization
+    auc, _, curves = image_insertion_deletion(images, maps, image_scorer(clip, ids), "deletion", 2, "black", mean, std)
     assert torch.allclose(curves[:, 0].float(), clean, atol=1e-5) and curves.shape == (4, 3)
-    insertion = InsertionDeletion("text", "insertion", steps=2)
-    _, _, curves = insertion.curves(ids, scores, text_scorer(clip, images, ids))
+    _, _, curves = text_insertion_deletion(ids, scores, text_scorer(clip, images, ids), "insertion", steps=2)
     assert torch.allclose(curves[:, -1].float(), clean, atol=1e-5)
+
+
+def test_insertion_deletion_metric_equals_kernels(setup):
+    clip, _, images, ids, maps, scores, _, _ = setup
+    metric = InsertionDeletion(steps=3, fill="mean", replacement_id=5)
+    attr = clipib.Attribution(image=maps, text=scores)
+    for sl in (slice(0, 3), slice(3, 4)):
+        part = clipib.Attribution(image=maps[sl], text=scores[sl])
+        for mod in ("image", "text"):
+            metric.update(clip, {"image": images[sl], "ids": ids[sl]}, part, mod)
+    out = metric.compute()
+    for mode in ("insertion", "deletion"):
+        img = image_insertion_deletion(images, attr.image, image_scorer(clip, ids), mode, 3, "mean")[0]
+        txt = text_insertion_deletion(ids, attr.text, text_scorer(clip, images, ids), mode, 3, 5,
+                                      clip.text.eot_positions(ids))[0]
+        assert out[f"image_{mode}"]["mean"].item() == pytest.approx(img.mean().item(), abs=1e-6)
+        assert out[f"text_{mode}"]["mean"].item() == pytest.approx(txt.mean().item(), abs=1e-6)
+        assert out[f"text_{mode}"]["std"].item() == pytest.approx(txt.std().item(), abs=1e-6)
 
 
 def test_attribution_output_feeds_the_metrics(tiny_clip, pairs):
     images, ids = pairs
     attr = clipib.METHODS["nib"](tiny_clip).attribute(images, ids, modality="both")
-    drop = ConfidenceDrop()
-    drop.update(*text_confidence_scores(tiny_clip, images, ids, attr.text, "corrected"))
-    drop.update(*image_confidence_scores(tiny_clip, images, attr.image, ids))
-    loc = LocalizationIoU()
-    loc.update(attr.image, torch.tensor([[0.0, 0.0, 16.0, 16.0]]).repeat(4, 1))
-    assert drop.summary()["n"].item() == 8 and 0.0 <= loc.compute().item() <= 1.0
+    batch = {"image": images, "ids": ids, "box": torch.tensor([[0.0, 0.0, 16.0, 16.0]]).repeat(4, 1)}
+    conf = Confidence()
+    text = conf.update(tiny_clip, batch, attr, "text")["text_drop"]
+    image = conf.update(tiny_clip, batch, attr, "image")["image_drop"]
+    assert torch.allclose(text, confidence_drop(*text_confidence_scores(tiny_clip, images, ids, attr.text)))
+    assert torch.allclose(image, confidence_drop(*image_confidence_scores(tiny_clip, images, attr.image, ids)))
+    loc = Localization()
+    loc.update(tiny_clip, batch, attr, "image")
+    out = conf.compute()
+    assert out["text_drop"]["n"].item() == out["image_drop"]["n"].item() == 4
+    assert 0.0 <= loc.compute()["iou"]["mean"].item() <= 1.0

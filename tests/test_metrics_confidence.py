@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clipib.attribution import Attribution
 from clipib.metrics import (
-    ConfidenceDrop,
-    ConfidenceIncrease,
+    Confidence,
+    SeedMeanStd,
     confidence_drop,
     confidence_increase,
     image_confidence_scores,
@@ -77,11 +78,31 @@ def test_drop_increase_by_hand_and_modular():
     pert = torch.tensor([0.10, 0.25, 0.50, -0.20])
     assert torch.allclose(confidence_drop(orig, pert), torch.tensor([20.0, 0.0, 0.0, 30.0]))
     assert confidence_increase(orig, pert).tolist() == [0.0, 100.0, 0.0, 0.0]  # equal is no increase
-    d, i = ConfidenceDrop(), ConfidenceIncrease()
+    agg = SeedMeanStd(["drop", "incr"])
     for sl in (slice(0, 3), slice(3, 4)):
-        d.update(orig[sl], pert[sl])
-        i.update(orig[sl], pert[sl])
-    assert d.compute().item() == pytest.approx(12.5) and i.compute().item() == pytest.approx(25.0)
+        agg.add({"drop": confidence_drop(orig[sl], pert[sl]), "incr": confidence_increase(orig[sl], pert[sl])})
+    out = agg.compute()
+    assert out["drop"]["mean"].item() == pytest.approx(12.5) and out["incr"]["mean"].item() == pytest.approx(25.0)
+
+
+@pytest.mark.parametrize("protocol", ["corrected", "m2ib", "nib"])
+def test_metric_equals_kernels(protocol):
+    clip = FakeCLIP()
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(3, 3, 4, 4, generator=g)
+    ids = _pad([[SOT, 500, 40000, 300, EOT], [SOT, 700, 800, 700, EOT], [SOT, 320, EOT]])
+    attr = Attribution(image=torch.rand(3, 4, 4, generator=g), text=torch.rand(3, CTX, generator=g))
+    metric = Confidence(protocol=protocol, replacement_id=3)
+    for sl in (slice(0, 2), slice(2, 3)):
+        part = Attribution(image=attr.image[sl], text=attr.text[sl])
+        for mod in ("image", "text"):
+            metric.update(clip, {"image": images[sl], "ids": ids[sl]}, part, mod)
+    out = metric.compute()
+    for mod, (o, p) in [("image", image_confidence_scores(clip, images, attr.image, ids, protocol)),
+                        ("text", text_confidence_scores(clip, images, ids, attr.text, protocol, 3))]:
+        assert out[f"{mod}_drop"]["mean"].item() == pytest.approx(confidence_drop(o, p).mean().item())
+        assert out[f"{mod}_incr"]["mean"].item() == pytest.approx(confidence_increase(o, p).mean().item())
+        assert out[f"{mod}_drop"]["n"].item() == 3
 
 
 def test_image_protocols():
@@ -171,5 +192,7 @@ def test_median_mask_batched_with_padding():
 
 
 def test_unknown_protocol():
+    with pytest.raises(ValueError, match="protocol"):
+        Confidence(protocol="hf")
     with pytest.raises(ValueError, match="protocol"):
         text_confidence_scores(FakeCLIP(), torch.zeros(1, 3, 4, 4), _pad([[SOT, EOT]]), torch.zeros(1, CTX), "hf")

@@ -1,79 +1,80 @@
 """Two CPU processes (gloo), each updating with part of the data, compute what one process computes.
 
-One test covers every metric class of ``clipib.metrics``. The two ranks run this file as a script in fresh
-processes (forking a process whose OpenMP pool is already running can deadlock).
-The split is uneven (5 + 3 samples) so concatenated states (AUROC) are gathered with padding too.
+One test covers every eval metric of ``clipib.metrics.METRICS`` (two seeds each), ``MismatchAUROC`` and
+``Throughput``. The two ranks run this file as a script in fresh processes (forking a process whose OpenMP
+pool is already running can deadlock). The split is uneven (5 + 3 samples) so concatenated states (AUROC)
+are gathered with padding too.
 """
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import clipib
 import clipib.metrics as M
 
-N, H, W, L = 8, 8, 8, 10
-SOT, EOT = 49406, 49407
+N = 8
+TINY = str(Path(__file__).parent / "data" / "tiny-clip.json")
+CAPTIONS = ["a red circle", "a dog", "there is a purple triangle in the picture", "look", "two cats on a mat",
+            "a photo of a dog", "blue", "a small green square next to a tree"]
+SETTINGS = {"confidence": {"protocol": "m2ib"}, "localization": {}, "pointing_game": {"tolerance": 1}, "ehr": {},
+            "insertion_deletion": {"steps": 2}, "text_topk": {"k": 2}, "mismatch_scalars": {}, "similarity": {}}
 
 
-def _data():
+def _clip():
+    torch.manual_seed(0)
+    return clipib.load_clip(TINY, pretrained=None)
+
+
+def _data(clip):
     g = torch.Generator().manual_seed(0)
-    maps = torch.rand(N, H, W, generator=g)
-    xy = torch.randint(0, 5, (N, 2), generator=g).float()
-    boxes = torch.cat([xy, xy + 3], 1)
-    boxes[1] = torch.tensor([0.0, 0.0, 8.0, 6.0])  # 75 % ROI: EHR skips it
-    images = torch.randn(N, 3, H, W, generator=g)
-    n_tok = torch.randint(2, 8, (N,), generator=g)
-    ids = torch.zeros(N, L, dtype=torch.long)
-    for i, n in enumerate(n_tok.tolist()):
-        ids[i, 0], ids[i, 1 : n + 1], ids[i, n + 1] = SOT, torch.arange(100, 100 + n), EOT
-    scores = torch.rand(N, L, generator=g)
-    gold = torch.zeros(N, L, dtype=torch.bool)
+    h, w = clip.image_size
+    ids = clip.tokenize(CAPTIONS)
+    span = clip.text.span_mask(ids)
+    xy = torch.randint(0, h - 8, (N, 2), generator=g).float()
+    boxes = torch.cat([xy, xy + 8], 1)
+    boxes[1] = torch.tensor([0.0, 0.0, float(w), h * 0.75])  # 75 % ROI: EHR skips it
+    gold = torch.zeros_like(ids, dtype=torch.bool)
     gold[:, 1] = True
-    orig, pert = torch.rand(N, generator=g), torch.rand(N, generator=g)
-    matched = torch.arange(N) % 2 == 0
-    return dict(maps=maps, boxes=boxes, images=images, ids=ids, scores=scores, gold=gold,
-                orig=orig, pert=pert, matched=matched)
+    gold[3, 1] = False  # no gold token: text_topk skips it
+    text_raw = torch.randn(ids.shape, generator=g) * span
+    attr = clipib.Attribution(image=torch.rand(N, h, w, generator=g), image_grid=torch.randn(N, *clip.grid, generator=g),
+                              text=text_raw.abs() / text_raw.abs().amax(1, keepdim=True), text_raw=text_raw)
+    batch = {"image": torch.randn(N, 3, h, w, generator=g), "ids": ids, "box": boxes, "gold_tokens": gold,
+             "matched": torch.arange(N) % 3 != 0}
+    return batch, attr
 
 
-def _image_score(x):
-    return x.flatten(1).tanh().mean(1)
-
-
-def _text_score(ids):
-    return (ids % 7).double().mean(1)
-
-
-def _metrics():
-    return {
-        "loc": M.LocalizationIoU(q=0.75), "pg_iou": M.PointingGameIoU(), "pg": M.PointingGame(tolerance=1),
-        "ehr": M.EffectiveHeatRatio(), "del_img": M.InsertionDeletion("image", "deletion", steps=4),
-        "ins_txt": M.InsertionDeletion("text", "insertion", steps=3), "auroc": M.MismatchAUROC(),
-        "share": M.TopKGoldShare(k=2), "hit": M.TopKGoldHit(k=2),
-        "drop": M.ConfidenceDrop(), "incr": M.ConfidenceIncrease(),
-    }
+def _take(batch, attr, sl):
+    part = clipib.Attribution(image=attr.image[sl], image_grid=attr.image_grid[sl], text=attr.text[sl],
+                              text_raw=attr.text_raw[sl])
+    return {k: v[sl] for k, v in batch.items()}, part
 
 
 def _run(sl):
-    d = {k: v[sl] for k, v in _data().items()}
-    ms = _metrics()
-    for k in ("loc", "pg_iou", "pg", "ehr"):
-        ms[k].update(d["maps"], d["boxes"])
-    ms["del_img"].update(d["images"], d["maps"], _image_score)
-    ms["ins_txt"].update(d["ids"], d["scores"], _text_score)
-    ms["auroc"].update(d["orig"] - d["pert"], d["matched"])
-    for k in ("share", "hit"):
-        ms[k].update(d["scores"], d["gold"], d["ids"])
-    for k in ("drop", "incr"):
-        ms[k].update(d["orig"], d["pert"])
+    torch.set_num_threads(1)
+    clip = _clip()
+    batch, attr = _take(*_data(clip), sl)
+    seeds = [attr, clipib.Attribution(image=attr.image.flip(-1), image_grid=-attr.image_grid,
+                                      text=attr.text.flip(-1), text_raw=attr.text_raw.flip(-1))]
+    metrics = {name: M.METRICS[name](n_seeds=2, **s) for name, s in SETTINGS.items()}
+    auroc, speed = M.MismatchAUROC(orientation="matched_low", n_seeds=2), M.Throughput()
+    for seed, a in enumerate(seeds):
+        for metric in metrics.values():
+            for mod in ("image", "text"):
+                values = metric.update(clip, batch, a, mod, seed_index=seed)
+                if "text_entropy" in values:
+                    auroc.update(values["text_entropy"], batch["matched"], seed_index=seed)
+    speed.update(pairs=sl.stop - sl.start, seconds=0.25 * (sl.stop - sl.start), peak_mib=float(sl.stop))
     out = {}
-    for k, m in ms.items():
-        out[k] = m.compute().double()
-        if isinstance(m, M.SampleMeanMetric):
-            out.update({f"{k}/{s}": v.double() for s, v in m.summary().items()})
-        if isinstance(m, M.InsertionDeletion):
-            out[f"{k}/curve"] = m.compute_curves()[1]
+    for name, metric in metrics.items():
+        for value, stats in metric.compute().items():
+            out.update({f"{name}/{value}/{k}": v.double() for k, v in stats.items()})
+    out.update({f"auroc/{k}": v.double() for k, v in auroc.compute().items()})
+    out.update({f"speed/{k}": v.double() for k, v in speed.compute().items()})
     return out
 
 
@@ -101,7 +102,10 @@ def test_two_processes_equal_one(tmp_path):
         assert multi.keys() == single.keys()
         for k, v in single.items():
             assert torch.allclose(multi[k], v, atol=1e-9, equal_nan=True), (rank, k, multi[k], v)
-    assert single["ehr/skipped"].item() == 1 and single["ehr/n"].item() == N - 1
+    assert single["ehr/ehr/skipped"].item() == 1 and single["ehr/ehr/n"].item() == N - 1
+    assert single["text_topk/topk_hit/skipped"].item() == 1
+    assert single["localization/iou/std_over_seeds"].item() == 1.0 and single["auroc/n"].item() == N
+    assert single["speed/pairs"].item() == N and "similarity/cos/mean" in single
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from clipib.attribution import Attribution
 from clipib.metrics import EffectiveHeatRatio, effective_heat_ratio, ehr_curve
 
 BOX = torch.tensor([[0.0, 0.0, 2.0, 2.0]])  # 4 of 16 px = 25 %, as in App. F Fig. 11
@@ -66,22 +67,24 @@ def test_large_roi_skipped_and_counted():
     v = effective_heat_ratio(maps, boxes)
     assert math.isnan(v[1].item()) and not math.isnan(v[0].item()) and not math.isnan(v[2].item())
     metric = EffectiveHeatRatio()
-    metric.update(maps, boxes)
-    s = metric.summary()
+    values = metric.update(None, {"box": boxes}, Attribution(image=maps), "image")
+    assert torch.equal(values["ehr"].isnan(), v.isnan()) and torch.allclose(values["ehr"], v, equal_nan=True)
+    s = metric.compute()["ehr"]
     assert (s["n"].item(), s["skipped"].item()) == (2, 1)
     assert s["mean"].item() == pytest.approx((v[0] + v[2]).item() / 2)
     relaxed = EffectiveHeatRatio(max_roi_fraction=0.6)
-    relaxed.update(maps, boxes)
-    assert relaxed.summary()["skipped"].item() == 0
+    relaxed.update(None, {"box": boxes}, Attribution(image=maps), "image")
+    assert relaxed.compute()["ehr"]["skipped"].item() == 0
 
 
 def test_functional_equals_modular():
     g = torch.Generator().manual_seed(3)
     maps = torch.rand(5, 8, 8, generator=g)
     masks = torch.rand(5, 8, 8, generator=g) > 0.8
-    metric = EffectiveHeatRatio(weighted=False, num_quantiles=6)
-    metric.update(maps[:2], masks[:2])
-    metric.update(maps[2:], masks[2:])
-    ref = effective_heat_ratio(maps, masks, weighted=False, num_quantiles=6)
+    metric = EffectiveHeatRatio(weighted=False)
+    metric.update(None, {"mask": masks[:2]}, Attribution(image=maps[:2]), "image")
+    metric.update(None, {"mask": masks[2:]}, Attribution(image=maps[2:]), "image")
+    ref = effective_heat_ratio(maps, masks, weighted=False)
     ref = ref[~torch.isnan(ref)]
-    assert metric.compute().item() == pytest.approx(ref.mean().item())
+    assert metric.compute()["ehr"]["mean"].item() == pytest.approx(ref.mean().item())
+    assert effective_heat_ratio(maps, masks, weighted=False, num_quantiles=6).shape == (5,)

@@ -1,7 +1,10 @@
 """Insertion / deletion AUC (InputIBA App. D.3) on synthetic cases with a known object."""
 import pytest
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torchvision.transforms import Compose, Normalize
 
+from clipib.attribution import Attribution
 from clipib.metrics import (
     InsertionDeletion,
     blur_params,
@@ -16,6 +19,7 @@ B, H, W = 3, 16, 16
 IMAGES = torch.randn(B, 3, H, W, generator=G)
 OBJ = torch.zeros(B, H, W, dtype=torch.bool)
 OBJ[:, 4:10, 5:12] = True
+OPENAI, OPENAI_STD = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 
 def _object_score(x):
@@ -34,8 +38,8 @@ def _maps():
 @pytest.mark.parametrize("mode", ["deletion", "insertion"])
 def test_image_object_first_beats_reversal(mode):
     good, bad = _maps()
-    auc_good = image_insertion_deletion(IMAGES, good, _object_score, mode, steps=10)[0]
-    auc_bad = image_insertion_deletion(IMAGES, bad, _object_score, mode, steps=10)[0]
+    auc_good = image_insertion_deletion(IMAGES, good, _object_score, mode, steps=10, mean=OPENAI, std=OPENAI_STD)[0]
+    auc_bad = image_insertion_deletion(IMAGES, bad, _object_score, mode, steps=10, mean=OPENAI, std=OPENAI_STD)[0]
     if mode == "deletion":
         assert (auc_good < auc_bad - 0.1).all()
     else:
@@ -45,8 +49,9 @@ def test_image_object_first_beats_reversal(mode):
 def test_image_curve_endpoints_fill_and_canvas():
     seen = []
     good, _ = _maps()
-    image_insertion_deletion(IMAGES, good, lambda x: seen.append(x.clone()) or x.new_zeros(B), "deletion", steps=4)
-    black = deletion_fill("black")
+    image_insertion_deletion(IMAGES, good, lambda x: seen.append(x.clone()) or x.new_zeros(B), "deletion", steps=4,
+                             mean=OPENAI, std=OPENAI_STD)
+    black = deletion_fill("black", mean=OPENAI, std=OPENAI_STD)
     assert torch.equal(seen[0], IMAGES)
     assert torch.allclose(seen[-1], black.expand_as(IMAGES))
     assert torch.allclose(black.flatten(), torch.tensor([-0.48145466 / 0.26862954, -0.4578275 / 0.26130258,
@@ -88,26 +93,39 @@ def test_text_gold_first_beats_reversal_and_keeps_sot_eot():
     assert seen[1].tolist() == [[49406, 7, 7, 7, 7, 7, 49407, 0], [49406, 7, 7, 7, 49407, 0, 0, 0]]
 
 
-@pytest.mark.parametrize("mode", ["deletion", "insertion"])
-def test_functional_equals_modular(mode):
-    good, _ = _maps()
-    metric = InsertionDeletion("image", mode, steps=5, fill="mean")
-    metric.update(IMAGES[:2], good[:2], lambda x: _object_score_sub(x, slice(0, 2)))
-    metric.update(IMAGES[2:], good[2:], lambda x: _object_score_sub(x, slice(2, 3)))
-    auc, fr, curves = image_insertion_deletion(IMAGES, good, _object_score, mode, steps=5, fill="mean")
-    assert metric.compute().item() == pytest.approx(auc.mean().item())
-    f2, mean_curve = metric.compute_curves()
-    assert torch.allclose(f2, fr) and torch.allclose(mean_curve, curves.mean(0))
+def test_black_needs_the_model_normalisation():
+    with pytest.raises(ValueError, match="normalisation"):
+        deletion_fill("black")
+    with pytest.raises(ValueError, match="normalisation"):
+        image_insertion_deletion(IMAGES, _maps()[0], _object_score, "deletion", steps=2)
 
 
-def _object_score_sub(x, sl):
-    a = (x * OBJ[sl, None]).flatten(1)
-    b = (IMAGES[sl] * OBJ[sl, None]).flatten(1)
-    return torch.nn.functional.cosine_similarity(a, b, dim=1)
+def test_black_is_the_loaded_models_black(tiny_clip, pairs):
+    """The eval metric deletes to black in the model's own normalisation, not OpenAI's (the bug of issue 12)."""
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.1)
+    clip = type(tiny_clip)(tiny_clip.model, Compose([Normalize(mean, std)]), tiny_clip._tokenizer, name="gray")
+    assert clip.normalization == (mean, std)
+    images, ids = pairs
+    seen = []
+    encode = clip.image.encode
+    clip.image.encode = lambda x: seen.append(x.clone()) or encode(x)  # record what the curve scores
+    try:
+        attr = Attribution(image=torch.rand(images.shape[0], *images.shape[-2:]))
+        InsertionDeletion(steps=2, fill="black").update(clip, {"image": images, "ids": ids}, attr, "image")
+    finally:
+        del clip.image.encode
+    black = torch.tensor([-m / s for m, s in zip(mean, std)])[:, None, None]  # pixel 0 through the model's Normalize
+    deleted = [x for x in seen if torch.allclose(x, black.expand_as(x))]
+    assert len(deleted) == 1  # the last deletion step: every pixel black in the model's normalisation
+    assert not torch.allclose(black.flatten(), deletion_fill("black", mean=OPENAI, std=OPENAI_STD).flatten())
 
 
 def test_bad_arguments():
+    with pytest.raises(ValueError, match="steps"):
+        InsertionDeletion(steps=0)
+    with pytest.raises(ValueError, match="fill"):
+        InsertionDeletion(fill="grey")
     with pytest.raises(ValueError, match="mode"):
-        InsertionDeletion("image", "sideways")
+        image_insertion_deletion(IMAGES, _maps()[0], _object_score, "sideways")
     with pytest.raises(ValueError, match="maps must be"):
         image_insertion_deletion(IMAGES, torch.rand(B, 4, 4), _object_score)

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
+from clipib.attribution import Attribution
 from clipib.metrics import (
-    LocalizationIoU,
+    Localization,
     PointingGame,
-    PointingGameIoU,
     boxes_to_mask,
     localization_iou,
     pointing_game,
@@ -78,29 +78,31 @@ def test_empty_target_is_skipped_and_counted():
     maps = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0))
     boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 6.0, 6.0]])  # second box outside the map
     assert math.isnan(localization_iou(maps, boxes)[1].item())
-    metric = LocalizationIoU()
-    metric.update(maps, boxes)
-    s = metric.summary()
+    metric = Localization()
+    metric.update(None, {"box": boxes}, Attribution(image=maps), "image")
+    s = metric.compute()["iou"]
     assert s["n"].item() == 1 and s["skipped"].item() == 1
-    assert metric.compute().item() == pytest.approx(localization_iou(maps, boxes)[0].item())
+    assert s["mean"].item() == pytest.approx(localization_iou(maps, boxes)[0].item())
 
 
 @pytest.mark.parametrize(
-    "cls,fn,kw",
-    [(LocalizationIoU, localization_iou, {"q": 0.6}), (PointingGameIoU, pointing_game_iou, {"threshold": 0.4}),
-     (PointingGame, pointing_game, {"tolerance": 1.0})],
+    "cls,value,fn,kw",
+    [(Localization, "iou", localization_iou, {"q": 0.6}),
+     (PointingGame, "pg_iou", pointing_game_iou, {"threshold": 0.4}),
+     (PointingGame, "pointing_game", pointing_game, {"tolerance": 1.0})],
 )
-def test_functional_equals_modular(cls, fn, kw):
+def test_functional_equals_modular(cls, value, fn, kw):
     g = torch.Generator().manual_seed(1)
     maps = torch.rand(6, 8, 8, generator=g)
     xy = torch.randint(0, 5, (6, 2), generator=g).float()
     boxes = torch.cat([xy, xy + 3], dim=1)
     metric = cls(**kw)
-    metric.update(maps[:4], boxes[:4])
-    metric.update(maps[4:], boxes[4:])
+    metric.update(None, {"box": boxes[:4]}, Attribution(image=maps[:4]), "image")
+    metric.update(None, {"box": boxes[4:]}, Attribution(image=maps[4:]), "image")
     ref = fn(maps, boxes, *kw.values())
-    assert metric.compute().item() == pytest.approx(ref.mean().item())
-    assert metric.summary()["std"].item() == pytest.approx(ref.std().item())
+    s = metric.compute()[value]
+    assert s["mean"].item() == pytest.approx(ref.mean().item())
+    assert s["std"].item() == pytest.approx(ref.std().item())
 
 
 def test_bad_input_is_one_clear_error():

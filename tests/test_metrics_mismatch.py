@@ -34,11 +34,32 @@ def test_functional_equals_modular():
     metric = MismatchAUROC()
     for i in range(0, 20, 6):
         metric.update(scores[i : i + 6], matched[i : i + 6])
-    assert metric.compute().item() == pytest.approx(mismatch_auroc(scores, matched).item())
+    assert metric.compute()["mean"].item() == pytest.approx(mismatch_auroc(scores, matched).item())
     # brute-force Mann-Whitney statistic
     pos, neg = scores[matched], scores[~matched]
     u = ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean()
-    assert metric.compute().item() == pytest.approx(u.item(), abs=1e-6)
+    assert metric.compute()["mean"].item() == pytest.approx(u.item(), abs=1e-6)
+    assert (metric.compute()["std"].item(), metric.compute()["n"].item()) == (0.0, 20.0)
+
+
+def test_per_seed_mean_std_and_left_out_seeds():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(3, 10, generator=g)
+    matched = torch.rand(3, 10, generator=g) > 0.5
+    matched[:, 0], matched[:, 1] = True, False
+    metric = MismatchAUROC(orientation="matched_low", n_seeds=4)
+    for s in range(3):
+        metric.update(scores[s, :6], matched[s, :6], seed_index=s)
+        metric.update(scores[s, 6:], matched[s, 6:], seed_index=s)
+    metric.update(torch.tensor([0.1, float("nan"), 0.3]), torch.tensor([True, False, True]), seed_index=3)
+    per_seed = torch.stack([mismatch_auroc(scores[s], matched[s], "matched_low") for s in range(3)]).double()
+    out = metric.compute()
+    assert out["mean"].item() == pytest.approx(per_seed.mean().item())  # seed 3: all matched once NaN is left out
+    assert out["std"].item() == pytest.approx(per_seed.std().item(), rel=1e-5)
+    assert out["n"].item() == 2  # the scored pairs of the last seed
+    none = MismatchAUROC(n_seeds=2)
+    none.update(torch.tensor([0.1, 0.2]), torch.tensor([True, True]), seed_index=1)
+    assert none.compute() == {} and MismatchAUROC().compute() == {}
 
 
 def test_map_helpers():
@@ -61,3 +82,5 @@ def test_bad_input():
         MismatchAUROC(orientation="up")
     with pytest.raises(ValueError, match="differ in length"):
         MismatchAUROC().update(torch.zeros(3), torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(IndexError, match="seed_index"):
+        MismatchAUROC(n_seeds=2).update(torch.zeros(2), torch.zeros(2, dtype=torch.bool), seed_index=2)

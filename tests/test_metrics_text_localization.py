@@ -1,14 +1,17 @@
 """Gold tokens among the top-k scored tokens (share and hit)."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from clipib.metrics import TopKGoldHit, TopKGoldShare, topk_gold
+from clipib.attribution import Attribution
+from clipib.metrics import TextTopK, topk_gold
 
 SOT, EOT = 49406, 49407
 IDS = torch.tensor([[SOT, 320, 1125, 539, 736, EOT, 0, 0]])
 GOLD = torch.tensor([[0, 0, 1, 0, 1, 0, 0, 0]]).bool()
+CLIP = SimpleNamespace(text=SimpleNamespace(eot_positions=lambda ids: ids.argmax(-1)))  # what TextTopK reads
 
 
 def test_hand_cases():
@@ -36,20 +39,21 @@ def test_no_gold_is_skipped_and_counted():
     ids = torch.cat([IDS, IDS])
     s = torch.rand(2, 8, generator=torch.Generator().manual_seed(0))
     assert math.isnan(topk_gold(s, gold, ids)[0][1].item())
-    m = TopKGoldHit(k=2)
-    m.update(s, gold, ids)
-    assert (m.summary()["n"].item(), m.summary()["skipped"].item()) == (1, 1)
+    m = TextTopK(k=2)
+    m.update(CLIP, {"ids": ids, "gold_tokens": gold}, Attribution(text=s), "text")
+    hit = m.compute()["topk_hit"]
+    assert (hit["n"].item(), hit["skipped"].item()) == (1, 1)
 
 
-@pytest.mark.parametrize("cls,idx", [(TopKGoldShare, 0), (TopKGoldHit, 1)])
-def test_functional_equals_modular(cls, idx):
+@pytest.mark.parametrize("value,idx", [("topk_share", 0), ("topk_hit", 1)])
+def test_functional_equals_modular(value, idx):
     g = torch.Generator().manual_seed(1)
     ids = IDS.repeat(6, 1)
     gold = torch.rand(6, 8, generator=g) > 0.5
     gold[:, 1] = True
     s = torch.rand(6, 8, generator=g)
-    m = cls(k=2)
-    m.update(s[:4], gold[:4], ids[:4])
-    m.update(s[4:], gold[4:], ids[4:])
+    m = TextTopK(k=2)
+    m.update(CLIP, {"ids": ids[:4], "gold_tokens": gold[:4]}, Attribution(text=s[:4]), "text")
+    m.update(CLIP, {"ids": ids[4:], "gold_tokens": gold[4:]}, Attribution(text=s[4:]), "text")
     ref = topk_gold(s, gold, ids, k=2)[idx]
-    assert m.compute().item() == pytest.approx(ref.mean().item())
+    assert m.compute()[value]["mean"].item() == pytest.approx(ref.mean().item())

@@ -1,17 +1,24 @@
-"""clipib's evaluation metrics: functional kernels plus torchmetrics ``Metric`` classes with summed states.
+"""clipib's evaluation metrics: functional kernels plus one torchmetrics ``Metric`` per family, which eval runs.
 
-Families (one module each): :mod:`~clipib.metrics.confidence` (M2IB eqs. 17-18, protocols
-``corrected`` / ``m2ib`` / ``nib``), :mod:`~clipib.metrics.localization` (M2IB eq. 16, AdaIB's
-pointing-game IoU, the classic pointing game), :mod:`~clipib.metrics.ehr` (InputIBA App. F),
-:mod:`~clipib.metrics.insertion_deletion` (InputIBA App. D.3), :mod:`~clipib.metrics.mismatch`
-(AdaIB App. C), :mod:`~clipib.metrics.text_localization` (gold tokens in the top-k), and the
-model-side scorers in :mod:`~clipib.metrics.scoring`.
+Every eval metric is an :class:`~clipib.metrics.base.AttributionMetric`: built from its config settings
+(``METRICS[name](n_seeds=len(seeds), **settings)``), it scores a batch's attribution per sample
+(``update(clip, batch, attr, modality, seed_index)``) and aggregates mean ± std over samples and seeds
+with summed states (:class:`~clipib.metrics.base.SeedMeanStd`), exact under multi-process sync.
+
+Families (one module each, kernels + metric): :mod:`~clipib.metrics.confidence` (M2IB eqs. 17-18, protocols
+``corrected`` / ``m2ib`` / ``nib``), :mod:`~clipib.metrics.localization` (M2IB eq. 16, AdaIB's pointing-game
+IoU, the classic pointing game), :mod:`~clipib.metrics.ehr` (InputIBA App. F),
+:mod:`~clipib.metrics.insertion_deletion` (InputIBA App. D.3), :mod:`~clipib.metrics.text_localization`
+(gold tokens in the top-k), :mod:`~clipib.metrics.mismatch` (AdaIB App. C: per-pair scalars and the
+AUROC) and :mod:`~clipib.metrics.similarity` (the pair's cosine). Adding a metric: one module with its
+kernel and its ``AttributionMetric`` subclass, plus one line in :data:`METRICS` (docs/metrics.md).
 """
-from clipib.metrics._base import SampleMeanMetric, nanquantile_linear
+from typing import Dict, Type
+
+from clipib.metrics.base import AttributionMetric, SeedMeanStd, nanquantile_linear
 from clipib.metrics.confidence import (
     PROTOCOLS,
-    ConfidenceDrop,
-    ConfidenceIncrease,
+    Confidence,
     confidence_drop,
     confidence_increase,
     duplicate_product_factors,
@@ -29,33 +36,48 @@ from clipib.metrics.insertion_deletion import (
     blurred_canvas,
     deletion_fill,
     image_insertion_deletion,
+    image_scorer,
     text_insertion_deletion,
+    text_scorer,
 )
 from clipib.metrics.localization import (
-    LocalizationIoU,
+    Localization,
     PointingGame,
-    PointingGameIoU,
     boxes_to_mask,
+    ground_truth,
     localization_iou,
     percentile_binarize,
     pointing_game,
     pointing_game_iou,
 )
-from clipib.metrics.mismatch import MismatchAUROC, map_entropy, map_mass, mismatch_auroc
-from clipib.metrics.scoring import cosine, image_scorer, text_scorer
-from clipib.metrics.text_localization import TopKGoldHit, TopKGoldShare, content_positions, topk_gold
+from clipib.metrics.mismatch import MismatchAUROC, MismatchScalars, map_entropy, map_mass, mismatch_auroc
+from clipib.metrics.similarity import Similarity, pair_cosine
+from clipib.metrics.text_localization import TextTopK, topk_gold
+from clipib.metrics.throughput import Throughput
+
+METRICS: Dict[str, Type[AttributionMetric]] = {
+    "confidence": Confidence,
+    "localization": Localization,
+    "pointing_game": PointingGame,
+    "ehr": EffectiveHeatRatio,
+    "insertion_deletion": InsertionDeletion,
+    "text_topk": TextTopK,
+    "mismatch_scalars": MismatchScalars,
+    "similarity": Similarity,
+}
+"""The eval metrics by config name (``metrics:`` keys); each takes ``n_seeds`` plus its own settings."""
 
 __all__ = [
-    "SampleMeanMetric", "nanquantile_linear",
-    "PROTOCOLS", "ConfidenceDrop", "ConfidenceIncrease", "confidence_drop", "confidence_increase",
-    "duplicate_product_factors", "image_confidence_scores", "legacy_pool_positions", "median_mask",
-    "perturb_image", "strip_special", "text_confidence_scores",
+    "METRICS", "AttributionMetric", "SeedMeanStd", "Throughput", "nanquantile_linear",
+    "PROTOCOLS", "Confidence", "confidence_drop", "confidence_increase", "duplicate_product_factors",
+    "image_confidence_scores", "legacy_pool_positions", "median_mask", "perturb_image", "strip_special",
+    "text_confidence_scores",
     "EffectiveHeatRatio", "effective_heat_ratio", "ehr_curve",
-    "InsertionDeletion", "blur_params", "blurred_canvas", "deletion_fill",
-    "image_insertion_deletion", "text_insertion_deletion",
-    "LocalizationIoU", "PointingGame", "PointingGameIoU", "boxes_to_mask", "localization_iou",
-    "percentile_binarize", "pointing_game", "pointing_game_iou",
-    "MismatchAUROC", "map_entropy", "map_mass", "mismatch_auroc",
-    "cosine", "image_scorer", "text_scorer",
-    "TopKGoldHit", "TopKGoldShare", "content_positions", "topk_gold",
+    "InsertionDeletion", "blur_params", "blurred_canvas", "deletion_fill", "image_insertion_deletion",
+    "image_scorer", "text_insertion_deletion", "text_scorer",
+    "Localization", "PointingGame", "boxes_to_mask", "ground_truth", "localization_iou", "percentile_binarize",
+    "pointing_game", "pointing_game_iou",
+    "MismatchAUROC", "MismatchScalars", "map_entropy", "map_mass", "mismatch_auroc",
+    "Similarity", "pair_cosine",
+    "TextTopK", "topk_gold",
 ]

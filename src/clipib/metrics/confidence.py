@@ -32,18 +32,20 @@ The reported number is the mean over samples, in percent, as both reference repo
 The kernels (:func:`confidence_drop`, :func:`confidence_increase`, :func:`perturb_image`,
 :func:`median_mask`, :func:`strip_special`, :func:`legacy_pool_positions`,
 :func:`duplicate_product_factors`) are pure; :func:`image_confidence_scores` and
-:func:`text_confidence_scores` build and score the perturbed inputs with a SplitCLIP.
+:func:`text_confidence_scores` build and score the perturbed inputs with a SplitCLIP;
+:class:`Confidence` is the eval metric (registry name ``confidence``).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict
 
 import torch
 from torch import Tensor
 
-from clipib.metrics._base import SampleMeanMetric, nanquantile_linear
-from clipib.metrics.scoring import cosine
-from clipib.metrics.text_localization import content_positions
+from clipib.attribution.base import Attribution
+from clipib.attribution.common import cosine
+from clipib.metrics.base import AttributionMetric, Batch, default_eot, nanquantile_linear
+from clipib.models.split import SplitCLIP, token_span
 
 __all__ = [
     "PROTOCOLS",
@@ -56,8 +58,7 @@ __all__ = [
     "duplicate_product_factors",
     "image_confidence_scores",
     "text_confidence_scores",
-    "ConfidenceDrop",
-    "ConfidenceIncrease",
+    "Confidence",
 ]
 
 PROTOCOLS = ("corrected", "m2ib", "nib")
@@ -136,7 +137,7 @@ def strip_special(ids: Tensor, scores: Tensor, eot: Tensor | None = None) -> tup
         >>> ids, valid.int()
         (tensor([[ 320, 1125,    0,    0,    0]]), tensor([[1, 1, 0, 0, 0]], dtype=torch.int32))
     """
-    content = content_positions(ids, eot)  # [B, L]
+    content = token_span(default_eot(ids, eot), ids.shape[1], special=False)  # [B, L]
     n = content.sum(1, keepdim=True)  # [B, 1]
     pos = torch.arange(ids.shape[1], device=ids.device)[None, :]  # [1, L]
     src = (pos + 1).clamp(max=ids.shape[1] - 1).expand_as(ids)  # content starts at position 1
@@ -200,7 +201,7 @@ def text_confidence_scores(
     tower = clip.text
     eot = tower.eot_positions(ids)  # [B]
     if protocol == "corrected":
-        new_ids = median_mask(ids, scores, content_positions(ids, eot), replacement_id)
+        new_ids = median_mask(ids, scores, token_span(eot, ids.shape[1], special=False), replacement_id)
         orig = cosine(tower.encode(ids), image_emb)
         pert = cosine(tower.encode_embeddings(tower.token_embeddings(new_ids), eot), image_emb)
         return orig, pert
@@ -217,35 +218,39 @@ def text_confidence_scores(
     return orig, cosine(emb, image_emb)
 
 
-class ConfidenceDrop(SampleMeanMetric):
-    """Mean Confidence Drop in percent (M2IB eq. 17) from ``(orig, pert)`` cosines.
+class Confidence(AttributionMetric):
+    """Confidence Drop / Increase (M2IB eqs. 17-18) under ``protocol``: values ``{m}_drop``, ``{m}_incr``.
 
-    Example:
-        >>> metric = ConfidenceDrop()
-        >>> metric.update(torch.tensor([0.50, 0.25]), torch.tensor([0.25, 0.50]))
-        >>> metric.compute()
-        tensor(12.5000, dtype=torch.float64)
+    Args:
+        protocol: ``"corrected"`` (default), ``"m2ib"`` or ``"nib"`` (see the module docstring).
+        replacement_id: the token masked text tokens become (``"corrected"`` only).
+        n_seeds: number of seeds aggregated (:class:`~clipib.metrics.base.SeedMeanStd`).
+
+    Example (a map of ones keeps the image: no drop, no increase):
+        >>> from clipib import load_clip
+        >>> clip = load_clip("clipib-shapes")  # the shipped 64 px model
+        >>> batch = {"image": torch.randn(2, 3, 64, 64), "ids": clip.tokenize(["a dog", "a cat"])}
+        >>> metric = Confidence(protocol="corrected")
+        >>> metric.update(clip, batch, Attribution(image=torch.ones(2, 64, 64)), "image")
+        {'image_drop': tensor([0., 0.]), 'image_incr': tensor([0., 0.])}
+        >>> metric.compute()["image_drop"]["mean"]
+        tensor(0., dtype=torch.float64)
     """
 
-    higher_is_better = False
+    VALUES = {"image": ("image_drop", "image_incr"), "text": ("text_drop", "text_incr")}
+    higher_is_better = None
 
-    def update(self, orig: Tensor, pert: Tensor) -> None:
-        """``orig [B]``, ``pert [B]``: cosines before / after perturbation (see the ``*_scores`` helpers)."""
-        self._accumulate(confidence_drop(orig, pert))
+    def __init__(self, protocol: str = "corrected", replacement_id: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"confidence protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        self.protocol, self.replacement_id = protocol, replacement_id
 
-
-class ConfidenceIncrease(SampleMeanMetric):
-    """Mean Confidence Increase in percent (M2IB eq. 18): the share of samples whose cosine rose.
-
-    Example:
-        >>> metric = ConfidenceIncrease()
-        >>> metric.update(torch.tensor([0.50, 0.25]), torch.tensor([0.25, 0.50]))
-        >>> metric.compute()
-        tensor(50., dtype=torch.float64)
-    """
-
-    higher_is_better = True
-
-    def update(self, orig: Tensor, pert: Tensor) -> None:
-        """``orig [B]``, ``pert [B]``: cosines before / after perturbation (see the ``*_scores`` helpers)."""
-        self._accumulate(confidence_increase(orig, pert))
+    def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        """``{m}_drop`` and ``{m}_incr`` per sample, in percent."""
+        images, ids = batch["image"], batch["ids"]
+        if modality == "image":
+            orig, pert = image_confidence_scores(clip, images, attr.image, ids, self.protocol)
+        else:
+            orig, pert = text_confidence_scores(clip, images, ids, attr.text, self.protocol, self.replacement_id)
+        return {f"{modality}_drop": confidence_drop(orig, pert), f"{modality}_incr": confidence_increase(orig, pert)}

@@ -18,16 +18,22 @@ to rescaling - App. F's example (c), heat 0.25 inside the box and 0 outside, has
 its figure) while (a), heat 1 inside, has EHR 1. Pass maps in [0, 1] (clipib's ``Attribution.image``).
 Values of documented edge cases: a map with no heat ``>= 0.1`` has EHR 0; a constant map ``c >= 0.1``
 has EHR ``c * roi_fraction`` (weighted) or ``roi_fraction`` (unweighted).
+
+:class:`EffectiveHeatRatio` is the eval metric (registry name ``ehr``, value ``ehr``); its ROI is the
+batch's ground truth (:func:`clipib.metrics.localization.ground_truth`).
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Dict
 
 import torch
 from torch import Tensor
 
-from clipib.metrics._base import SampleMeanMetric, nanquantile_linear
-from clipib.metrics.localization import _target_mask
+from clipib.attribution.base import Attribution
+from clipib.metrics.base import AttributionMetric, Batch, nanquantile_linear
+from clipib.metrics.localization import _target_mask, ground_truth
+from clipib.models.split import SplitCLIP
 
 __all__ = ["ehr_curve", "effective_heat_ratio", "EffectiveHeatRatio"]
 
@@ -96,38 +102,30 @@ def effective_heat_ratio(
     return torch.trapezoid(ratios, levels, dim=-1)
 
 
-class EffectiveHeatRatio(SampleMeanMetric):
-    """Mean EHR (InputIBA App. F) with skipped samples (ROI > ``max_roi_fraction``) counted.
+class EffectiveHeatRatio(AttributionMetric):
+    """EHR (InputIBA App. F) of the image map with the batch's object; value ``ehr`` (image modality).
 
-    ``summary()["skipped"]`` reports how many samples were not scored.
+    Objects covering more than ``max_roi_fraction`` (or nothing) give NaN, counted in ``skipped``.
 
     Example:
         >>> metric = EffectiveHeatRatio(weighted=True)
         >>> m = torch.zeros(2, 4, 4); m[:, :2, :2] = 1.0
-        >>> metric.update(m, torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 4.0, 4.0]]))
-        >>> round(float(metric.compute()), 6), int(metric.skipped)
-        (1.0, 1)
+        >>> batch = {"box": torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 4.0, 4.0]])}
+        >>> metric.update(None, batch, Attribution(image=m), "image")
+        {'ehr': tensor([1.0000,    nan], dtype=torch.float64)}
+        >>> {k: round(float(v), 6) for k, v in metric.compute()["ehr"].items()}
+        {'mean': 1.0, 'std': 0.0, 'n': 1.0, 'skipped': 1.0, 'std_over_seeds': 0.0}
     """
 
-    def __init__(
-        self,
-        weighted: bool = True,
-        base_threshold: float = 0.1,
-        num_quantiles: int = 11,
-        max_roi_fraction: float = 0.33,
-        **kwargs,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.weighted = weighted
-        self.base_threshold = base_threshold
-        self.num_quantiles = num_quantiles
-        self.max_roi_fraction = max_roi_fraction
+    VALUES = {"image": ("ehr",)}
+    higher_is_better = True
 
-    def update(self, maps: Tensor, target: Tensor) -> None:
-        """``maps [B, H, W]`` in [0, 1]; ``target``: ROI mask ``[B, H, W]`` or boxes."""
-        self._accumulate(
-            effective_heat_ratio(
-                maps, target, weighted=self.weighted, base_threshold=self.base_threshold,
-                num_quantiles=self.num_quantiles, max_roi_fraction=self.max_roi_fraction,
-            )
-        )
+    def __init__(self, weighted: bool = True, max_roi_fraction: float = 0.33, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.weighted, self.max_roi_fraction = weighted, max_roi_fraction
+
+    def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        """``ehr`` per sample (NaN for a skipped object)."""
+        region = ground_truth(batch, "ehr", attr.image.shape)
+        return {"ehr": effective_heat_ratio(attr.image, region, weighted=self.weighted,
+                                            max_roi_fraction=self.max_roi_fraction)}

@@ -3,8 +3,8 @@
 Features are ranked by the attribution (highest first; ties keep index order - a stable sort) and
 modified in ``steps`` equal batches ("batch-wise" deletion / insertion, App. D.3), so a curve has
 ``steps + 1`` points at fractions ``0, 1/steps, ..., 1`` of the features. At each point the score is
-the cosine with the other modality, computed by a caller-supplied ``score_fn`` (see
-:mod:`clipib.metrics.scoring`), so the kernels do not depend on the model. AUC = trapezoid over the
+the cosine with the other modality, computed by a caller-supplied ``score_fn`` (:func:`image_scorer`,
+:func:`text_scorer`), so the kernels do not depend on the model. AUC = trapezoid over the
 fraction in [0, 1], in the score's units (cosine). Deletion: lower AUC is better; insertion: higher.
 
 Images (a feature = one pixel, all channels):
@@ -12,7 +12,8 @@ Images (a feature = one pixel, all channels):
 * deletion replaces pixels with ``fill``; default ``"black"``: pixel value 0 mapped through the
   model's normalisation, ``(0 - mean) / std`` per channel (InputIBA deletes to black); ``"mean"``
   is 0 in normalised space (the dataset mean colour); a float / per-channel sequence is used as given
-  (normalised space). ``mean`` / ``std`` default to OpenAI CLIP's (``open_clip.constants``).
+  (normalised space). ``"black"`` needs the model's ``mean`` / ``std``: the eval metric
+  :class:`InsertionDeletion` reads them from the loaded model (:attr:`SplitCLIP.normalization`).
 * insertion reveals pixels on a Gaussian-blurred copy of the image (InputIBA: kernel 29, sigma 15 at
   224 px). clipib scales both with the input size, per axis: ``sigma = 15 * size / 224`` and the
   kernel's radius, ``kernel = 2 * max(1, round(14 * size / 224)) + 1`` (5 at 32 px, 9 at 64 px).
@@ -27,18 +28,22 @@ padding id (``"!"`` in CLIP's BPE), the blank token M2IB's Table 1 uses. Each ca
 
 The literal "batch size 10" of App. D.3 (10 pixels per step) needs ``N / 10`` model calls per curve
 (5,018 at 224 px); ``steps`` is a parameter (default 20, i.e. 5 % per step).
+
+:class:`InsertionDeletion` is the eval metric (registry name ``insertion_deletion``; values
+``{m}_insertion`` and ``{m}_deletion`` for m = image, text).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from clipib.metrics._base import SampleMeanMetric
-from clipib.metrics.text_localization import content_positions
+from clipib.attribution.base import Attribution
+from clipib.attribution.common import image_cosine, text_cosine
+from clipib.metrics.base import AttributionMetric, Batch, default_eot
+from clipib.models.split import SplitCLIP, token_span
 
 __all__ = [
     "blur_params",
@@ -46,6 +51,8 @@ __all__ = [
     "deletion_fill",
     "image_insertion_deletion",
     "text_insertion_deletion",
+    "image_scorer",
+    "text_scorer",
     "InsertionDeletion",
 ]
 
@@ -76,16 +83,20 @@ def blurred_canvas(images: Tensor) -> Tensor:
 def deletion_fill(
     fill: str | float | Sequence[float] = "black",
     channels: int = 3,
-    mean: Sequence[float] = OPENAI_DATASET_MEAN,
-    std: Sequence[float] = OPENAI_DATASET_STD,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
 ) -> Tensor:
     """Per-channel fill value ``[C, 1, 1]`` in normalised space (see the module docstring).
+
+    ``"black"`` needs the model's normalisation ``mean`` and ``std`` (``clip.normalization``).
 
     Example:
         >>> deletion_fill("black", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).flatten()
         tensor([-2., -2., -2.])
     """
     if fill == "black":
+        if mean is None or std is None:
+            raise ValueError("fill='black' needs the model's normalisation: pass mean, std = clip.normalization")
         v = [-m / s for m, s in zip(mean, std)]
     elif fill == "mean":
         v = [0.0] * channels
@@ -121,17 +132,19 @@ def image_insertion_deletion(
     mode: str = "deletion",
     steps: int = 20,
     fill: str | float | Sequence[float] = "black",
-    mean: Sequence[float] = OPENAI_DATASET_MEAN,
-    std: Sequence[float] = OPENAI_DATASET_STD,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Image deletion / insertion curve (InputIBA App. D.3): ``(auc [B], fractions [S+1], curves [B, S+1])``.
 
     Args:
         images: ``[B, C, H, W]`` normalised model inputs.
         maps: ``[B, H, W]`` attribution maps (only the order matters).
-        score_fn: ``images [B, C, H, W] -> [B]``, e.g. :func:`clipib.metrics.scoring.image_scorer`.
+        score_fn: ``images [B, C, H, W] -> [B]``, e.g. :func:`image_scorer`.
         mode: ``"deletion"`` (to ``fill``) or ``"insertion"`` (onto the blurred canvas).
         steps: number of equal batches of pixels.
+        fill: what deleted pixels become (:func:`deletion_fill`).
+        mean, std: the model's normalisation (``clip.normalization``), needed by ``fill="black"``.
     """
     _check_mode(mode, steps)
     b, c, h, w = images.shape
@@ -163,14 +176,14 @@ def text_insertion_deletion(
 
     Args:
         ids: ``[B, L]`` token ids; scores: ``[B, L]`` token attributions.
-        score_fn: ``ids [B, L] -> [B]``, e.g. :func:`clipib.metrics.scoring.text_scorer`.
+        score_fn: ``ids [B, L] -> [B]``, e.g. :func:`text_scorer`.
         replacement_id: the token put in place of a removed token (default 0, see module docstring).
         eot: EOT positions ``[B]`` (default ``ids.argmax(-1)``, open_clip's rule).
     """
     _check_mode(mode, steps)
     if scores.shape != ids.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and ids {tuple(ids.shape)} differ in shape")
-    content = content_positions(ids, eot)  # [B, L]
+    content = token_span(default_eot(ids, eot), ids.shape[1], special=False)  # [B, L]
     rank = _ranks(scores, content)  # [B, L]
     n = content.sum(1, keepdim=True).double()  # [B, 1]
     blank = torch.full_like(ids, replacement_id)
@@ -185,73 +198,74 @@ def text_insertion_deletion(
     return torch.trapezoid(curves, fractions, dim=1), fractions, curves
 
 
-class InsertionDeletion(SampleMeanMetric):
-    """Mean insertion or deletion AUC (InputIBA App. D.3) for images or text, with the mean curve.
+def image_scorer(clip: SplitCLIP, ids: Tensor) -> Callable[[Tensor], Tensor]:
+    """``score(images [B, 3, H, W]) -> [B]``: cosine of the images with the clean captions ``ids``, no grad."""
+    with torch.no_grad():
+        score = image_cosine(clip, clip.text.encode(ids))  # target [B, E]
+    return torch.no_grad()(score)
 
-    ``update`` computes the curves with ``score_fn`` (which holds the other modality);
-    ``compute()`` is the mean AUC, ``compute_curves()`` the mean curve ``(fractions, scores)`` for plots.
-    Higher is better for insertion, lower for deletion (``higher_is_better`` is ``None``: it depends
-    on ``mode``).
 
-    Example:
-        >>> metric = InsertionDeletion(modality="image", mode="deletion", steps=4, fill="mean")
-        >>> images = torch.ones(1, 3, 2, 2)
-        >>> maps = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
-        >>> metric.update(images, maps, lambda x: x.mean(dim=(1, 2, 3)))
-        >>> metric.compute()
-        tensor(0.5000, dtype=torch.float64)
-        >>> metric.compute_curves()[1]
-        tensor([1.0000, 0.7500, 0.5000, 0.2500, 0.0000], dtype=torch.float64)
+def text_scorer(clip: SplitCLIP, images: Tensor, ids: Tensor) -> Callable[[Tensor], Tensor]:
+    """``score(ids' [B, ctx]) -> [B]``: cosine of perturbed captions with the clean ``images``, no grad.
+
+    The text is pooled at the EOT positions of the *original* ``ids`` (``clip.text.eot_positions``), so a
+    replacement token can never move the pooling position.
+    """
+    with torch.no_grad():
+        text = text_cosine(clip, ids, clip.image.encode(images))  # target [B, E]
+    length = text.embeddings.shape[1]  # longest SOT..EOT
+
+    @torch.no_grad()
+    def score(new_ids: Tensor) -> Tensor:
+        return text.score(clip.text.token_embeddings(new_ids[:, :length]))
+
+    return score
+
+
+class InsertionDeletion(AttributionMetric):
+    """Insertion and deletion AUC (InputIBA App. D.3), scored by the cosine with the other modality.
+
+    Values ``{m}_insertion`` (higher is better) and ``{m}_deletion`` (lower is better) for m = image, text.
+    ``fill="black"`` deletes pixels to black *in the loaded model's normalisation* (``clip.normalization``).
+
+    Args:
+        steps: number of equal batches of features per curve.
+        fill: what deleted pixels become (:func:`deletion_fill`).
+        replacement_id: the token put in place of a removed token.
+        n_seeds: number of seeds aggregated.
+
+    Example (the shipped model; curves have ``steps + 1`` points):
+        >>> from clipib import load_clip
+        >>> clip = load_clip("clipib-shapes")  # the shipped 64 px model
+        >>> batch = {"image": torch.randn(2, 3, 64, 64), "ids": clip.tokenize(["a dog", "a red cat"])}
+        >>> attr = Attribution(image=torch.rand(2, 64, 64), text=torch.rand(2, 77))
+        >>> metric = InsertionDeletion(steps=2)
+        >>> sorted(metric.update(clip, batch, attr, "text"))
+        ['text_deletion', 'text_insertion']
     """
 
+    VALUES = {"image": ("image_insertion", "image_deletion"), "text": ("text_insertion", "text_deletion")}
     higher_is_better = None
-    curve_sum: Tensor
 
-    def __init__(
-        self,
-        modality: str = "image",
-        mode: str = "deletion",
-        steps: int = 20,
-        fill: str | float | Sequence[float] = "black",
-        replacement_id: int = 0,
-        mean: Sequence[float] = OPENAI_DATASET_MEAN,
-        std: Sequence[float] = OPENAI_DATASET_STD,
-        **kwargs,
-    ) -> None:
+    def __init__(self, steps: int = 20, fill: str | float | Sequence[float] = "black", replacement_id: int = 0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _check_mode(mode, steps)
-        if modality not in ("image", "text"):
-            raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
-        self.modality, self.mode, self.steps = modality, mode, steps
-        self.fill, self.replacement_id = fill, replacement_id
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.add_state("curve_sum", default=torch.zeros(steps + 1, dtype=torch.float64), dist_reduce_fx="sum")
+        _check_mode("deletion", steps)
+        deletion_fill(fill, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # validate
+        self.steps, self.fill, self.replacement_id = steps, fill, replacement_id
 
-    def update(self, inputs: Tensor, attributions: Tensor, score_fn: Callable[[Tensor], Tensor],
-               eot: Tensor | None = None) -> None:
-        """Image: ``inputs [B, C, H, W]``, ``attributions [B, H, W]``; text: ``ids [B, L]``, ``scores [B, L]``.
-
-        ``score_fn`` maps perturbed inputs to ``[B]`` cosines (:mod:`clipib.metrics.scoring`);
-        ``eot`` (text only) overrides the EOT positions.
-        """
-        auc, _, curves = self.curves(inputs, attributions, score_fn, eot)
-        self._accumulate_curves(auc, curves)
-
-    def curves(self, inputs: Tensor, attributions: Tensor, score_fn: Callable[[Tensor], Tensor],
-               eot: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """The per-sample ``(auc, fractions, curves)`` without accumulating (for per-sample records)."""
-        if self.modality == "image":
-            return image_insertion_deletion(inputs, attributions, score_fn, self.mode, self.steps,
-                                            self.fill, self.mean, self.std)
-        return text_insertion_deletion(inputs, attributions, score_fn, self.mode, self.steps,
-                                       self.replacement_id, eot)
-
-    def _accumulate_curves(self, auc: Tensor, curves: Tensor) -> None:
-        self._accumulate(auc)
-        self.curve_sum += curves.double().sum(0)
-
-    def compute_curves(self) -> tuple[Tensor, Tensor]:
-        """``(fractions [S+1], mean curve [S+1])`` over all scored samples on all processes."""
-        fractions = torch.linspace(0.0, 1.0, self.steps + 1, dtype=torch.float64, device=self.curve_sum.device)
-        with self.synced():
-            return fractions, self.curve_sum / self.count
+    def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        """``{m}_insertion`` and ``{m}_deletion`` AUCs per sample."""
+        images, ids = batch["image"], batch["ids"]
+        out = {}
+        if modality == "image":
+            score, (mean, std) = image_scorer(clip, ids), clip.normalization
+            for mode in ("insertion", "deletion"):
+                out[f"image_{mode}"] = image_insertion_deletion(images, attr.image, score, mode, self.steps,
+                                                                self.fill, mean, std)[0]
+        else:
+            score, eot = text_scorer(clip, images, ids), clip.text.eot_positions(ids)
+            for mode in ("insertion", "deletion"):
+                out[f"text_{mode}"] = text_insertion_deletion(ids, attr.text, score, mode, self.steps,
+                                                              self.replacement_id, eot)[0]
+        return out

@@ -25,17 +25,26 @@ Conventions (clipib's choices; the papers do not state them):
   of candidates inside the (dilated) object - the expected hit under uniform random tie-breaking. A
   constant map therefore scores the object's area fraction, again chance level.
 * A sample whose ground-truth region is empty (e.g. a box cropped away by the centre crop) cannot be
-  scored: kernels return NaN and the metric classes count it in ``skipped``.
+  scored: kernels return NaN and the metrics count it in ``skipped``.
+
+Eval metrics: :class:`Localization` (registry name ``localization``, value ``iou``) and
+:class:`PointingGame` (``pointing_game``, values ``pg_iou`` and ``pointing_game``). Their ground truth
+comes from the batch (:func:`ground_truth`): per sample its ``mask`` where ``has_mask`` says it has one,
+else its ``box`` (a batch without ``has_mask`` uses ``mask`` when present); a batch with neither is one
+clear error.
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Dict, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipib.metrics._base import SampleMeanMetric, nanquantile_linear
+from clipib.attribution.base import Attribution
+from clipib.metrics.base import AttributionMetric, Batch, nanquantile_linear
+from clipib.models.split import SplitCLIP
 
 __all__ = [
     "boxes_to_mask",
@@ -43,8 +52,8 @@ __all__ = [
     "localization_iou",
     "pointing_game_iou",
     "pointing_game",
-    "LocalizationIoU",
-    "PointingGameIoU",
+    "ground_truth",
+    "Localization",
     "PointingGame",
 ]
 
@@ -181,59 +190,80 @@ def pointing_game(maps: Tensor, target: Tensor, tolerance: float = 0.0) -> Tenso
     return torch.where(gt.flatten(1).any(1), hit, torch.full_like(hit, math.nan))
 
 
-class LocalizationIoU(SampleMeanMetric):
-    """Mean M2IB localization IoU (eq. 16) at the ``q``-th percentile; see :func:`localization_iou`.
+def ground_truth(batch: Batch, metric: str, size: Sequence[int]) -> Tensor:
+    """The object region ``BoolTensor[B, H, W]`` of an eval batch: the mask where the sample has one
+    (``has_mask``), else its box; ``size`` ends with ``(H, W)``. ``metric`` names the caller in the error.
 
     Example:
-        >>> metric = LocalizationIoU(q=0.75)
+        >>> batch = {"box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2), "mask": torch.ones(2, 2, 2),
+        ...          "has_mask": torch.tensor([True, False])}
+        >>> ground_truth(batch, "iou", (2, 2, 2)).int().tolist()
+        [[[1, 1], [1, 1]], [[1, 0], [0, 0]]]
+    """
+    mask, box = batch.get("mask"), batch.get("box")
+    if mask is None and box is None:
+        raise ValueError(f"metric {metric!r} needs batch['mask'] or batch['box'] (a grounding dataset)")
+    hw = (int(size[-2]), int(size[-1]))
+    if mask is None:
+        return boxes_to_mask(box, hw)
+    has_mask = batch.get("has_mask")
+    if box is None or has_mask is None:
+        return mask.bool()
+    return torch.where(has_mask.bool()[:, None, None], mask.bool(), boxes_to_mask(box, hw))
+
+
+class Localization(AttributionMetric):
+    """M2IB localization (eq. 16): IoU of the image map binarised at its ``q``-th percentile with the object.
+
+    Value ``iou`` (image modality); see :func:`localization_iou` and :func:`ground_truth`.
+
+    Example:
+        >>> metric = Localization(q=0.75)
         >>> m = torch.zeros(2, 4, 4); m[:, :2, :2] = 1.0
-        >>> metric.update(m, torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 4.0, 4.0]]))
-        >>> metric.compute()
+        >>> batch = {"box": torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 4.0, 4.0]])}
+        >>> metric.update(None, batch, Attribution(image=m), "image")
+        {'iou': tensor([1.0000, 0.2500], dtype=torch.float64)}
+        >>> metric.compute()["iou"]["mean"]
         tensor(0.6250, dtype=torch.float64)
     """
 
-    def __init__(self, q: float = 0.75, **kwargs) -> None:
+    VALUES = {"image": ("iou",)}
+    higher_is_better = True
+
+    def __init__(self, q: float = 0.75, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"q must be in [0, 1], got {q}")
         self.q = q
 
-    def update(self, maps: Tensor, target: Tensor) -> None:
-        """``maps [B, H, W]``; ``target``: mask ``[B, H, W]`` or boxes ``[B, 4]`` / ``[B, K, 4]``."""
-        self._accumulate(localization_iou(maps, target, self.q))
+    def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        """``iou`` per sample (NaN for an empty ground truth)."""
+        return {"iou": localization_iou(attr.image, ground_truth(batch, "localization", attr.image.shape), self.q)}
 
 
-class PointingGameIoU(SampleMeanMetric):
-    """Mean AdaIB pointing-game IoU (normalised map ``>= threshold``); see :func:`pointing_game_iou`.
+class PointingGame(AttributionMetric):
+    """AdaIB's pointing-game IoU (normalised map ``>= threshold``) and the classic pointing game.
 
-    Example:
-        >>> metric = PointingGameIoU(threshold=0.5)
-        >>> metric.update(torch.tensor([[[0.0, 1.0], [0.0, 1.0]]]), torch.tensor([[1.0, 0.0, 2.0, 1.0]]))
-        >>> metric.compute()
-        tensor(0.5000, dtype=torch.float64)
-    """
-
-    def __init__(self, threshold: float = 0.5, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.threshold = threshold
-
-    def update(self, maps: Tensor, target: Tensor) -> None:
-        """``maps [B, H, W]``; ``target``: mask ``[B, H, W]`` or boxes ``[B, 4]`` / ``[B, K, 4]``."""
-        self._accumulate(pointing_game_iou(maps, target, self.threshold))
-
-
-class PointingGame(SampleMeanMetric):
-    """Pointing-game accuracy (map maximum inside the object); see :func:`pointing_game`.
+    Values ``pg_iou`` (:func:`pointing_game_iou`) and ``pointing_game`` (:func:`pointing_game`), image modality.
 
     Example:
-        >>> metric = PointingGame(tolerance=0)
-        >>> metric.update(torch.tensor([[[0.0, 1.0], [0.0, 0.0]]]), torch.tensor([[1.0, 0.0, 2.0, 1.0]]))
-        >>> metric.compute()
-        tensor(1., dtype=torch.float64)
+        >>> metric = PointingGame(threshold=0.5, tolerance=0)
+        >>> batch = {"box": torch.tensor([[1.0, 0.0, 2.0, 1.0]])}
+        >>> metric.update(None, batch, Attribution(image=torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])), "image")
+        {'pg_iou': tensor([0.5000], dtype=torch.float64), 'pointing_game': tensor([0.5000], dtype=torch.float64)}
     """
 
-    def __init__(self, tolerance: float = 0.0, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.tolerance = tolerance
+    VALUES = {"image": ("pg_iou", "pointing_game")}
+    higher_is_better = True
 
-    def update(self, maps: Tensor, target: Tensor) -> None:
-        """``maps [B, H, W]``; ``target``: mask ``[B, H, W]`` or boxes ``[B, 4]`` / ``[B, K, 4]``."""
-        self._accumulate(pointing_game(maps, target, self.tolerance))
+    def __init__(self, threshold: float = 0.5, tolerance: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        self.threshold, self.tolerance = threshold, tolerance
+
+    def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        """``pg_iou`` and ``pointing_game`` per sample (NaN for an empty ground truth)."""
+        region = ground_truth(batch, "pointing_game", attr.image.shape)
+        return {"pg_iou": pointing_game_iou(attr.image, region, self.threshold),
+                "pointing_game": pointing_game(attr.image, region, self.tolerance)}

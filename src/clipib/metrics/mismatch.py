@@ -13,13 +13,18 @@ each method family supplies (the eval pipeline chooses it per method):
   diffuse map - high entropy - is the expected answer to a mismatched pair).
 
 The AUROC is torchmetrics' ``binary_auroc`` (exact, no binning) on dense ranks of the scalar.
-Its states are concatenated (``dist_reduce_fx="cat"``), which is exact under DDP too: the AUROC of the
-gathered values is order-independent. ``orientation`` says which way the scalar points:
+:class:`MismatchAUROC` concatenates its states (``dist_reduce_fx="cat"``), which is exact under DDP too:
+the AUROC of the gathered values is order-independent. ``orientation`` says which way the scalar points:
 ``"matched_high"`` (default; e.g. the fit term, the map mass), ``"matched_low"`` (e.g. a loss or an
 entropy) or ``"either"`` = ``max(AUC, 1 - AUC)``, a pure separability score (optimistic when the
 direction is chosen after seeing the data - prefer a stated direction).
+
+:class:`MismatchScalars` (registry name ``mismatch_scalars``) records each pair's map mass and entropy
+(values ``{m}_mass``, ``{m}_entropy`` for m = image, text) so that :class:`MismatchAUROC` can rank them.
 """
 from __future__ import annotations
+
+from typing import Any, Dict
 
 import torch
 from torch import Tensor
@@ -27,7 +32,11 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["map_mass", "map_entropy", "mismatch_auroc", "MismatchAUROC"]
+from clipib.attribution.base import Attribution
+from clipib.metrics.base import AttributionMetric, Batch
+from clipib.models.split import SplitCLIP
+
+__all__ = ["map_mass", "map_entropy", "mismatch_auroc", "MismatchScalars", "MismatchAUROC"]
 
 _ORIENTATIONS = ("matched_high", "matched_low", "either")
 
@@ -105,41 +114,92 @@ def mismatch_auroc(scores: Tensor, matched: Tensor, orientation: str = "matched_
     return torch.maximum(auc, 1 - auc) if orientation == "either" else auc
 
 
-class MismatchAUROC(Metric):
-    """Matched-vs-mismatched AUROC of a per-pair scalar (AdaIB App. C), torchmetrics' binary AUROC.
+class MismatchScalars(AttributionMetric):
+    """Per-pair map mass (mean raw score) and normalised entropy of the [0, 1] map, for the AUROC.
 
-    States are the concatenated scores and flags (``dist_reduce_fx="cat"``: exact across processes).
+    Values ``image_mass`` (:func:`map_mass` of ``attr.image_grid``), ``image_entropy`` (:func:`map_entropy`
+    of ``attr.image``), and ``text_mass`` / ``text_entropy`` of ``attr.text_raw`` / ``attr.text`` over SOT..EOT.
 
     Example:
-        >>> metric = MismatchAUROC(orientation="matched_low")
-        >>> metric.update(torch.tensor([0.1, 0.2]), torch.tensor([True, False]))
-        >>> metric.update(torch.tensor([0.4, 0.3]), torch.tensor([False, True]))
-        >>> metric.compute()
-        tensor(0.7500)
+        >>> metric = MismatchScalars()
+        >>> attr = Attribution(image=torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]), image_grid=torch.tensor([[[2.0]]]))
+        >>> metric.update(None, {}, attr, "image")
+        {'image_mass': tensor([2.]), 'image_entropy': tensor([0.])}
+    """
+
+    VALUES = {"image": ("image_mass", "image_entropy"), "text": ("text_mass", "text_entropy")}
+
+    def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        """``{m}_mass`` and ``{m}_entropy`` per pair."""
+        if modality == "image":
+            return {"image_mass": map_mass(attr.image_grid), "image_entropy": map_entropy(attr.image)}
+        valid = clip.text.span_mask(batch["ids"], special=True)  # SOT..EOT
+        return {"text_mass": map_mass(attr.text_raw, valid), "text_entropy": map_entropy(attr.text, valid)}
+
+
+class MismatchAUROC(Metric):
+    """Matched-vs-mismatched AUROC of a per-pair scalar (AdaIB App. C), per seed, then mean ± std over seeds.
+
+    ``update(scores, matched, seed_index)`` adds pairs of one seed; NaN scores (a value undefined for a pair)
+    are left out. ``compute()`` takes, for every seed with both matched and mismatched pairs, the AUROC of
+    its pairs (:func:`mismatch_auroc`), and returns ``{"mean", "std", "n"}``: the mean over those seeds, the
+    sample std over them (0 with a single seed), and ``n`` = the number of scored pairs of the last seed.
+    Seeds whose pairs are all matched or all mismatched are left out; when no seed qualifies, ``compute()``
+    returns ``{}`` (nothing to report). States are concatenated (``dist_reduce_fx="cat"``: exact across
+    processes).
+
+    Example:
+        >>> metric = MismatchAUROC(orientation="matched_low", n_seeds=2)
+        >>> metric.update(torch.tensor([0.1, 0.2]), torch.tensor([True, False]), seed_index=0)
+        >>> metric.update(torch.tensor([0.4, 0.3]), torch.tensor([False, True]), seed_index=0)
+        >>> metric.update(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([True, True, False]), seed_index=1)
+        >>> {k: round(float(v), 4) for k, v in metric.compute().items()}
+        {'mean': 0.875, 'std': 0.1768, 'n': 3.0}
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, orientation: str = "matched_high", **kwargs) -> None:
+    def __init__(self, orientation: str = "matched_high", n_seeds: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _oriented(torch.zeros(1), orientation)  # validate
-        self.orientation = orientation
+        if n_seeds < 1:
+            raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
+        self.orientation, self.n_seeds = orientation, n_seeds
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("matched", default=[], dist_reduce_fx="cat")
+        self.add_state("seed", default=[], dist_reduce_fx="cat")
 
-    def update(self, scores: Tensor, matched: Tensor) -> None:
-        """``scores [B]`` (the method's per-pair scalar), ``matched BoolTensor[B]``."""
+    def update(self, scores: Tensor, matched: Tensor, seed_index: int = 0) -> None:
+        """``scores [B]`` (the method's per-pair scalar; NaN = left out), ``matched BoolTensor[B]``."""
         scores = scores.detach().reshape(-1).double()
-        matched = matched.reshape(-1).bool()
+        matched = matched.reshape(-1).bool().to(scores.device)
         if scores.shape != matched.shape:
             raise ValueError(f"scores and matched differ in length: {scores.numel()} vs {matched.numel()}")
-        if not torch.isfinite(scores).all():
-            raise ValueError("scores contain NaN or inf")
-        self.scores.append(scores)
-        self.matched.append(matched)
+        if not 0 <= seed_index < self.n_seeds:
+            raise IndexError(f"seed_index {seed_index} out of range for n_seeds={self.n_seeds}")
+        keep = ~torch.isnan(scores)
+        if torch.isinf(scores[keep]).any():
+            raise ValueError("scores contain inf")
+        self.scores.append(scores[keep])
+        self.matched.append(matched[keep])
+        self.seed.append(torch.full((int(keep.sum()),), seed_index, dtype=torch.long, device=scores.device))
 
-    def compute(self) -> Tensor:
-        """AUROC in [0, 1] (``orientation="either"``: in [0.5, 1])."""
-        return mismatch_auroc(dim_zero_cat(self.scores), dim_zero_cat(self.matched), self.orientation)
+    def compute(self) -> Dict[str, Tensor]:
+        """``{"mean", "std", "n"}`` over the qualifying seeds (``{}`` when none qualifies)."""
+        if isinstance(self.seed, list) and not self.seed:  # nothing updated on any process
+            return {}
+        scores, matched, seed = dim_zero_cat(self.scores), dim_zero_cat(self.matched), dim_zero_cat(self.seed)
+        per_seed, n = [], 0
+        for s in range(self.n_seeds):
+            rows = seed == s
+            flags = matched[rows].bool()
+            n = int(rows.sum())
+            if n and flags.any() and not flags.all():
+                per_seed.append(float(mismatch_auroc(scores[rows], flags, self.orientation)))
+        if not per_seed:
+            return {}
+        std = float(torch.tensor(per_seed).std()) if len(per_seed) > 1 else 0.0
+        as_t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        return {"mean": as_t(sum(per_seed) / len(per_seed)), "std": as_t(std), "n": as_t(float(n))}

@@ -14,35 +14,23 @@ CLIP's text tower - often receives a large score for reasons unrelated to the ca
 score is ``>=`` its own (itself included) is at most ``k``; tokens tied across the k-th place are all
 out. So a constant score vector over more than ``k`` candidates gives share 0 and hit 0 (not NaN), and
 a method cannot gain by producing ties. Samples without gold tokens give NaN and are counted as skipped.
+
+:class:`TextTopK` is the eval metric (registry name ``text_topk``; values ``topk_share``, ``topk_hit``,
+text modality), reading the gold positions from ``batch["gold_tokens"]``.
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Dict
 
 import torch
 from torch import Tensor
 
-from clipib.metrics._base import SampleMeanMetric
+from clipib.attribution.base import Attribution
+from clipib.metrics.base import AttributionMetric, Batch, default_eot
+from clipib.models.split import SplitCLIP, token_span
 
-__all__ = ["content_positions", "topk_gold", "TopKGoldShare", "TopKGoldHit"]
-
-
-def content_positions(ids: Tensor, eot: Tensor | None = None, include_special: bool = False) -> Tensor:
-    """``BoolTensor[B, L]``: positions strictly between SOT (position 0) and EOT.
-
-    ``eot`` (``LongTensor[B]``) defaults to ``ids.argmax(-1)``, open_clip's pooling rule (EOT has the
-    largest id in CLIP's vocabulary); pass ``clip.text.eot_positions(ids)`` for other tokenizers.
-
-    Example:
-        >>> content_positions(torch.tensor([[49406, 320, 1125, 49407, 0]])).int()
-        tensor([[0, 1, 1, 0, 0]], dtype=torch.int32)
-    """
-    if eot is None:
-        eot = ids.argmax(-1)
-    pos = torch.arange(ids.shape[1], device=ids.device)[None, :]  # [1, L]
-    if include_special:
-        return pos <= eot[:, None]
-    return (pos >= 1) & (pos < eot[:, None])
+__all__ = ["topk_gold", "TextTopK"]
 
 
 def topk_gold(
@@ -76,7 +64,7 @@ def topk_gold(
                          f"{tuple(gold.shape)}, {tuple(ids.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    cand = content_positions(ids, eot, include_special)  # [B, L]
+    cand = token_span(default_eot(ids, eot), ids.shape[1], special=include_special)  # [B, L]
     g = gold.bool() & cand
     s = torch.where(cand, scores.double(), torch.full_like(scores, -math.inf, dtype=torch.float64))
     # number of candidates scoring >= each token (itself included)
@@ -91,43 +79,33 @@ def topk_gold(
     return torch.where(has_gold, share, nan), torch.where(has_gold, hit, nan)
 
 
-class TopKGoldShare(SampleMeanMetric):
-    """Mean share of gold tokens among the top-``k`` scored content tokens; see :func:`topk_gold`.
+class TextTopK(AttributionMetric):
+    """Share of the gold tokens among the top-``k`` content tokens (``topk_share``) and the all-gold hit
+    (``topk_hit``; issue 6 uses ``k = 2``), text modality; see :func:`topk_gold`.
 
     Example:
-        >>> metric = TopKGoldShare(k=1)
-        >>> ids = torch.tensor([[49406, 320, 1125, 49407]])
-        >>> metric.update(torch.tensor([[0.0, 0.2, 0.7, 1.0]]), torch.tensor([[0, 1, 1, 0]]).bool(), ids)
-        >>> metric.compute()
-        tensor(0.5000, dtype=torch.float64)
+        >>> from types import SimpleNamespace
+        >>> clip = SimpleNamespace(text=SimpleNamespace(eot_positions=lambda ids: ids.argmax(-1)))
+        >>> batch = {"ids": torch.tensor([[49406, 320, 1125, 539, 49407]]),
+        ...          "gold_tokens": torch.tensor([[False, True, False, True, False]])}
+        >>> attr = Attribution(text=torch.tensor([[0.0, 0.9, 0.1, 0.8, 1.0]]))
+        >>> TextTopK(k=2).update(clip, batch, attr, "text")
+        {'topk_share': tensor([1.], dtype=torch.float64), 'topk_hit': tensor([1.], dtype=torch.float64)}
     """
 
-    def __init__(self, k: int = 2, include_special: bool = False, **kwargs) -> None:
+    VALUES = {"text": ("topk_share", "topk_hit")}
+    higher_is_better = True
+
+    def __init__(self, k: int = 2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         self.k = k
-        self.include_special = include_special
 
-    def update(self, scores: Tensor, gold: Tensor, ids: Tensor, eot: Tensor | None = None) -> None:
-        """``scores [B, L]``, ``gold BoolTensor[B, L]``, ``ids [B, L]``, optional ``eot [B]``."""
-        self._accumulate(topk_gold(scores, gold, ids, self.k, eot=eot, include_special=self.include_special)[0])
-
-
-class TopKGoldHit(SampleMeanMetric):
-    """Hit rate: all gold tokens among the top-``k`` content tokens (issue 6: ``k = 2``).
-
-    Example:
-        >>> metric = TopKGoldHit(k=2)
-        >>> ids = torch.tensor([[49406, 320, 1125, 539, 49407]])
-        >>> metric.update(torch.tensor([[0.0, 0.9, 0.1, 0.8, 1.0]]), torch.tensor([[0, 1, 0, 1, 0]]).bool(), ids)
-        >>> metric.compute()
-        tensor(1., dtype=torch.float64)
-    """
-
-    def __init__(self, k: int = 2, include_special: bool = False, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.k = k
-        self.include_special = include_special
-
-    def update(self, scores: Tensor, gold: Tensor, ids: Tensor, eot: Tensor | None = None) -> None:
-        """``scores [B, L]``, ``gold BoolTensor[B, L]``, ``ids [B, L]``, optional ``eot [B]``."""
-        self._accumulate(topk_gold(scores, gold, ids, self.k, eot=eot, include_special=self.include_special)[1])
+    def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        """``topk_share`` and ``topk_hit`` per sample (NaN without gold tokens)."""
+        if batch.get("gold_tokens") is None:
+            raise ValueError("metric 'text_topk' needs batch['gold_tokens']")
+        ids = batch["ids"]
+        share, hit = topk_gold(attr.text, batch["gold_tokens"], ids, self.k, eot=clip.text.eot_positions(ids))
+        return {"topk_share": share, "topk_hit": hit}

@@ -1,0 +1,206 @@
+"""The one aggregator of per-sample values and the base class of every eval metric.
+
+:class:`SeedMeanStd` accumulates per-sample values, per value name and per seed, in summed float64 states
+(``dist_reduce_fx="sum"``: sum, sum of squares, count, skipped), so a multi-process ``compute()`` equals the
+single-process one exactly. :class:`AttributionMetric` is a :class:`SeedMeanStd` that also scores a batch:
+its ``update(clip, batch, attr, modality, seed_index)`` calls the subclass's :meth:`~AttributionMetric.score`
+(the metric's kernels), accumulates and returns the per-sample values for the records.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from clipib.attribution.base import Attribution
+from clipib.models.split import SplitCLIP
+
+__all__ = ["SeedMeanStd", "AttributionMetric", "nanquantile_linear", "default_eot"]
+
+Batch = Mapping[str, Any]
+"""The eval batch: ``image [B, 3, H, W]``, ``ids [B, ctx]``, ``key``, ``matched [B]`` and optional ground truth."""
+
+_STATES = ("total", "total_sq", "count", "skipped")
+
+
+class SeedMeanStd(Metric):
+    """Mean ± std of per-sample values for each of ``names``, over ``n_seeds`` seeds.
+
+    Per value: ``mean`` is the mean over seeds of the per-seed sample means; ``std`` the standard deviation of
+    those per-seed means across seeds when there are ≥ 2 seeds (AdaIB reports mean ± std over seeds 42-46),
+    else the sample standard deviation across samples (``std_over_seeds`` says which); ``n`` the number of
+    samples of seed 0; ``skipped`` how many of seed 0's values were NaN (or inf): a metric undefined for a
+    sample, e.g. EHR on a large object. ``mean`` is NaN when no sample was scored.
+
+    Example:
+        >>> m = SeedMeanStd(["iou"], n_seeds=2)
+        >>> m.add({"iou": torch.tensor([1.0, 3.0])}, seed_index=0)
+        >>> m.add({"iou": torch.tensor([2.0, 4.0, float("nan")])}, seed_index=1)
+        >>> {k: round(float(v), 4) for k, v in m.compute()["iou"].items()}
+        {'mean': 2.5, 'std': 0.7071, 'n': 2.0, 'skipped': 0.0, 'std_over_seeds': 1.0}
+    """
+
+    is_differentiable = False
+    higher_is_better: Optional[bool] = None
+    full_state_update = False
+
+    total: Tensor
+    total_sq: Tensor
+    count: Tensor
+    skipped: Tensor
+
+    def __init__(self, names: Sequence[str], n_seeds: int = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if n_seeds < 1:
+            raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
+        self.names: Tuple[str, ...] = tuple(dict.fromkeys(names))
+        self.n_seeds = n_seeds
+        zeros = torch.zeros(len(self.names), n_seeds, dtype=torch.float64)  # [V, S]
+        for state in _STATES:
+            self.add_state(state, default=zeros.clone(), dist_reduce_fx="sum")
+
+    def update(self, values: Dict[str, Tensor], seed_index: int = 0) -> None:
+        """Accumulate per-sample ``values`` ``{name: Tensor[B]}`` of seed number ``seed_index``."""
+        self._accumulate(values, seed_index)
+
+    def add(self, values: Dict[str, Tensor], seed_index: int = 0) -> None:
+        """Accumulate already-computed per-sample ``values`` ``{name: Tensor[B]}`` (e.g. a resumed run's records)."""
+        self._computed = None
+        self._update_count += 1
+        self._accumulate(values, seed_index)
+
+    def _accumulate(self, values: Dict[str, Tensor], seed_index: int) -> None:
+        if not 0 <= seed_index < self.n_seeds:
+            raise IndexError(f"seed_index {seed_index} out of range for n_seeds={self.n_seeds}")
+        for name, v in values.items():
+            if name not in self.names:
+                raise KeyError(f"unknown value {name!r}; this metric aggregates {list(self.names)}")
+            i = self.names.index(name)
+            v = torch.as_tensor(v).detach().to(self.total.device, torch.float64).flatten()
+            ok = torch.isfinite(v)
+            self.total[i, seed_index] += v[ok].sum()
+            self.total_sq[i, seed_index] += (v[ok] ** 2).sum()
+            self.count[i, seed_index] += ok.sum()
+            self.skipped[i, seed_index] += (~ok).sum()
+
+    def compute(self) -> Dict[str, Dict[str, Tensor]]:
+        """``{name: {"mean", "std", "n", "skipped", "std_over_seeds"}}`` over all processes."""
+        count = self.count.clamp_min(1)  # [V, S]
+        means = torch.where(self.count > 0, self.total / count, torch.full_like(self.total, float("nan")))
+        if self.n_seeds >= 2:
+            std = means.std(dim=1, unbiased=True)  # [V]
+        else:
+            var = (self.total_sq / count - means**2) * self.count / (self.count - 1).clamp_min(1)
+            std = var.clamp_min(0).sqrt()[:, 0]
+        over_seeds = torch.tensor(float(self.n_seeds >= 2), dtype=torch.float64)
+        return {name: {"mean": means[i].mean(), "std": std[i], "n": self.count[i, 0],
+                       "skipped": self.skipped[i, 0], "std_over_seeds": over_seeds}
+                for i, name in enumerate(self.names)}
+
+
+class AttributionMetric(SeedMeanStd):
+    """An eval metric: scores a batch's attribution per sample and aggregates with :class:`SeedMeanStd`.
+
+    A subclass declares the value names it produces per modality in :attr:`VALUES` and implements
+    :meth:`score` with its kernels; the constructor's keyword arguments are the metric's config settings.
+    ``update(clip, batch, attr, modality, seed_index=0)`` returns the per-sample values it accumulated
+    (``{}`` for a modality the metric does not score).
+
+    Example (a toy metric: the mean of each image map):
+        >>> class MapMean(AttributionMetric):
+        ...     VALUES = {"image": ("map_mean",)}
+        ...     def score(self, clip, batch, attr, modality):
+        ...         return {"map_mean": attr.image.flatten(1).mean(1)}
+        >>> metric = MapMean()
+        >>> metric.value_names("image"), metric.value_names("text")
+        (['map_mean'], [])
+        >>> metric.update(None, {}, Attribution(image=torch.ones(2, 4, 4)), "image")
+        {'map_mean': tensor([1., 1.])}
+        >>> float(metric.compute()["map_mean"]["mean"])
+        1.0
+    """
+
+    VALUES: ClassVar[Dict[str, Tuple[str, ...]]] = {}
+    """``{modality: value names}`` for ``"image"`` and ``"text"``; a modality absent here is not scored."""
+
+    def __init__(self, n_seeds: int = 1, **kwargs: Any) -> None:
+        names = [n for modality in ("image", "text") for n in self.VALUES.get(modality, ())]
+        super().__init__(names, n_seeds=n_seeds, **kwargs)
+
+    def value_names(self, modality: str) -> List[str]:
+        """The value names :meth:`update` produces for ``modality`` (``"image"`` or ``"text"``; may be empty)."""
+        if modality not in ("image", "text"):
+            raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+        return list(self.VALUES.get(modality, ()))
+
+    def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str) -> Dict[str, Tensor]:
+        """Per-sample values ``{name: Tensor[B]}`` (NaN = undefined) for a modality in :attr:`VALUES`."""
+        raise NotImplementedError
+
+    def update(  # type: ignore[override]
+        self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str, seed_index: int = 0
+    ) -> Dict[str, Tensor]:
+        """Score the batch's attribution for ``modality``, accumulate for seed ``seed_index`` and return the values."""
+        names = self.value_names(modality)
+        if not names:
+            return {}
+        values = self.score(clip, batch, attr, modality)
+        if sorted(values) != sorted(names):
+            raise RuntimeError(f"{type(self).__name__}.score returned {sorted(values)}, declared {names}")
+        self._accumulate(values, seed_index)
+        return values
+
+    def _wrap_update(self, update: Callable) -> Callable:
+        """torchmetrics' update wrapper (cache reset, update count, grad mode), returning ``update``'s result."""
+        out: Dict[str, Any] = {}
+
+        def keep(*args: Any, **kwargs: Any) -> None:
+            out["values"] = update(*args, **kwargs)
+
+        wrapped = super()._wrap_update(keep)
+
+        @functools.wraps(update)
+        def returning(*args: Any, **kwargs: Any) -> Any:
+            wrapped(*args, **kwargs)
+            return out.pop("values")
+
+        return returning
+
+
+def default_eot(ids: Tensor, eot: Optional[Tensor] = None) -> Tensor:
+    """EOT positions ``[B]``: ``eot`` when given, else ``ids.argmax(-1)`` (open_clip's rule for CLIP's BPE).
+
+    Model-free kernels take ``eot`` so a caller can pass ``clip.text.eot_positions(ids)`` for other tokenizers.
+
+    Example:
+        >>> default_eot(torch.tensor([[49406, 320, 49407, 0]]))
+        tensor([2])
+    """
+    return ids.argmax(-1) if eot is None else eot
+
+
+def nanquantile_linear(x: Tensor, q: Tensor | float) -> Tensor:
+    """Row-wise quantiles of ``x [B, N]`` ignoring NaN, linear interpolation (NumPy's default).
+
+    Sort-based, so it has no input-size limit (``torch.quantile`` refuses > 16M elements).
+    Returns ``[B, Q]`` for a 1-D ``q`` and ``[B]`` for a scalar; rows with no finite value give NaN.
+
+    Example:
+        >>> nanquantile_linear(torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, float("nan"), 7.0, 6.0]]), 0.5)
+        tensor([2.5000, 6.0000])
+    """
+    qs = torch.as_tensor(q, dtype=x.dtype, device=x.device)
+    scalar = qs.ndim == 0
+    qs = qs.reshape(-1)  # [Q]
+    srt = x.sort(dim=1).values  # [B, N], NaN last
+    n = (~torch.isnan(x)).sum(dim=1, keepdim=True)  # [B, 1]
+    pos = qs[None, :] * (n - 1).clamp(min=0).to(x.dtype)  # [B, Q]
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    v_lo, v_hi = srt.gather(1, lo), srt.gather(1, hi)
+    out = v_lo + (v_hi - v_lo) * (pos - lo.to(x.dtype))
+    out = torch.where(n > 0, out, torch.full_like(out, float("nan")))
+    return out[:, 0] if scalar else out
