@@ -1,4 +1,4 @@
-"""The shapes world: determinism, ground truth against drawn pixels, captions, shards, DataModule."""
+"""The shapes world: determinism, ground truth against drawn pixels, captions, shards, TrainDataModule."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from clipib.data.synthetic import (
-    COLOURS, IMAGE_SIZE, MIN_GAP, PAIRS, SHAPES, SIDE_RANGE, TEMPLATES, ShapesDataModule, ShapesDataset,
-    generate_sample,
+from clipib.data.datamodule import TrainDataModule
+from clipib.data.sources.base import ModelTransforms
+from clipib.data.sources.synthetic import ShapesDataset
+from clipib.data.sources.synthetic.shards import read_shards, write_shards
+from clipib.data.sources.synthetic.world import (
+    COLOURS, IMAGE_SIZE, MIN_GAP, PAIRS, SHAPES, SIDE_RANGE, TEMPLATES, generate_sample,
 )
-from clipib.data.synthetic_shards import read_shards, write_shards
 from clipib.models.loading import load_transforms as local_transforms
 
 N = 60  # samples per property check
@@ -123,15 +125,31 @@ def test_shards_round_trip(tmp_path) -> None:
         assert [(o["colour"], o["shape"]) for o in r["meta"]["objects"]] == [(o.colour, o.shape) for o in s.objects]
 
 
-def test_datamodule_splits() -> None:
-    with pytest.raises(ValueError):
-        ShapesDataModule(train_seed=1, val_seed=1)
-    dm = ShapesDataModule(train_size=8, val_size=8, test_size=8, batch_size=4, eval_batch_size=8)
+def test_train_datamodule_splits() -> None:
+    with pytest.raises(ValueError, match="distinct seeds"):
+        TrainDataModule(train=ShapesDataset(8, seed=1, split="train"), val=ShapesDataset(8, seed=1, split="val"))
+    dm = TrainDataModule(train=ShapesDataset(8, seed=0, split="train"), val=ShapesDataset(8, seed=1, split="val"),
+                         test=ShapesDataset(8, seed=2, split="test"), batch_size=4, eval_batch_size=8)
     dm.setup("fit")
+    dm.use_transforms(ModelTransforms.from_config("clipib-shapes"))  # what the pretrain module hands in setup
     train, val = next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))
-    assert train["image"].shape[0] == 4 and val["image"].shape[0] == 8
+    assert train["image"].shape[0] == 4 and val["image"].shape[0] == 8 and train["ids"].dtype == torch.long
     assert train["key"][0] == "shapes-train-0" and val["key"][0] == "shapes-val-0"
     assert not torch.equal(dm.splits["train"][0]["image"], dm.splits["test"][0]["image"])
+
+
+def test_excluded_samples_are_never_generated(monkeypatch) -> None:
+    """A resumed run: excluded indices are dropped before generation; the rest keep their keys and order."""
+    from clipib.data.sources.synthetic import world
+
+    generated = []
+    real = world.generate_sample
+    monkeypatch.setattr(world, "generate_sample", lambda seed, i, *a: generated.append(i) or real(seed, i, *a))
+    ds = ShapesDataset(6, seed=2, split="test")
+    ds.exclude({"shapes-test-1", "shapes-test-4"})
+    keys = [ds[i]["key"] for i in range(len(ds))]
+    assert keys == ["shapes-test-0", "shapes-test-2", "shapes-test-3", "shapes-test-5"] and generated == [0, 2, 3, 5]
+    assert torch.equal(ds[1]["image"], ShapesDataset(6, seed=2)[2]["image"])
 
 
 def test_minimal_pairs_change_only_the_target_shape() -> None:

@@ -149,6 +149,7 @@ class TrainDataModule(_SourceDataModule):
     def __init__(self, train: Source, val: Optional[Source] = None, test: Optional[Source] = None,
                  batch_size: int = 128, eval_batch_size: int = 32, num_workers: int = 0) -> None:
         super().__init__(batch_size, num_workers)
+        self.eval_batch_size = eval_batch_size
         seeds = [getattr(s, "seed", None) for s in (train, val, test) if s is not None]
         named = [s for s in seeds if s is not None]
         if len(set(named)) != len(named):
