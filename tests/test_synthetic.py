@@ -13,7 +13,6 @@ from clipib.data.sources.synthetic.shards import read_shards, write_shards
 from clipib.data.sources.synthetic.world import (
     COLOURS, IMAGE_SIZE, MIN_GAP, PAIRS, SHAPES, SIDE_RANGE, TEMPLATES, generate_sample,
 )
-from clipib.models.loading import load_transforms as local_transforms
 
 N = 60  # samples per property check
 
@@ -88,8 +87,8 @@ def test_captions_name_unique_or_absent_pair() -> None:
 
 
 def test_items_follow_the_batch_contract() -> None:
-    preprocess, tokenizer = local_transforms("clipib-shapes")
-    ds = ShapesDataset(8, seed=1, split="val", mismatch_rate=0.5, preprocess=preprocess, tokenizer=tokenizer)
+    ds = ShapesDataset(8, seed=1, split="val", mismatch_rate=0.5)
+    ds.use_transforms(ModelTransforms.from_config("clipib-shapes"))
     batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
     assert batch["image"].shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.float32
     assert batch["ids"].dtype == torch.long and batch["gold_tokens"].shape == batch["ids"].shape
@@ -107,7 +106,9 @@ def test_mask_and_box_follow_a_resizing_preprocess() -> None:
         t = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
         return torch.nn.functional.interpolate(t[None], scale_factor=2, mode="nearest")[0]
 
-    item, sample = ShapesDataset(4, seed=2, preprocess=up)[1], generate_sample(2, 1)
+    ds = ShapesDataset(4, seed=2)
+    ds.use_transforms(ModelTransforms(up, ModelTransforms.from_config("clipib-shapes").tokenizer, (128, 128)))
+    item, sample = ds[1], generate_sample(2, 1)
     assert item["mask"].shape == (128, 128) and item["mask"].sum() == 4 * sample.mask.sum()
     assert item["box"].tolist() == [2.0 * v for v in sample.box]
 

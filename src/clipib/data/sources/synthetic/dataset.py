@@ -92,24 +92,24 @@ class ShapesDataset(Source):
     Args:
         size, seed, split: the split (``split`` names the keys, ``shapes-<split>-<i>``).
         mismatch_rate: probability that a pair's caption names an absent object.
-        preprocess, tokenizer: for standalone use; the DataModule hands the model's
-            (:meth:`use_transforms`). ``preprocess`` (PIL -> Tensor[3, H, W]) defaults to a [0, 1] tensor;
-            a ``tokenizer`` (``list[str] -> LongTensor[B, ctx]``) adds ``ids`` and ``gold_tokens``.
         minimal_pairs: the training option of ``generate_sample``.
+
+    The model's transforms come from :meth:`use_transforms` (the DataModule hands them; standalone:
+    ``ds.use_transforms(ModelTransforms.from_clip(clip))``): images go through its preprocess and items
+    carry ``ids`` and ``gold_tokens``. Without them images are [0, 1] tensors ``[3, 64, 64]`` and no ids.
 
     Excluded keys are dropped from the index list before any sample is generated.
     """
 
     def __init__(self, size: int, seed: int, split: str = "test", mismatch_rate: float = 0.0,
-                 preprocess: Preprocess | None = None, tokenizer: Tokenizer | None = None,
                  minimal_pairs: bool = False) -> None:
         """Describe the split; nothing is generated until an item is read."""
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
         self.size, self.seed, self.split, self.mismatch_rate = size, seed, split, mismatch_rate
         self.minimal_pairs = minimal_pairs
-        self.preprocess = preprocess
-        self.words = WordTokens(tokenizer) if tokenizer is not None else None
+        self.preprocess: Optional[Preprocess] = None
+        self.words: Optional[WordTokens] = None
         self.indices = range(size)  # sample indices still to serve (all unless some are excluded)
 
     def use_transforms(self, transforms: ModelTransforms) -> None:
