@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -255,6 +256,8 @@ def test_use_model_hands_the_loaded_models_transforms(tmp_path: Path, tiny_clip)
         tiny_clip.image.encode(batch["image"]), tiny_clip.text.encode(tiny_clip.tokenize(batch["caption"])))
     assert torch.allclose(clip_scorer(tiny_clip)(batch["image"], batch["caption"]), want, atol=1e-5)
     assert torch.allclose(torch.tensor(batch["similarity"]), want, atol=1e-5)
+    shipped = pickle.loads(pickle.dumps(dm.dataset))  # what a spawned DataLoader worker gets: no model inside
+    assert shipped.transforms.score is None and shipped[0]["key"] == dm.dataset[0]["key"]
 
 
 def test_mismatched_both_keeps_originals_and_adds_shuffled() -> None:

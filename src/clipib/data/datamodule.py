@@ -117,7 +117,9 @@ class EvalDataModule(_SourceDataModule):
         dataset, (rank, world) = self.dataset, self.rank_world()
         sampler = None
         if world > 1 and not isinstance(dataset, IterableDataset):
-            if len(dataset) < world:  # a rank without batches would skip the loop and hang the others
+            # a rank without batches would skip the loop and hang the others (none at all, e.g. a finished
+            # run resumed, is fine: every rank skips alike)
+            if 0 < len(dataset) < world:
                 raise ValueError(f"{len(dataset)} samples cannot be split over {world} processes; use fewer devices")
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank)
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, sampler=sampler,

@@ -14,7 +14,7 @@ Items follow :mod:`clipib.data.common` (samples or skip markers).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, FrozenSet, Iterable, Optional, Tuple
 
 from torch.utils.data import Dataset
@@ -42,7 +42,8 @@ class ModelTransforms:
         """
         from clipib.data.selection import clip_scorer
 
-        tokenizer = getattr(clip, "_tokenizer", None) or clip.tokenize
+        # SplitCLIP keeps its open_clip tokenizer as ``_tokenizer`` (a public ``tokenizer`` wins when it has one)
+        tokenizer = getattr(clip, "tokenizer", None) or getattr(clip, "_tokenizer", None) or clip.tokenize
         return cls(clip.preprocess, tokenizer, tuple(clip.image_size), clip_scorer(clip))
 
     @classmethod
@@ -77,6 +78,14 @@ class Source(Dataset):
     def use_transforms(self, transforms: ModelTransforms) -> None:
         """Use the model's transforms (before :meth:`prepare`)."""
         self.transforms = transforms
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Pickled for DataLoader workers without the scorer: it holds the model, and workers only decode
+        (rows are selected in :meth:`prepare`, in the main process)."""
+        state = self.__dict__.copy()
+        if self.transforms is not None and self.transforms.score is not None:
+            state["transforms"] = replace(self.transforms, score=None)
+        return state
 
     def exclude(self, keys: Iterable[str]) -> None:
         """Leave out the samples (and skips) with these keys: never decoded, yielded nor reported."""
