@@ -172,6 +172,8 @@ def test_exclude_over_ranks(tmp_path: Path, world: int) -> None:
     assert sorted(keys + skipped) == ["0", "2", "3", "5"]
     keys, _ = collect(lambda: make(ShardDataset, str(tmp_path / "{00000..00002}.tar")), world)
     assert sorted(keys) == sorted(expected)  # shard keys are not in `done`
+    done = {str(i) for i in range(7)}  # a finished run resumed: no batch on any rank, and no error
+    assert collect(lambda: make(CsvDataset, path), world) == ([], [])
 
 
 def test_mismatch_leaves_skipped_rows_alone() -> None:
