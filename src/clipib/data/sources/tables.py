@@ -12,6 +12,11 @@ A row that cannot be used (missing image file, empty caption, malformed line) ke
 ``"skip": reason`` so it is reported exactly once through the batches (see :mod:`clipib.data.common`).
 Keys are stable: the row index in the file (TSV, CSV), the image name (Flickr8k), the image path
 relative to the root (folders). The sources turn rows into items (:class:`~clipib.data.sources.rows.RowSource`).
+YAML::
+
+    dataset:
+      class_path: clipib.data.sources.tables.TsvDataset
+      init_args: {path: /data/cc/val.tsv, image_root: /data/cc/images, selection: {sample: 2000, sample_seed: 0}}
 """
 
 from __future__ import annotations
