@@ -26,9 +26,9 @@ test: $(STAMP)
 
 train-shapes: $(STAMP)  ## retrain the shipped clipib-shapes model (four stages, ~1.5 h on a 2-core CPU)
 	$(PY) train.py fit -c configs/train/shapes_clip.yaml
-	$(PY) train.py fit -c configs/train/shapes_clip_anneal.yaml
-	$(PY) train.py fit -c configs/train/shapes_clip_anneal2.yaml
-	$(PY) train.py fit -c configs/train/shapes_clip_anneal3.yaml
+	$(PY) train.py fit -c configs/train/shapes_clip.yaml -c configs/train/shapes_clip_anneal.yaml
+	$(PY) train.py fit -c configs/train/shapes_clip.yaml -c configs/train/shapes_clip_anneal2.yaml
+	$(PY) train.py fit -c configs/train/shapes_clip.yaml -c configs/train/shapes_clip_anneal3.yaml
 
 clean:
 	rm -rf $(VENV) outputs

@@ -1,7 +1,8 @@
 """Training entry point: ``python train.py fit -c configs/train/<name>.yaml``.
 
 Everything is configuration: the LightningModule and DataModule are chosen by ``class_path`` in the YAML
-(e.g. ``clipib.lit.pretrain_module.ContrastivePretrainModule`` + ``clipib.data.synthetic.ShapesDataModule``).
+(e.g. ``clipib.lit.pretrain_module.ContrastivePretrainModule`` + ``clipib.data.TrainDataModule``); configs compose
+with repeated ``-c`` (a base and a stage overlay, a ``configs/trainer/`` block).
 """
 
 from __future__ import annotations

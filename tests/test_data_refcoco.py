@@ -14,7 +14,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from clipib.data.common import ClipCollate
-from clipib.data.refcoco import GroundingDataset, ResizeCrop, decode_mask, read_refcoco, to_xyxy
+from clipib.data.sources.base import ModelTransforms
+from clipib.data.sources.refcoco import RefCocoDataset, ResizeCrop, decode_mask, read_refcoco, to_xyxy
 
 PLAIN = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor()])
 
@@ -104,7 +105,9 @@ def test_jsonl_items_box_and_mask(tmp_path: Path) -> None:
     assert "malformed line" in rows[2]["skip"] and "missing image" in rows[3]["skip"]
     rows_xyxy = read_refcoco(tmp_path / "ref.jsonl", box_format="xyxy")
     assert rows_xyxy[1]["box"] == [36.0, 10.0, 52.0, 30.0]
-    data = GroundingDataset(rows, open_clip.image_transform(32, is_train=False))
+    data = RefCocoDataset(str(tmp_path / "ref.jsonl"))
+    data.use_transforms(ModelTransforms.of(open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-B-32")))
+    data.prepare(None, None, batch_size=2, num_workers=0)
     items = [data[i] for i in range(len(data))]
     assert items[0]["key"] == "ref1" and items[1]["key"] == "1"
     want = dark_bbox(PLAIN(Image.open(tmp_path / "a.png").convert("RGB")))

@@ -12,10 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from clipib.data.common import PairDataset
 from clipib.data.selection import choose_best_captions, score_rows
-from clipib.data.tables import PairDataset, read_csv, read_flickr8k, read_folders, read_tsv
+from clipib.data.sources.base import ModelTransforms
+from clipib.data.sources.tables import CsvDataset, FolderDataset, TsvDataset, read_csv, read_flickr8k, read_folders, read_tsv
 
 PRE = open_clip.image_transform(32, is_train=False)
+TRANSFORMS = ModelTransforms.of(PRE, open_clip.get_tokenizer("ViT-B-32"))
 
 
 def save_image(path: Path, color=None, size=(24, 16)) -> Path:
@@ -112,3 +115,39 @@ def test_folders_from_tiny_imagenet_val_annotations(tmp_path: Path) -> None:
     rows = read_folders(tmp_path / "val", template="an image of {}", per_class=1,
                         synonyms={"n001": "goldfish"}, annotations=tmp_path / "val" / "val_annotations.txt")
     assert [(r["key"], r["caption"]) for r in rows] == [("images/val_1.JPEG", "an image of goldfish"), ("images/val_0.JPEG", "an image of n002")]
+
+
+def test_table_sources_read_their_format(tmp_path: Path) -> None:
+    """Each format's source, from its own arguments: the same rows as its reader, decoded on demand."""
+    save_image(tmp_path / "a.png")
+    (tmp_path / "cc.tsv").write_text("caption\timage\na cat\ta.png\nlost\tnone.png\n")
+    (tmp_path / "t.csv").write_text("caption,file_path\na cat,a.png\n")
+    save_image(tmp_path / "classes" / "n1" / "x.png")
+    for source, keys in ((TsvDataset(str(tmp_path / "cc.tsv"), header=True), ["0", "1"]),
+                         (CsvDataset(str(tmp_path / "t.csv")), ["0"]),
+                         (FolderDataset(str(tmp_path / "classes"), prompt="{}"), ["n1/x.png"])):
+        source.use_transforms(TRANSFORMS)
+        source.prepare(None, None, batch_size=2, num_workers=0)
+        assert [source[i]["key"] for i in range(len(source))] == keys
+        assert tuple(source[0]["image"].shape) == (3, 32, 32)
+
+
+def test_excluded_rows_are_never_decoded(tmp_path: Path, monkeypatch) -> None:
+    """A resumed run: excluded rows (a skip among them) are neither decoded, yielded nor reported."""
+    import clipib.data.common as common
+
+    for i in range(5):
+        save_image(tmp_path / f"{i}.png")
+    lines = "".join(f"picture {i},{i}.png\n" for i in range(5))
+    (tmp_path / "t.csv").write_text("caption,file_path\n" + lines + "lost,missing.png\n")
+    decoded: List[str] = []
+    real = common.decode_image
+    monkeypatch.setattr(common, "decode_image", lambda path: decoded.append(str(path)) or real(path))
+    source = CsvDataset(str(tmp_path / "t.csv"))
+    source.use_transforms(TRANSFORMS)
+    source.exclude({"1", "3", "5"})  # "5" is the missing file: not reported as a skip either
+    source.prepare(None, None, batch_size=2, num_workers=0)
+    items = [source[i] for i in range(len(source))]
+    assert [it["key"] for it in items] == ["0", "2", "4"] and not any("skip" in it for it in items)
+    assert sorted(decoded) == [str(tmp_path / f"{i}.png") for i in (0, 2, 4)]
+    assert source.info == {"rows": 6, "excluded": 3}

@@ -15,9 +15,19 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from clipib.data.common import ClipCollate
-from clipib.data.webdataset import ShardDataset, expand_shards, shard_name
+from clipib.data.sources.base import ModelTransforms
+from clipib.data.sources.webdataset import ShardDataset, expand_shards, shard_name
 
 PRE = open_clip.image_transform(32, is_train=False)
+TRANSFORMS = ModelTransforms.of(PRE, open_clip.get_tokenizer("ViT-B-32"))
+
+
+def shards(spec, rank=None, world_size=None, split: str = "auto") -> ShardDataset:
+    """A ShardDataset as the DataModule prepares it: the model's transforms handed, the rank given."""
+    data = ShardDataset(spec, split=split)
+    data.use_transforms(TRANSFORMS)
+    data.prepare(rank, world_size, batch_size=2, num_workers=0)
+    return data
 
 
 def jpeg(seed: int, size=(20, 28)) -> bytes:
@@ -43,7 +53,7 @@ def write_shards(folder: Path, counts: List[int]) -> Dict[str, str]:
 
 def test_round_trip(tmp_path: Path) -> None:
     expected = write_shards(tmp_path, [3, 2])
-    items = list(ShardDataset(str(tmp_path / "{00000..00001}.tar"), PRE))
+    items = list(shards(str(tmp_path / "{00000..00001}.tar")))
     assert {it["key"]: it["caption"] for it in items} == expected
     assert all(tuple(it["image"].shape) == (3, 32, 32) and it["matched"] for it in items)
 
@@ -58,7 +68,7 @@ def test_brace_patterns_expand() -> None:
 
 def test_missing_local_shards_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="none of the 2 shards"):
-        ShardDataset(str(tmp_path / "{0..1}.tar"), PRE)
+        shards(str(tmp_path / "{0..1}.tar"))
 
 
 def _keys_for(urls: str, rank: int, world: int, workers: int, split: str, monkeypatch) -> List[str]:
@@ -67,7 +77,7 @@ def _keys_for(urls: str, rank: int, world: int, workers: int, split: str, monkey
     for worker in range(max(workers, 1)):
         monkeypatch.setenv("WORKER", str(worker))
         monkeypatch.setenv("NUM_WORKERS", str(max(workers, 1)))
-        keys += [it["key"] for it in ShardDataset(urls, PRE, rank=rank, world_size=world, split=split)]
+        keys += [it["key"] for it in shards(urls, rank=rank, world_size=world, split=split)]
     return keys
 
 
@@ -87,7 +97,7 @@ def test_real_dataloader_workers_split_exactly(tmp_path: Path) -> None:
     collate = ClipCollate(open_clip.get_tokenizer("ViT-B-32"), (32, 32))
     keys: List[str] = []
     for rank in range(2):
-        loader = DataLoader(ShardDataset(urls, PRE, rank=rank, world_size=2), batch_size=2, num_workers=2, collate_fn=collate)
+        loader = DataLoader(shards(urls, rank=rank, world_size=2), batch_size=2, num_workers=2, collate_fn=collate)
         for batch in loader:
             assert batch["image"].shape[0] == batch["ids"].shape[0] == len(batch["key"])
             keys += batch["key"]
@@ -109,7 +119,7 @@ def corrupt_shard(path: Path) -> None:
 def test_corrupt_members_are_skipped_and_named(tmp_path: Path) -> None:
     corrupt_shard(tmp_path / "00000.tar")
     collate = ClipCollate(open_clip.get_tokenizer("ViT-B-32"), (32, 32))
-    loader = DataLoader(ShardDataset(str(tmp_path / "00000.tar"), PRE), batch_size=2, collate_fn=collate)
+    loader = DataLoader(shards(str(tmp_path / "00000.tar")), batch_size=2, collate_fn=collate)
     keys, skipped = [], {}
     for batch in loader:  # read to the end, no exception
         keys += batch["key"]
@@ -125,7 +135,7 @@ def test_corrupt_members_are_skipped_and_named(tmp_path: Path) -> None:
 def test_all_skipped_batch_is_empty_but_shaped(tmp_path: Path) -> None:
     corrupt_shard(tmp_path / "00000.tar")
     collate = ClipCollate(open_clip.get_tokenizer("ViT-B-32"), (32, 32))
-    items = [it for it in ShardDataset(str(tmp_path / "00000.tar"), PRE) if "skip" in it]
+    items = [it for it in shards(str(tmp_path / "00000.tar")) if "skip" in it]
     batch = collate(items)
     assert tuple(batch["image"].shape) == (0, 3, 32, 32) and tuple(batch["ids"].shape) == (0, 77)
     assert len(batch["skipped"]) == 4
@@ -135,7 +145,7 @@ def test_truncated_tar_and_missing_shard_reported_once(tmp_path: Path) -> None:
     corrupt_shard(tmp_path / "00000.tar")
     data = (tmp_path / "00000.tar").read_bytes()
     (tmp_path / "00001.tar").write_bytes(data[: len(data) // 2])
-    items = list(ShardDataset(str(tmp_path / "{00000..00002}.tar"), PRE))
+    items = list(shards(str(tmp_path / "{00000..00002}.tar")))
     shard_skips = [it for it in items if "skip" in it and "/" not in it["key"]]
     assert sorted(it["key"] for it in shard_skips) == ["00001", "00002"]
     assert "unreadable shard" in shard_skips[0]["skip"]
@@ -143,5 +153,23 @@ def test_truncated_tar_and_missing_shard_reported_once(tmp_path: Path) -> None:
 
 def test_pipe_urls_use_webdatasets_opener(tmp_path: Path) -> None:
     expected = write_shards(tmp_path, [2])
-    items = list(ShardDataset(f"pipe:cat {tmp_path / '00000.tar'}", PRE))
+    items = list(shards(f"pipe:cat {tmp_path / '00000.tar'}"))
     assert sorted(it["key"] for it in items) == sorted(expected)
+
+
+def test_excluded_keys_are_never_decoded(tmp_path: Path, monkeypatch) -> None:
+    """A resumed run: excluded samples (and an excluded shard skip) are neither decoded nor yielded."""
+    import clipib.data.sources.webdataset as source
+
+    expected = write_shards(tmp_path, [3, 2])
+    (tmp_path / "00002.tar").write_bytes(b"not a tar")
+    decoded: List[bytes] = []
+    real = source.decode_image
+    monkeypatch.setattr(source, "decode_image", lambda data: decoded.append(data) or real(data))
+    data = ShardDataset(str(tmp_path / "{00000..00002}.tar"))
+    data.use_transforms(TRANSFORMS)
+    done = {"00000/sample000", "00000/sample002", "00001/sample001", "00002"}
+    data.exclude(done)
+    data.prepare(None, None, batch_size=2, num_workers=0)
+    keys = [it["key"] for it in data]
+    assert sorted(keys) == sorted(set(expected) - done) and len(decoded) == len(keys) == 2

@@ -27,15 +27,13 @@ def _png(path: Path, seed: int) -> None:
 
 def _config(tmp: Path, data: dict, run: str, methods=None, metrics=None) -> Path:
     cfg = {
-        "trainer": {"default_root_dir": str(tmp / run), "accelerator": "cpu", "devices": 1, "logger": {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": str(tmp / run), "name": "tensorboard"}},
-            "callbacks": [{"class_path": "clipib.callbacks.records.RecordWriter"},
-                          {"class_path": "clipib.callbacks.gallery.Gallery", "init_args": {"n": 2}}]},
+        # no logger, no RecordWriter: both are defaults of the eval CLI
+        "trainer": {"default_root_dir": str(tmp / run), "accelerator": "cpu", "devices": 1,
+                    "callbacks": [{"class_path": "clipib.callbacks.gallery.Gallery", "init_args": {"n": 2}}]},
         "model": {"model": TINY, "pretrained": "none",
                   "methods": methods or {"m2ib": {"steps": 2, "copies": 2}, "nib": {"steps": 3}},
                   "seeds": [0, 1], "metrics": metrics or {"similarity": {}}},
-        "data": {"batch_size": 3, **data},
+        "data": {"class_path": "clipib.data.EvalDataModule", "init_args": {"batch_size": 3, **data}},
     }
     path = tmp / f"{run}.json"
     path.write_text(json.dumps(cfg))
@@ -72,7 +70,8 @@ def csv_data(tmp_path_factory) -> dict:
         _png(root / f"{i}.png", i)
         rows.append(f"a photo number {i},{i}.png")
     (root / "pairs.csv").write_text("\n".join(rows) + "\n")
-    return {"kind": "csv", "path": str(root / "pairs.csv")}
+    return {"dataset": {"class_path": "clipib.data.sources.tables.CsvDataset",
+                        "init_args": {"path": str(root / "pairs.csv")}}}
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +178,8 @@ def test_webdataset_skips_and_ddp(tmp_path):
             sink.write({"__key__": f"ok{i}", "jpg": _jpeg(i), "txt": f"a picture {i}"})
         sink.write({"__key__": "nocaption", "jpg": _jpeg(9)})
         sink.write({"__key__": "latin1", "jpg": _jpeg(10), "txt": "caf\xe9".encode("latin-1")})
-    data = {"kind": "webdataset", "path": str(shards / "{00000..00001}.tar")}
+    data = {"dataset": {"class_path": "clipib.data.sources.webdataset.ShardDataset",
+                        "init_args": {"shards": str(shards / "{00000..00001}.tar")}}}
     methods = {"nib": {"steps": 2}}
     _eval(_config(tmp_path, data, "single", methods=methods))
     _eval(_config(tmp_path, data, "ddp", methods=methods), "--trainer.devices", "2", "--trainer.strategy", "ddp")
@@ -193,8 +193,8 @@ def test_webdataset_skips_and_ddp(tmp_path):
 def test_shipped_demo_config_runs(tmp_path):
     """configs/eval/demo.yaml (the `make demo` job) on the shipped model, shrunk to a few pairs."""
     run = tmp_path / "demo"
-    _eval(ROOT / "configs" / "eval" / "demo.yaml", "--data.synthetic_size", "4", "--data.batch_size", "2",
-          "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run))
+    _eval(ROOT / "configs" / "eval" / "demo.yaml", "--data.dataset.size", "4", "--data.batch_size", "2",
+          "--trainer.default_root_dir", str(run))
     summary = json.loads((run / "summary.json").read_text())
     assert {"m2ib", "nib", "adaib", "grad_cam", "saliency"} <= set(summary)
     for method in ("m2ib", "nib", "adaib"):

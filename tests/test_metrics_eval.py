@@ -148,14 +148,18 @@ def test_eval_cli_reports_the_metric_suite(tmp_path):
     metrics = {"confidence": {"protocol": "m2ib"}, "localization": {}, "pointing_game": {}, "ehr": {},
                "insertion_deletion": {"steps": 2}, "mismatch_scalars": {}}
     cfg = {
+        # an older config listing RecordWriter: it replaces the CLI's default one (records written once)
         "trainer": {"default_root_dir": str(tmp_path / "run"), "logger": False, "enable_progress_bar": False,
                     "callbacks": [{"class_path": "clipib.callbacks.records.RecordWriter"}]},
         "model": {"model": TINY, "pretrained": None, "methods": {"nib": {}}, "metrics": metrics},
-        "data": {"kind": "refcoco", "path": str(tmp_path / "ref.jsonl"), "batch_size": 2},  # data.model <- model.model
+        "data": {"class_path": "clipib.data.EvalDataModule", "init_args": {"batch_size": 2, "dataset": {
+            "class_path": "clipib.data.sources.refcoco.RefCocoDataset", "init_args": {"path": str(tmp_path / "ref.jsonl")}}}},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     eval_cli(args=["test", "-c", str(tmp_path / "cfg.yaml")])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["nib"]
+    assert len((tmp_path / "run" / "records" / "rank0-000.jsonl").read_text().splitlines()) == 3
+    assert not list((tmp_path / "run" / "records").glob("rank0-001.jsonl"))
     for key in ("image_drop", "image_incr", "text_drop", "text_incr", "iou", "pg_iou", "pointing_game", "ehr",
                 "image_insertion", "image_deletion", "text_insertion", "text_deletion", "image_entropy", "text_mass"):
         assert summary[key]["n"] + summary[key]["skipped"] == 3, key

@@ -103,7 +103,7 @@ def test_black_needs_the_model_normalisation():
 def test_black_is_the_loaded_models_black(tiny_clip, pairs):
     """The eval metric deletes to black in the model's own normalisation, not OpenAI's (the bug of issue 12)."""
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.1)
-    clip = type(tiny_clip)(tiny_clip.model, Compose([Normalize(mean, std)]), tiny_clip._tokenizer, name="gray")
+    clip = type(tiny_clip)(tiny_clip.model, Compose([Normalize(mean, std)]), tiny_clip.tokenizer, name="gray")
     assert clip.normalization == (mean, std)
     images, ids = pairs
     seen = []

@@ -17,7 +17,7 @@ import clipib
 import yaml
 from safetensors.torch import load_file
 
-from clipib.data.synthetic import ShapesDataset
+from clipib.data.sources import ModelTransforms, ShapesDataset
 from clipib.lit.pretrain_module import ContrastivePretrainModule, build_model, group_retrieval_top1
 from clipib.models.loading import SHIPPED_MODELS
 
@@ -46,8 +46,8 @@ def _tiny_run_config(tmp: Path, seed: int = 0) -> Path:
                     "callbacks": [{"class_path": "clipib.callbacks.safetensors_export.HalfSafetensorsExport",
                                    "init_args": {"path": str(tmp / f"w{seed}.safetensors")}}]},
         "model": {"init_args": {"model_config": str(model_json), "warmup_steps": 1}},
-        "data": {"init_args": {"model": str(model_json), "train_size": 48, "val_size": 32, "test_size": 32,
-                               "batch_size": 16, "num_workers": 0}},
+        "data": {"init_args": {"train": {"init_args": {"size": 48}}, "val": {"init_args": {"size": 32}},
+                               "test": {"init_args": {"size": 32}}, "batch_size": 16, "num_workers": 0}},
     }
     path = tmp / f"tiny{seed}.yaml"
     path.write_text(yaml.safe_dump(override))
@@ -118,12 +118,14 @@ def test_trimmed_text_and_fixed_scale(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["shapes_clip", "shapes_clip_anneal", "shapes_clip_anneal2", "shapes_clip_anneal3"])
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 def test_train_configs_parse(name: str, capsys) -> None:
-    """Every stage of the shipped model's recipe parse against the real train.py CLI (names and types)."""
+    """Every stage of the shipped model's recipe (the base, plus the stage's overlay) parses against the real
+    train.py CLI (names and types); tests/test_configs.py checks the composed values."""
+    stage = [] if name == "shapes_clip" else ["-c", str(ROOT / "configs" / "train" / f"{name}.yaml")]
     with pytest.raises(SystemExit) as exit_info:
-        _cli_in_process(["fit", "-c", str(ROOT / "configs" / "train" / f"{name}.yaml"), "--print_config"])
+        _cli_in_process(["fit", "-c", str(RECIPE), *stage, "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert "fixed_logit_scale: 100.0" in printed and "train_minimal_pairs: true" in printed
+    assert "fixed_logit_scale: 100.0" in printed and "minimal_pairs: true" in printed
 
 
 def test_group_retrieval_counts_any_holder() -> None:
@@ -143,14 +145,15 @@ def test_group_retrieval_counts_any_holder() -> None:
 def shipped_retrieval() -> tuple:
     """Group-of-32 top-1 retrieval of the shipped model (loaded offline by ``clipib.load_clip``) on 1,024
     held-out pairs: ``(text->image, image->text)``."""
-    recipe = yaml.safe_load(RECIPE.read_text())["data"]["init_args"]
-    assert recipe["test_seed"] not in (recipe["train_seed"], recipe["val_seed"])
+    splits = yaml.safe_load(RECIPE.read_text())["data"]["init_args"]
+    test_seed = splits["test"]["init_args"]["seed"]
+    assert test_seed not in (splits["train"]["init_args"]["seed"], splits["val"]["init_args"]["seed"])
     weights = ASSET_DIR / "clipib-shapes.safetensors"
     assert weights.stat().st_size <= 20 * 2**20
     clip = clipib.load_clip("clipib-shapes")
     reference = build_model(str(MODEL_CONFIG_DIR / "clipib-shapes.json"), weights).eval()
-    ds = ShapesDataset(1024, seed=recipe["test_seed"], split="test", preprocess=clip.preprocess,
-                       tokenizer=clip.tokenize)
+    ds = ShapesDataset(1024, seed=test_seed, split="test")
+    ds.use_transforms(ModelTransforms.from_clip(clip))
     img, txt, present, pair = [], [], [], []
     with torch.inference_mode():
         for i, batch in enumerate(torch.utils.data.DataLoader(ds, batch_size=256)):

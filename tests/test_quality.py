@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import clipib
-from clipib.data.synthetic import ShapesDataset
+from clipib.data.sources import ModelTransforms, ShapesDataset
 from clipib.metrics.localization import pointing_game
 from clipib.metrics.text_localization import topk_gold
 
@@ -15,7 +15,8 @@ N = 32
 @pytest.fixture(scope="module")
 def shapes():
     clip = clipib.load_clip("clipib-shapes")
-    ds = ShapesDataset(N, seed=2, split="test", preprocess=clip.preprocess, tokenizer=clip.tokenize)
+    ds = ShapesDataset(N, seed=2, split="test")
+    ds.use_transforms(ModelTransforms.from_clip(clip))
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=N)))
     return clip, batch
 

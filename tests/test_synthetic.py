@@ -1,4 +1,4 @@
-"""The shapes world: determinism, ground truth against drawn pixels, captions, shards, DataModule."""
+"""The shapes world: determinism, ground truth against drawn pixels, captions, shards, TrainDataModule."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from clipib.data.synthetic import (
-    COLOURS, IMAGE_SIZE, MIN_GAP, PAIRS, SHAPES, SIDE_RANGE, TEMPLATES, ShapesDataModule, ShapesDataset,
-    generate_sample,
+from clipib.data.datamodule import TrainDataModule
+from clipib.data.sources.base import ModelTransforms
+from clipib.data.sources.synthetic import ShapesDataset
+from clipib.data.sources.synthetic.shards import read_shards, write_shards
+from clipib.data.sources.synthetic.world import (
+    COLOURS, IMAGE_SIZE, MIN_GAP, PAIRS, SHAPES, SIDE_RANGE, TEMPLATES, generate_sample,
 )
-from clipib.data.synthetic_shards import read_shards, write_shards
-from clipib.models.loading import load_transforms as local_transforms
 
 N = 60  # samples per property check
 
@@ -86,8 +87,8 @@ def test_captions_name_unique_or_absent_pair() -> None:
 
 
 def test_items_follow_the_batch_contract() -> None:
-    preprocess, tokenizer = local_transforms("clipib-shapes")
-    ds = ShapesDataset(8, seed=1, split="val", mismatch_rate=0.5, preprocess=preprocess, tokenizer=tokenizer)
+    ds = ShapesDataset(8, seed=1, split="val", mismatch_rate=0.5)
+    ds.use_transforms(ModelTransforms.from_config("clipib-shapes"))
     batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
     assert batch["image"].shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.float32
     assert batch["ids"].dtype == torch.long and batch["gold_tokens"].shape == batch["ids"].shape
@@ -105,7 +106,9 @@ def test_mask_and_box_follow_a_resizing_preprocess() -> None:
         t = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
         return torch.nn.functional.interpolate(t[None], scale_factor=2, mode="nearest")[0]
 
-    item, sample = ShapesDataset(4, seed=2, preprocess=up)[1], generate_sample(2, 1)
+    ds = ShapesDataset(4, seed=2)
+    ds.use_transforms(ModelTransforms(up, ModelTransforms.from_config("clipib-shapes").tokenizer, (128, 128)))
+    item, sample = ds[1], generate_sample(2, 1)
     assert item["mask"].shape == (128, 128) and item["mask"].sum() == 4 * sample.mask.sum()
     assert item["box"].tolist() == [2.0 * v for v in sample.box]
 
@@ -123,15 +126,31 @@ def test_shards_round_trip(tmp_path) -> None:
         assert [(o["colour"], o["shape"]) for o in r["meta"]["objects"]] == [(o.colour, o.shape) for o in s.objects]
 
 
-def test_datamodule_splits() -> None:
-    with pytest.raises(ValueError):
-        ShapesDataModule(train_seed=1, val_seed=1)
-    dm = ShapesDataModule(train_size=8, val_size=8, test_size=8, batch_size=4, eval_batch_size=8)
+def test_train_datamodule_splits() -> None:
+    with pytest.raises(ValueError, match="distinct seeds"):
+        TrainDataModule(train=ShapesDataset(8, seed=1, split="train"), val=ShapesDataset(8, seed=1, split="val"))
+    dm = TrainDataModule(train=ShapesDataset(8, seed=0, split="train"), val=ShapesDataset(8, seed=1, split="val"),
+                         test=ShapesDataset(8, seed=2, split="test"), batch_size=4, eval_batch_size=8)
     dm.setup("fit")
+    dm.use_transforms(ModelTransforms.from_config("clipib-shapes"))  # what the pretrain module hands in setup
     train, val = next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))
-    assert train["image"].shape[0] == 4 and val["image"].shape[0] == 8
+    assert train["image"].shape[0] == 4 and val["image"].shape[0] == 8 and train["ids"].dtype == torch.long
     assert train["key"][0] == "shapes-train-0" and val["key"][0] == "shapes-val-0"
     assert not torch.equal(dm.splits["train"][0]["image"], dm.splits["test"][0]["image"])
+
+
+def test_excluded_samples_are_never_generated(monkeypatch) -> None:
+    """A resumed run: excluded indices are dropped before generation; the rest keep their keys and order."""
+    from clipib.data.sources.synthetic import world
+
+    generated = []
+    real = world.generate_sample
+    monkeypatch.setattr(world, "generate_sample", lambda seed, i, *a: generated.append(i) or real(seed, i, *a))
+    ds = ShapesDataset(6, seed=2, split="test")
+    ds.exclude({"shapes-test-1", "shapes-test-4"})
+    keys = [ds[i]["key"] for i in range(len(ds))]
+    assert keys == ["shapes-test-0", "shapes-test-2", "shapes-test-3", "shapes-test-5"] and generated == [0, 2, 3, 5]
+    assert torch.equal(ds[1]["image"], ShapesDataset(6, seed=2)[2]["image"])
 
 
 def test_minimal_pairs_change_only_the_target_shape() -> None:

@@ -22,10 +22,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image, ImageFile
+from torch.utils.data import Dataset
 
 Item = Dict[str, Any]
+Row = Dict[str, Any]  # a table row: {"key", "image" (path), "caption", ...} or marked {"skip": reason}
 Preprocess = Callable[[Image.Image], torch.Tensor]
 Tokenizer = Callable[[List[str]], torch.Tensor]
+#: ``score(images [B, 3, H, W], captions) -> Tensor[B]``: CLIP similarity of each (image, caption) pair
+Score = Callable[[torch.Tensor, List[str]], torch.Tensor]
 
 #: Errors that mean "this image cannot be decoded" (PIL raises ``OSError`` for truncated files,
 #: ``UnidentifiedImageError`` (an ``OSError``) for unknown bytes, ``SyntaxError``/``ValueError`` for
@@ -93,28 +97,45 @@ def input_size(preprocess: Any) -> Tuple[int, int]:
     return size
 
 
-def resolve_transforms(model: str) -> Tuple[Preprocess, Tokenizer]:
-    """``(preprocess, tokenizer)`` for ``model`` without loading weights.
+def load_row(row: Row, preprocess: Preprocess, extras: Optional[Callable[[Row, tuple], Dict[str, Any]]] = None) -> Item:
+    """Decode row ``row`` into an item ``{"key", "image", "caption", "matched"[, "similarity"]}`` or a skip marker.
 
-    Uses the foundation's :func:`clipib.models.loading.load_transforms` when it is present; until then
-    open_clip's ``image_transform`` (eval mode, the model config's image size, OpenAI mean/std) and
-    ``get_tokenizer``.
+    ``extras(row, (W, H))`` adds fields computed from the original image size (e.g. refcoco's box and
+    mask); a ``ValueError``/``KeyError``/``TypeError``/``IndexError`` there makes the row a skip.
     """
+    if "skip" in row:
+        return skip_item(row["key"], row["skip"])
     try:
-        from clipib.models.loading import load_transforms  # type: ignore[attr-defined]
-    except ImportError as exn:  # the foundation is not there yet; a broken one still raises
-        if not isinstance(exn, ModuleNotFoundError) and "load_transforms" not in str(exn):
-            raise
-        load_transforms = None
-    if load_transforms is not None:
-        return load_transforms(model)
-    import open_clip
+        image = decode_image(row["image"])
+    except IMAGE_ERRORS as exn:
+        return skip_item(row["key"], image_error(exn))
+    item = {"key": row["key"], "image": preprocess(image), "caption": row["caption"]}
+    item["matched"] = bool(row.get("matched", True))
+    if "similarity" in row:  # set by the caption choice / partition: the CLIP score used to select
+        item["similarity"] = float(row["similarity"])
+    try:
+        item.update(extras(row, image.size) if extras is not None else {})
+    except (ValueError, KeyError, TypeError, IndexError) as exn:
+        return skip_item(row["key"], f"bad annotation ({type(exn).__name__}: {exn})")
+    return item
 
-    cfg = open_clip.get_model_config(model)
-    if cfg is None:
-        raise ValueError(f"unknown open_clip model config {model!r}")
-    preprocess = open_clip.image_transform(cfg["vision_cfg"]["image_size"], is_train=False)
-    return preprocess, open_clip.get_tokenizer(model)
+
+class PairDataset(Dataset):
+    """Map-style view of a fixed row list; item ``i`` is ``load_row(rows[i], preprocess)`` (never raises on
+    bad images). The table sources (:mod:`clipib.data.sources.tables`) build their rows from YAML; this is the
+    plain view used for scoring rows and in tests."""
+
+    def __init__(self, rows: List[Row], preprocess: Preprocess) -> None:
+        self.rows = rows
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        """Number of rows, skipped ones included (each is reported once)."""
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Item:
+        """Load row ``index``: ``{"key", "image", "caption", "matched"}`` or ``{"key", "skip"}``."""
+        return load_row(self.rows[index], self.preprocess)
 
 
 class ClipCollate:

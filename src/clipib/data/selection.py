@@ -1,27 +1,25 @@
 """Row selection options: a fixed-seed sample, mismatched pairs, best-of-k captions and the
 noisy / borderline / clean partition by CLIP similarity (AdaIB Table 5).
 
-All work on row lists (:mod:`clipib.data.tables`) before any dataset is built, so every rank builds
+All work on row lists (:mod:`clipib.data.sources.tables`) before any dataset is built, so every rank builds
 the same dataset. Rows marked ``skip`` are never sampled, shuffled or scored; they stay in the list
 (when no sample is drawn) so they are still reported once.
 
 A *scoring callable* ``score(images, captions) -> Tensor[B]`` gives the CLIP similarity of image
 ``i`` (preprocessed, ``[B, 3, H, W]``) with caption ``i`` — the cosine of the two embeddings. The
-caller (the evaluating LightningModule) supplies it; this module never loads a model.
+caller supplies it (:meth:`clipib.data.EvalDataModule.use_model` hands :func:`clip_scorer` of the loaded
+model); this module never loads a model.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
-from clipib.data.common import is_skip
-from clipib.data.tables import PairDataset, Row
-
-Score = Callable[[torch.Tensor, List[str]], torch.Tensor]
+from clipib.data.common import PairDataset, Preprocess, Row, Score, is_skip
 PARTS = ("noisy", "borderline", "clean")
 
 
@@ -78,7 +76,7 @@ def clip_scorer(clip: Any) -> Score:
 
 
 def score_rows(
-    rows: Sequence[Row], preprocess, score: Score, batch_size: int = 32, num_workers: int = 0
+    rows: Sequence[Row], preprocess: Preprocess, score: Score, batch_size: int = 32, num_workers: int = 0
 ) -> List[Optional[List[float]]]:
     """Similarity of each row's image with each of its captions (``"candidates"`` or ``[caption]``).
 

@@ -69,6 +69,6 @@ def eval_cli(**kwargs) -> LightningCLI:
     from clipib.lit.attribution_module import AttributionModule
 
     return EvalCLI(
-        AttributionModule, EvalDataModule, save_config_callback=RunConfigSaver,
+        AttributionModule, EvalDataModule, subclass_mode_data=True, save_config_callback=RunConfigSaver,
         trainer_defaults=EVAL_TRAINER_DEFAULTS, seed_everything_default=0, **kwargs,
     )

@@ -16,6 +16,7 @@ import torch
 from lightning import LightningModule
 from safetensors.torch import load_file
 
+from clipib.data.sources.base import ModelTransforms
 from clipib.models.loading import register_model
 from clipib.models.split import TextTower
 
@@ -68,7 +69,8 @@ class ContrastivePretrainModule(LightningModule):
     """Train an open_clip CLIP from scratch with open_clip's ``ClipLoss`` on batches of (image, ids).
 
     Batches follow clipib's batch contract; validation also needs ``present`` and ``pair`` (as produced by
-    ``clipib.data.synthetic``) for the group retrieval accuracy.
+    ``clipib.data.sources.synthetic``) for the group retrieval accuracy. The DataModule gets this model's
+    transforms in :meth:`setup` (``clipib.data.TrainDataModule.use_transforms``).
     """
 
     def __init__(self, model_config: str = "clipib-shapes", lr: float = 1e-3, weight_decay: float = 0.1,
@@ -97,6 +99,12 @@ class ContrastivePretrainModule(LightningModule):
         # model's own encode_text runs all 77 positions); a tuple, so its shared modules are not registered twice
         self._text = (TextTower(self.model),)
         self._val: list[dict[str, torch.Tensor]] = []
+
+    def setup(self, stage: str) -> None:
+        """Hand this model's eval preprocess and tokenizer to the DataModule (before its dataloaders)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(datamodule, "use_transforms"):
+            datamodule.use_transforms(ModelTransforms.from_config(self.hparams.model_config))
 
     def embed(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised image and text embeddings ``[B, E]`` (text on trimmed ids)."""

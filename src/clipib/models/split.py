@@ -286,7 +286,8 @@ class SplitCLIP(nn.Module):
         self.image = ImageTower(model.visual)
         self.text = TextTower(model)
         self.preprocess = preprocess
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
+        """open_clip's tokenizer (CPU ids, for data pipelines); :meth:`tokenize` puts ids on the model's device."""
         self.name = name
 
     def train(self, mode: bool = True) -> "SplitCLIP":
@@ -330,7 +331,7 @@ class SplitCLIP(nn.Module):
         """Token ids ``[B, context_length]`` on the model's device; over-long texts are truncated (EOT kept)
         with a warning."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        encode = getattr(self._tokenizer, "encode", None)
+        encode = getattr(self.tokenizer, "encode", None)
         if encode is not None:
             for text in texts:
                 n = len(encode(text)) + 2
@@ -339,12 +340,12 @@ class SplitCLIP(nn.Module):
                         f"caption of {n} tokens truncated to the context of {self.context_length}: {text[:60]!r}",
                         stacklevel=2,
                     )
-        return self._tokenizer(texts).to(self.device)
+        return self.tokenizer(texts).to(self.device)
 
     def token_strings(self, ids: Tensor) -> list:
         """The tokens of one row of ids from SOT to EOT, as strings."""
         end = int(self.text.eot_positions(ids[None])[0]) + 1
-        decode = getattr(self._tokenizer, "decode", None)
+        decode = getattr(self.tokenizer, "decode", None)
         if decode is None:
             return [str(i) for i in ids[:end].tolist()]
         return [decode([i]).strip() for i in ids[:end].tolist()]

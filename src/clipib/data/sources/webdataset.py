@@ -24,6 +24,13 @@ Corrupt data never raises: a sample with an undecodable or truncated image, a mi
 missing, empty or non-UTF-8 caption becomes a skip marker (key + reason, see
 :mod:`clipib.data.common`); a shard that cannot be opened or a truncated tar becomes a skip marker
 keyed by the shard name. Skips travel in the batches' ``"skipped"`` list.
+
+Excluded keys (a resumed run, :meth:`ShardDataset.exclude`) are dropped on the raw sample's key, before
+its image or caption is decoded. YAML::
+
+    dataset:
+      class_path: clipib.data.sources.webdataset.ShardDataset
+      init_args: {shards: /data/laion400m/{00000..01241}.tar, split: auto}
 """
 
 from __future__ import annotations
@@ -31,12 +38,13 @@ from __future__ import annotations
 import os
 import re
 from itertools import islice
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
-from clipib.data.common import IMAGE_ERRORS, Item, Preprocess, decode_caption, decode_image, image_error, skip_item
+from clipib.data.common import IMAGE_ERRORS, Item, decode_caption, decode_image, image_error, skip_item
+from clipib.data.sources.base import Source
 
 ShardSpec = Union[str, Sequence[str]]
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -79,27 +87,23 @@ def worker_grid(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, in
     return rank, world_size, worker, num_workers
 
 
-class ShardDataset(IterableDataset):
-    """Iterable dataset over webdataset shards yielding clipib items (samples or skip markers).
+class ShardDataset(Source, IterableDataset):
+    """Iterable source over webdataset shards yielding clipib items (samples or skip markers).
 
     Args:
         shards: shard URLs / brace patterns (see module docstring).
-        preprocess: image transform, PIL -> Tensor[3, H, W].
-        rank, world_size: this process's place; ``None`` reads them like webdataset does
-            (``RANK``/``WORLD_SIZE`` env vars, else ``torch.distributed``).
         split: ``"auto"`` | ``"shard"`` | ``"sample"`` (module docstring).
         image_exts, caption_exts: member extensions tried in order for the image and the caption.
 
-    Sample keys are ``"<shard name>/<__key__>"``, unique as long as shard file names are.
+    The rank and world size come from :meth:`prepare` (the DataModule passes the trainer's; ``None`` reads
+    them like webdataset does: ``RANK``/``WORLD_SIZE`` env vars, else ``torch.distributed``). Sample keys are
+    ``"<shard name>/<__key__>"``, unique as long as shard file names are.
     """
 
     def __init__(
         self,
-        shards: ShardSpec,
-        preprocess: Preprocess,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-        split: str = "auto",
+        shards: Union[str, List[str]],
+        split: Literal["auto", "shard", "sample"] = "auto",
         image_exts: Sequence[str] = IMAGE_EXTS,
         caption_exts: Sequence[str] = CAPTION_EXTS,
     ) -> None:
@@ -107,12 +111,17 @@ class ShardDataset(IterableDataset):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.urls = expand_shards(shards)
+        self.rank: Optional[int] = None
+        self.world_size: Optional[int] = None
+        self.split = split
+        self.image_exts, self.caption_exts = tuple(image_exts), tuple(caption_exts)
+
+    def prepare(self, rank: Optional[int], world_size: Optional[int], batch_size: int, num_workers: int) -> None:
+        """Remember this process's place in the world and check that the local shards exist."""
         local = [u for u in self.urls if is_local(u)]
         if local and not any(os.path.exists(u) for u in local):
             raise FileNotFoundError(f"none of the {len(local)} shards exists (first: {local[0]})")
-        self.preprocess = preprocess
-        self.rank, self.world_size, self.split = rank, world_size, split
-        self.image_exts, self.caption_exts = tuple(image_exts), tuple(caption_exts)
+        self.rank, self.world_size = rank, world_size
 
     def mode(self, slots: int) -> str:
         """The split actually used with ``slots`` rank x worker slots."""
@@ -144,16 +153,18 @@ class ShardDataset(IterableDataset):
         if mode == "sample":
             stages.append(wds.filters.pipelinefilter(_slice)(slot, slots))
         report_errors = mode == "shard" or slot == 0  # in "sample" mode every slot sees the same errors
+        preprocess = self.need_transforms().preprocess
         for raw in wds.DataPipeline(*stages):
             yield from self._drain(errors, report_errors)
-            yield self.decode(raw)
+            if self.raw_key(raw) not in self.excluded:  # a finished sample: not decoded
+                yield self.decode(raw, preprocess)
         yield from self._drain(errors, report_errors)
 
-    @staticmethod
-    def _drain(errors: List[Item], report: bool) -> Iterator[Item]:
+    def _drain(self, errors: List[Item], report: bool) -> Iterator[Item]:
+        """Yield (when ``report``) and clear the shard-level skips collected so far."""
         while errors:
             item = errors.pop(0)
-            if report:
+            if report and item["key"] not in self.excluded:
                 yield item
 
     def _error_item(self, exn: Exception) -> Item:
@@ -166,9 +177,14 @@ class ShardDataset(IterableDataset):
             msg = str(exn.args[0]).split(" @ ")[0] if exn.args else ""
         return skip_item(key, f"unreadable shard ({type(exn).__name__}: {msg})")
 
-    def decode(self, raw: dict) -> Item:
+    @staticmethod
+    def raw_key(raw: dict) -> str:
+        """The clipib key ``"<shard name>/<__key__>"`` of a raw webdataset sample."""
+        return f"{shard_name(raw.get('__url__', ''))}/{raw['__key__']}"
+
+    def decode(self, raw: dict, preprocess: Any) -> Item:
         """Raw webdataset sample (member bytes by extension) -> clipib item or skip marker."""
-        key = f"{shard_name(raw.get('__url__', ''))}/{raw['__key__']}"
+        key = self.raw_key(raw)
         image_ext = next((e for e in self.image_exts if e in raw), None)
         if image_ext is None:
             return skip_item(key, "missing image")
@@ -181,4 +197,4 @@ class ShardDataset(IterableDataset):
             image = decode_image(raw[image_ext])
         except IMAGE_ERRORS as exn:
             return skip_item(key, image_error(exn))
-        return {"key": key, "image": self.preprocess(image), "caption": caption, "matched": True}
+        return {"key": key, "image": preprocess(image), "caption": caption, "matched": True}

@@ -24,7 +24,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from clipib.data.synthetic import ShapesSample, generate_sample
+from clipib.data.sources.synthetic.world import ShapesSample, generate_sample
 
 
 def _png(image: Image.Image) -> bytes:

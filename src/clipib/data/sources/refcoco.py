@@ -13,7 +13,11 @@ original-image pixels. Masks: a polygon list ``[[x1, y1, x2, y2, …], …]`` or
 Boxes and masks follow the preprocess: resize (shortest side to ``S``, or to a fixed ``(h, w)``) then
 centre crop to the input size, read from the transform itself (:class:`ResizeCrop`). Items carry
 ``"box"`` Tensor[4] (xyxy in input pixels, clipped to the crop) and ``"mask"`` BoolTensor[H, W].
-Keys: the line's ``"id"`` when present, else the line number.
+Keys: the line's ``"id"`` when present, else the line number. YAML::
+
+    dataset:
+      class_path: clipib.data.sources.refcoco.RefCocoDataset
+      init_args: {path: /data/refcocog_umd_val.jsonl, image_root: /data/coco/train2014, box_format: xywh}
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from clipib.data.tables import PairDataset, PathLike, Row, _image_row, resolve_image
+from clipib.data.common import Row
+from clipib.data.sources.rows import RowSource, Selection
+from clipib.data.sources.tables import PathLike, image_row, resolve_image
 
 BOX_FORMATS = ("xywh", "xyxy")
 
@@ -152,7 +158,7 @@ def read_refcoco(path: PathLike, image_root: Optional[PathLike] = None, box_form
         try:
             obj = json.loads(line)
             text = obj.get("expression", obj.get("text", obj.get("sentence")))
-            row = _image_row(str(obj.get("id", i)), resolve_image(str(obj["image"]), root), text)
+            row = image_row(str(obj.get("id", i)), resolve_image(str(obj["image"]), root), text)
             row["box"] = to_xyxy(obj["box"], box_format)
         except (ValueError, KeyError, TypeError) as exn:
             rows.append({"key": str(i), "image": "", "caption": "", "skip": f"malformed line ({type(exn).__name__}: {exn})"})
@@ -163,18 +169,37 @@ def read_refcoco(path: PathLike, image_root: Optional[PathLike] = None, box_form
     return rows
 
 
-class GroundingDataset(PairDataset):
-    """:class:`~clipib.data.tables.PairDataset` whose items also carry ``"box"`` [4] (xyxy, input
-    pixels) and, where the line has one, ``"mask"`` [H, W], both mapped through ``preprocess``."""
+class RefCocoDataset(RowSource):
+    """Grounding JSON lines (:func:`read_refcoco`); items also carry ``"box"`` [4] (xyxy, input pixels) and,
+    where the line has one, ``"mask"`` [H, W], both mapped through the model's preprocess.
 
-    def __init__(self, rows: List[Row], preprocess: Any) -> None:
-        super().__init__(rows, preprocess)
-        self.geometry = ResizeCrop.from_transform(preprocess)
+    Args:
+        path: the JSON-lines file.
+        image_root: folder the ``"image"`` paths are relative to (default: the file's folder).
+        box_format: ``"xywh"`` (COCO) or ``"xyxy"``.
+        selection: which rows are evaluated (:class:`~clipib.data.sources.rows.Selection`).
+    """
+
+    def __init__(self, path: str, image_root: Optional[str] = None, box_format: Literal["xywh", "xyxy"] = "xywh",
+                 selection: Optional[Selection] = None) -> None:
+        super().__init__(selection)
+        self.path, self.image_root, self.box_format = path, image_root, box_format
+        self._geometry: Optional[ResizeCrop] = None
+
+    def read_rows(self) -> List[Row]:
+        """Rows with ``box`` (xyxy, original pixels) and the ``mask`` spec (key: ``id`` or line number)."""
+        return read_refcoco(self.path, self.image_root, box_format=self.box_format)
+
+    def prepare(self, rank: Optional[int], world_size: Optional[int], batch_size: int, num_workers: int) -> None:
+        """Read the preprocess geometry (an unsupported transform fails here, not as per-row skips), then rows."""
+        self._geometry = ResizeCrop.from_transform(self.need_transforms().preprocess)
+        super().prepare(rank, world_size, batch_size, num_workers)
 
     def extras(self, row: Row, size: tuple) -> Dict[str, Any]:
-        """Box (and mask) of ``row`` for an original image of ``size`` = ``(W, H)``."""
+        """Box (and mask) of ``row`` for an original image of ``size`` = ``(W, H)``, in input pixels."""
+        assert self._geometry is not None, "prepare() reads the geometry"
         width, height = size
-        out: Dict[str, Any] = {"box": self.geometry.map_box(row["box"], width, height)}
+        out: Dict[str, Any] = {"box": self._geometry.map_box(row["box"], width, height)}
         if "mask" in row:
-            out["mask"] = self.geometry.map_mask(decode_mask(row["mask"], width, height))
+            out["mask"] = self._geometry.map_mask(decode_mask(row["mask"], width, height))
         return out

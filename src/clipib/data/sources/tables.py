@@ -1,12 +1,22 @@
 """Map-style image-caption tables: Conceptual Captions TSV, ``caption,file_path`` CSV, Flickr8k JSON,
-class folders with a prompt template.
+class folders with a prompt template — one source class per format (:class:`TsvDataset`,
+:class:`CsvDataset`, :class:`Flickr8kDataset`, :class:`FolderDataset`), each constructed from YAML with
+its own arguments plus the shared ``selection`` options (:class:`~clipib.data.sources.rows.Selection`).
+One class per format rather than one class with a reader per format: the formats take different
+arguments (a TSV header flag, Flickr8k's caption choice, the folders' prompt and synonyms), and one class
+would have to take all of them.
 
 Each reader returns *rows*: ``{"key": str, "image": path, "caption": str}`` (Flickr8k rows carry
 ``"candidates": [5 captions]`` until :func:`clipib.data.selection.choose_best_captions` picks one).
 A row that cannot be used (missing image file, empty caption, malformed line) keeps its place with
 ``"skip": reason`` so it is reported exactly once through the batches (see :mod:`clipib.data.common`).
 Keys are stable: the row index in the file (TSV, CSV), the image name (Flickr8k), the image path
-relative to the root (folders). :class:`PairDataset` turns rows into items.
+relative to the root (folders). The sources turn rows into items (:class:`~clipib.data.sources.rows.RowSource`).
+YAML::
+
+    dataset:
+      class_path: clipib.data.sources.tables.TsvDataset
+      init_args: {path: /data/cc/val.tsv, image_root: /data/cc/images, selection: {sample: 2000, sample_seed: 0}}
 """
 
 from __future__ import annotations
@@ -15,19 +25,18 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Literal, Mapping, Optional, Union
 from urllib.parse import unquote, urlparse
 
-from torch.utils.data import Dataset
+from clipib.data.common import Row
+from clipib.data.selection import choose_best_captions
+from clipib.data.sources.rows import RowSource, Selection
 
-from clipib.data.common import IMAGE_ERRORS, Item, Preprocess, decode_image, image_error, skip_item
-
-Row = Dict[str, Any]
 PathLike = Union[str, os.PathLike]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def _image_row(key: str, image: Path, caption: Optional[str]) -> Row:
+def image_row(key: str, image: Path, caption: Optional[str]) -> Row:
     """A row, or a row marked ``skip`` when the caption is empty or the image file is missing."""
     row: Row = {"key": key, "image": str(image), "caption": (caption or "").strip()}
     if not row["caption"]:
@@ -64,7 +73,7 @@ def read_tsv(path: PathLike, image_root: Optional[PathLike] = None, header: bool
         if len(fields) < 2:
             rows.append({"key": str(i), "image": "", "caption": "", "skip": "malformed row (need UTF-8 caption<TAB>image)"})
             continue
-        rows.append(_image_row(str(i), resolve_image(fields[1].strip(), root), fields[0]))
+        rows.append(image_row(str(i), resolve_image(fields[1].strip(), root), fields[0]))
     return rows
 
 
@@ -78,7 +87,7 @@ def read_csv(path: PathLike, image_root: Optional[PathLike] = None) -> List[Row]
         missing = {"caption", "file_path"} - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: CSV lacks column(s) {sorted(missing)}; need caption,file_path")
-        return [_image_row(str(i), resolve_image(r["file_path"] or "", root), r["caption"]) for i, r in enumerate(reader)]
+        return [image_row(str(i), resolve_image(r["file_path"] or "", root), r["caption"]) for i, r in enumerate(reader)]
 
 
 def read_flickr8k(path: PathLike, image_root: Optional[PathLike] = None) -> List[Row]:
@@ -101,7 +110,7 @@ def read_flickr8k(path: PathLike, image_root: Optional[PathLike] = None) -> List
         caps = [caps] if isinstance(caps, str) else [str(c).strip() for c in caps if str(c).strip()]
         key = name if name not in seen else f"{name}#{i}"
         seen[name] = i
-        row = _image_row(key, resolve_image(name, root), caps[0] if caps else "")
+        row = image_row(key, resolve_image(name, root), caps[0] if caps else "")
         row["candidates"] = caps
         rows.append(row)
     return rows
@@ -158,40 +167,103 @@ def read_folders(
     for cls in sorted(by_class):
         caption = template.format(names.get(cls, cls))
         for image in by_class[cls][:per_class]:
-            rows.append(_image_row(str(image.relative_to(root)), image, caption))
+            rows.append(image_row(str(image.relative_to(root)), image, caption))
     return rows
 
 
-class PairDataset(Dataset):
-    """Map-style dataset over rows; item ``i`` is a sample or a skip marker (never raises on bad images)."""
+class TsvDataset(RowSource):
+    """Conceptual Captions TSV (``caption<TAB>url_or_path``, :func:`read_tsv`).
 
-    def __init__(self, rows: List[Row], preprocess: Preprocess) -> None:
-        self.rows = rows
-        self.preprocess = preprocess
+    Args:
+        path: the TSV file.
+        image_root: folder the image references resolve against (default: the TSV's folder).
+        header: the first line is a header.
+        selection: which rows are evaluated (:class:`~clipib.data.sources.rows.Selection`).
+    """
 
-    def __len__(self) -> int:
-        """Number of rows, skipped ones included (each is reported once)."""
-        return len(self.rows)
+    def __init__(self, path: str, image_root: Optional[str] = None, header: bool = False,
+                 selection: Optional[Selection] = None) -> None:
+        super().__init__(selection)
+        self.path, self.image_root, self.header = path, image_root, header
 
-    def __getitem__(self, index: int) -> Item:
-        """Load row ``index``: ``{"key", "image", "caption", "matched"}`` or ``{"key", "skip"}``."""
-        row = self.rows[index]
-        if "skip" in row:
-            return skip_item(row["key"], row["skip"])
-        try:
-            image = decode_image(row["image"])
-        except IMAGE_ERRORS as exn:
-            return skip_item(row["key"], image_error(exn))
-        item = {"key": row["key"], "image": self.preprocess(image), "caption": row["caption"]}
-        item["matched"] = bool(row.get("matched", True))
-        if "similarity" in row:  # set by the caption choice / partition: the CLIP score used to select
-            item["similarity"] = float(row["similarity"])
-        try:
-            item.update(self.extras(row, image.size))
-        except (ValueError, KeyError, TypeError, IndexError) as exn:
-            return skip_item(row["key"], f"bad annotation ({type(exn).__name__}: {exn})")
-        return item
+    def read_rows(self) -> List[Row]:
+        """Rows of the TSV (key: line index)."""
+        return read_tsv(self.path, self.image_root, header=self.header)
 
-    def extras(self, row: Row, size: tuple) -> Dict[str, Any]:
-        """Extra item fields from a row and the original image size ``(W, H)`` (none here)."""
-        return {}
+
+class CsvDataset(RowSource):
+    """NIB-style ``caption,file_path`` CSV with a header (:func:`read_csv`).
+
+    Args:
+        path: the CSV file.
+        image_root: folder ``file_path`` is relative to (default: the CSV's folder).
+        selection: which rows are evaluated.
+    """
+
+    def __init__(self, path: str, image_root: Optional[str] = None, selection: Optional[Selection] = None) -> None:
+        super().__init__(selection)
+        self.path, self.image_root = path, image_root
+
+    def read_rows(self) -> List[Row]:
+        """Rows of the CSV (key: row index)."""
+        return read_csv(self.path, self.image_root)
+
+
+class Flickr8kDataset(RowSource):
+    """Flickr8k ``en_val.json`` (:func:`read_flickr8k`): one row per image, one of its 5 captions.
+
+    Args:
+        path: ``en_val.json``.
+        image_root: image folder (default: the JSON's folder).
+        caption_choice: ``"best"`` (most similar to its own image; needs the model's scorer) or an index.
+        selection: which rows are evaluated (the caption is chosen after ``sample``).
+    """
+
+    def __init__(self, path: str, image_root: Optional[str] = None,
+                 caption_choice: Union[Literal["best"], int] = "best", selection: Optional[Selection] = None) -> None:
+        super().__init__(selection)
+        self.path, self.image_root, self.caption_choice = path, image_root, caption_choice
+
+    def read_rows(self) -> List[Row]:
+        """Rows with all captions as ``"candidates"`` (key: image name)."""
+        return read_flickr8k(self.path, self.image_root)
+
+    def choose(self, rows: List[Row]) -> List[Row]:
+        """Pick each row's caption: the best-scoring one, or the one at ``caption_choice``."""
+        if self.caption_choice == "best":
+            return choose_best_captions(rows, self.scores(rows))
+        return [pick_caption(r, int(self.caption_choice)) for r in rows]
+
+
+class FolderDataset(RowSource):
+    """Class folders captioned with a prompt (:func:`read_folders`; ImageNet / Tiny-ImageNet).
+
+    Args:
+        root: folder of class folders (or of images, with ``annotations``).
+        prompt: caption template, ``{}`` = the class name (or its synonym).
+        per_class: keep the first N images per class by file name.
+        synonyms: class -> text, a mapping or a ``words.txt``-style file.
+        annotations: ``name<TAB>class`` file for images in ``root/images`` (Tiny-ImageNet val).
+        selection: which rows are evaluated.
+    """
+
+    def __init__(self, root: str, prompt: str = "a photo of a {}", per_class: Optional[int] = None,
+                 synonyms: Union[None, str, Dict[str, str]] = None, annotations: Optional[str] = None,
+                 selection: Optional[Selection] = None) -> None:
+        super().__init__(selection)
+        self.root, self.prompt, self.per_class = root, prompt, per_class
+        self.synonyms, self.annotations = synonyms, annotations
+
+    def read_rows(self) -> List[Row]:
+        """Rows by class, then file name (key: path relative to ``root``)."""
+        return read_folders(self.root, self.prompt, self.per_class, self.synonyms, self.annotations)
+
+
+def pick_caption(row: Row, index: int) -> Row:
+    """Flickr8k row with caption ``index`` of its candidates (a skip when it has fewer)."""
+    candidates = row.get("candidates", [])
+    if "skip" in row:
+        return row
+    if not -len(candidates) <= index < len(candidates):
+        return {**row, "skip": f"no caption #{index}"}
+    return {**row, "caption": candidates[index]}
