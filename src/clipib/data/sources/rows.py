@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Literal, Optional, Tuple, Union
 
 import torch.distributed as dist
 
-from clipib.data import selection
+import clipib.data.selection as selection
 from clipib.data.common import Item, Row, load_row
 from clipib.data.sources.base import Source
 

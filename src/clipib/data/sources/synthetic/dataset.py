@@ -18,7 +18,7 @@ from PIL import Image
 
 from clipib.data.common import Preprocess, Tokenizer
 from clipib.data.sources.base import ModelTransforms, Source
-from clipib.data.sources.synthetic import world
+import clipib.data.sources.synthetic.world as world
 from clipib.data.sources.synthetic.world import IMAGE_SIZE, PAIR_INDEX, ShapesSample
 
 
