@@ -100,7 +100,8 @@ def read_store(path: Path) -> Iterator[Dict[str, Any]]:
     """
     try:
         with open(path, "rb") as stream:
-            for raw in group_by_keys(tar_file_iterator(stream)):
+            members = ({**member, "__url__": str(path)} for member in tar_file_iterator(stream))
+            for raw in group_by_keys(members):
                 yield _decode_sample(raw)
     except (tarfile.ReadError, EOFError, OSError, ValueError):
         return  # the member being read was cut short: not yielded
@@ -183,7 +184,7 @@ class RecordWriter(Callback):
                     if value is not None:
                         sample[f"{field}.npy"] = value[i].detach().cpu().numpy().astype(np.float16)
                 self._tar.write(sample)
-        self._tar.stream.flush()
+        _flush_tar(self._tar)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Close this attempt's files; rank 0 writes ``summary.json`` / ``summary.md`` and prints the table."""
@@ -200,6 +201,21 @@ class RecordWriter(Callback):
             print((run / "summary.md").read_text())
             if self.resumed:
                 print(f"resumed: {self.resumed} pairs were already finished in {run} and were not recomputed")
+
+
+def _flush_tar(writer: wds.TarWriter) -> None:
+    """Put every member written so far on disk before the batch's records are written.
+
+    ``TarWriter`` writes through a stream-mode tarfile, which holds up to 10 KiB in its block buffer (``buf``
+    of CPython's ``tarfile._Stream``): a kill would lose recorded maps. Members are padded to 512-byte blocks,
+    so writing the buffer out early leaves a valid tar.
+    """
+    stream = writer.tarstream.fileobj  # the stream-mode block buffer over our file
+    if stream.buf:
+        stream.fileobj.write(stream.buf)
+        stream.buf = b""
+    writer.stream.flush()
+    os.fsync(writer.stream.fileno())
 
 
 def write_summary(run_dir: Path, summary: Dict[str, Dict[str, Dict[str, float]]], extra: Dict[str, Any]) -> None:
