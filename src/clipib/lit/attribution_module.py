@@ -149,9 +149,9 @@ class AttributionModule(LightningModule):
             return
         for name, auroc in self.auroc[method].items():
             if name in values:
-                v = values[name].detach().double().reshape(-1).cpu()
+                v = values[name].detach().double().reshape(-1)
                 ok = torch.isfinite(v)
-                auroc.update(v[ok], matched.reshape(-1).cpu()[ok], seed_index=seed_index)
+                auroc.update(v[ok], matched.reshape(-1).to(v.device)[ok], seed_index=seed_index)
 
     def resume(self, records: Sequence[Record]) -> None:
         """Feed the records of samples finished by an earlier attempt into the metric states.
