@@ -91,10 +91,31 @@ class Attributor:
     precision: str = "fp32"
     """Precision of the attribution passes (:mod:`clipib.attribution.precision`); subclasses may expose it."""
 
+    def __new__(cls, *args: object, **kwargs: object) -> "Attributor":
+        """Record the constructor's settings (every argument but the model) for :meth:`rebuild`."""
+        obj = super().__new__(cls)
+        obj._settings = (args[1:], {k: v for k, v in kwargs.items() if k != "clip"})
+        return obj
+
     def __init__(self, clip: SplitCLIP, seed: int = 0, layer: Optional[int] = None) -> None:
         self.clip = clip
         self.seed = seed
         self.layer = layer
+
+    def rebuild(self, clip: SplitCLIP) -> "Attributor":
+        """The same method with the same constructor settings, built on another model ``clip``.
+
+        Metrics that re-run a method on a changed model (the model-randomisation check) use it; the method
+        built here shares no state with ``self``.
+
+        >>> class Toy(Attributor): pass
+        >>> a = Toy("model A", seed=3)
+        >>> b = a.rebuild("model B")
+        >>> (type(b) is Toy, b.clip, b.seed)
+        (True, 'model B', 3)
+        """
+        args, kwargs = getattr(self, "_settings", ((), {}))
+        return type(self)(clip, *args, **kwargs)
 
     @classmethod
     def modality_for(cls, wanted: Modality = "both") -> Optional[Modality]:

@@ -105,8 +105,7 @@ class AttributionModule(LightningModule):
         mod = self.modality(method)
         return [] if mod is None else ["image", "text"] if mod == "both" else [mod]
 
-    def _attribute(self, method: str, batch: Dict[str, Any], seed: int) -> Attribution:
-        seeds = [sample_seed(k, seed) for k in batch["key"]]
+    def _attribute(self, method: str, batch: Dict[str, Any], seeds: List[int]) -> Attribution:
         with torch.enable_grad():
             return self.methods[method].attribute(batch["image"], batch["ids"], self.modality(method), seeds=seeds)
 
@@ -125,10 +124,11 @@ class AttributionModule(LightningModule):
             if self.modality(method) is None:
                 continue
             for s_idx, seed in enumerate(self.seeds):
+                seeds = [sample_seed(k, seed) for k in batch["key"]]
                 start = start_timer(self.device)
-                attr = self._attribute(method, batch, seed)
+                attr = self._attribute(method, batch, seeds)
                 self.speed[method].update(len(batch["key"]), *stop_timer(self.device, start))
-                values = self._score(method, batch, attr, s_idx)
+                values = self._score(method, batch, attr, s_idx, seeds)
                 extra = {**attr.scalars, **({"matched": batch["matched"]} if "matched" in batch else {})}
                 self._update_auroc(method, {**values, **extra}, batch.get("matched"), s_idx)
                 records += _records(batch["key"], method, seed, {**values, **extra})
@@ -136,11 +136,14 @@ class AttributionModule(LightningModule):
                     maps[(method, seed)] = attr
         return {"records": records, "maps": maps, "batch": batch, "skipped": skipped}
 
-    def _score(self, method: str, batch: Dict[str, Any], attr: Attribution, seed_index: int) -> Dict[str, Tensor]:
+    def _score(self, method: str, batch: Dict[str, Any], attr: Attribution, seed_index: int,
+               seeds: List[int]) -> Dict[str, Tensor]:
+        """Every metric's per-sample values; metrics that re-run the method also get it and the pair seeds."""
         out: Dict[str, Tensor] = {}
         for metric in self.metrics[method].values():
+            rerun = {"method": self.methods[method], "seeds": seeds} if metric.needs_method else {}
             for mod in self._modalities(method):
-                out.update(metric.update(self.clip, batch, attr, mod, seed_index=seed_index))
+                out.update(metric.update(self.clip, batch, attr, mod, seed_index=seed_index, **rerun))
         return out
 
     def _update_auroc(self, method: str, values: Dict[str, Tensor], matched: Optional[Tensor], seed_index: int) -> None:

@@ -10,7 +10,10 @@ Families (one module each, kernels + metric): :mod:`~clipib.metrics.confidence` 
 IoU, the classic pointing game), :mod:`~clipib.metrics.ehr` (InputIBA App. F),
 :mod:`~clipib.metrics.insertion_deletion` (InputIBA App. D.3), :mod:`~clipib.metrics.text_localization`
 (gold tokens in the top-k), :mod:`~clipib.metrics.mismatch` (AdaIB App. C: per-pair scalars and the
-AUROC) and :mod:`~clipib.metrics.similarity` (the pair's cosine). Adding a metric: one module with its
+AUROC), :mod:`~clipib.metrics.similarity` (the pair's cosine), and the metrics that re-run the method
+(``needs_method``): :mod:`~clipib.metrics.randomisation` (model-randomisation and other-target sanity checks)
+and :mod:`~clipib.metrics.robustness` (max/avg sensitivity, seed stability), on the kernels of
+:mod:`~clipib.metrics.map_similarity`. Adding a metric: one module with its
 kernel and its ``AttributionMetric`` subclass, plus one line in :data:`METRICS` (docs/metrics.md).
 """
 from typing import Dict, Type
@@ -50,7 +53,10 @@ from clipib.metrics.localization import (
     pointing_game,
     pointing_game_iou,
 )
+from clipib.metrics.map_similarity import compare, rerun, spearman, ssim, topk_intersection
 from clipib.metrics.mismatch import MismatchAUROC, MismatchScalars, map_entropy, map_mass, mismatch_auroc
+from clipib.metrics.randomisation import ModelRandomisation, OtherTarget, randomise_tower_, reinitialise_
+from clipib.metrics.robustness import SeedStability, Sensitivity, pixel_noise, relative_change
 from clipib.metrics.similarity import Similarity, pair_cosine
 from clipib.metrics.text_localization import TextTopK, topk_gold
 from clipib.metrics.throughput import Throughput
@@ -64,6 +70,10 @@ METRICS: Dict[str, Type[AttributionMetric]] = {
     "text_topk": TextTopK,
     "mismatch_scalars": MismatchScalars,
     "similarity": Similarity,
+    "model_randomisation": ModelRandomisation,
+    "other_target": OtherTarget,
+    "sensitivity": Sensitivity,
+    "seed_stability": SeedStability,
 }
 """The eval metrics by config name (``metrics:`` keys); each takes ``n_seeds`` plus its own settings."""
 
@@ -80,4 +90,7 @@ __all__ = [
     "MismatchAUROC", "MismatchScalars", "map_entropy", "map_mass", "mismatch_auroc",
     "Similarity", "pair_cosine",
     "TextTopK", "topk_gold",
+    "compare", "rerun", "spearman", "ssim", "topk_intersection",
+    "ModelRandomisation", "OtherTarget", "randomise_tower_", "reinitialise_",
+    "SeedStability", "Sensitivity", "pixel_noise", "relative_change",
 ]

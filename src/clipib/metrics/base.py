@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from clipib.attribution.base import Attribution
+from clipib.attribution.base import Attribution, Attributor
 from clipib.models.split import SplitCLIP
 
 __all__ = ["SeedMeanStd", "AttributionMetric", "nanquantile_linear", "default_eot"]
@@ -125,6 +125,10 @@ class AttributionMetric(SeedMeanStd):
 
     VALUES: ClassVar[Dict[str, Tuple[str, ...]]] = {}
     """``{modality: value names}`` for ``"image"`` and ``"text"``; a modality absent here is not scored."""
+    needs_method: ClassVar[bool] = False
+    """True for a metric that re-runs the method (randomisation, robustness): :meth:`update` then needs
+    ``method=`` (the :class:`~clipib.attribution.base.Attributor` that made ``attr``) and ``seeds=`` (the
+    per-pair seeds it ran with), which :meth:`score` receives as keywords."""
 
     def __init__(self, n_seeds: int = 1, **kwargs: Any) -> None:
         names = [n for modality in ("image", "text") for n in self.VALUES.get(modality, ())]
@@ -141,13 +145,23 @@ class AttributionMetric(SeedMeanStd):
         raise NotImplementedError
 
     def update(  # type: ignore[override]
-        self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str, seed_index: int = 0
+        self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str, seed_index: int = 0,
+        method: Optional[Attributor] = None, seeds: Optional[Sequence[int]] = None,
     ) -> Dict[str, Tensor]:
-        """Score the batch's attribution for ``modality``, accumulate for seed ``seed_index`` and return the values."""
+        """Score the batch's attribution for ``modality``, accumulate for seed ``seed_index`` and return the values.
+
+        ``method`` and ``seeds`` (what ``attr`` was computed with) are passed on to :meth:`score` when
+        :attr:`needs_method` is set, and ignored otherwise.
+        """
         names = self.value_names(modality)
         if not names:
             return {}
-        values = self.score(clip, batch, attr, modality)
+        if self.needs_method:
+            if method is None:
+                raise ValueError(f"{type(self).__name__} re-runs the method: pass method= (and seeds=) to update")
+            values = self.score(clip, batch, attr, modality, method=method, seeds=seeds)
+        else:
+            values = self.score(clip, batch, attr, modality)
         if sorted(values) != sorted(names):
             raise RuntimeError(f"{type(self).__name__}.score returned {sorted(values)}, declared {names}")
         self._accumulate(values, seed_index)

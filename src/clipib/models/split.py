@@ -11,8 +11,9 @@ LayerNorm.
 
 from __future__ import annotations
 
+import copy
 import warnings
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,10 @@ class Tower(nn.Module):
 
     def _mask(self, length: int) -> Optional[Tensor]:
         return None
+
+    def projection_parameters(self) -> List[nn.Parameter]:
+        """The parameters of the projection into the shared embedding space (empty when the tower has none)."""
+        raise NotImplementedError
 
     def _check_k(self, k: int) -> None:
         if not 0 <= k <= self.n_layers:
@@ -185,6 +190,9 @@ class ImageTower(Tower):
     def head_pooled(self, h: Tensor, x: Tensor) -> Tensor:
         return self.head(h, x)  # 'tok' pooling reads row 0 of [B, 1, D]
 
+    def projection_parameters(self) -> List[nn.Parameter]:
+        return [] if self.visual.proj is None else [self.visual.proj]
+
     def head(self, h: Tensor, x: Tensor) -> Tensor:
         pooled, _ = self.visual._pool(h)  # [B, D]
         if self.visual.proj is not None:
@@ -246,6 +254,12 @@ class TextTower(Tower):
         ids = x[:, : self.valid_length(x)]
         return self.token_embeddings(ids) + self.positional_embedding[: ids.shape[1]]  # [B, L, D]
 
+    def projection_parameters(self) -> List[nn.Parameter]:
+        proj = self.text_projection
+        if proj is None:
+            return []
+        return list(proj.parameters()) if isinstance(proj, nn.Module) else [proj]
+
     def _project(self, pooled: Tensor) -> Tensor:
         if self.text_projection is not None:
             if isinstance(self.text_projection, nn.Linear):
@@ -289,6 +303,13 @@ class SplitCLIP(nn.Module):
         self.tokenizer = tokenizer
         """open_clip's tokenizer (CPU ids, for data pipelines); :meth:`tokenize` puts ids on the model's device."""
         self.name = name
+
+    def copy(self) -> "SplitCLIP":
+        """An independent copy: the weights deep-copied (same device and dtype), preprocess and tokenizer shared.
+
+        Changing the copy's weights (e.g. the model-randomisation check) leaves this model untouched.
+        """
+        return SplitCLIP(copy.deepcopy(self.model), self.preprocess, self.tokenizer, name=self.name)
 
     def train(self, mode: bool = True) -> "SplitCLIP":
         """The model stays in eval mode (dropout and patch dropout off)."""
