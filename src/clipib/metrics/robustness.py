@@ -91,11 +91,11 @@ class Sensitivity(AttributionMetric):
     def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str,
               method: Attributor = None, seeds: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
         images, ids = batch["image"], batch["ids"]
-        pair_seeds = pair_seeds(method, seeds, images.shape[0])
+        own = pair_seeds(method, seeds, images.shape[0])
         _, std = clip.normalization
-        noisy = torch.cat([images + pixel_noise(images.shape, pair_seeds, j, self.radius, self.noise, std).to(
+        noisy = torch.cat([images + pixel_noise(images.shape, own, j, self.radius, self.noise, std).to(
             images.device, images.dtype) for j in range(self.samples)])  # [S*B, 3, H, W]
-        many = rerun(method, noisy, ids.repeat(self.samples, 1), "image", pair_seeds * self.samples, self.chunk)
+        many = rerun(method, noisy, ids.repeat(self.samples, 1), "image", own * self.samples, self.chunk)
         ref = attr.image_grid.flatten(1)  # [B, N]
         grids = many.image_grid.flatten(1).view(self.samples, *ref.shape)  # [S, B, N]
         sens = torch.stack([relative_change(ref, g, self.relative) for g in grids])  # [S, B]
