@@ -10,7 +10,7 @@ import clipib
 from clipib.lit.attribution_module import AttributionModule
 from clipib.metrics import METRICS, ModelRandomisation, OtherTarget, SeedStability, Sensitivity
 from clipib.metrics.map_similarity import average_ranks, spearman, ssim, topk_intersection
-from clipib.metrics.randomisation import other_index, randomise_tower_
+from clipib.metrics.randomisation import other_captions, randomise_tower_
 from clipib.metrics.robustness import pixel_noise, relative_change
 
 SEEDS = [11, 12, 13, 14]
@@ -53,7 +53,10 @@ def test_topk_relative_change_other_index_hand_computed():
     assert topk_intersection(a, b, 2).tolist() == [0.5, 0.0]
     assert relative_change(torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 0.0]])).item() == pytest.approx(1.0)
     assert relative_change(torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 0.0]]), relative=False).item() == 5.0
-    assert other_index(torch.tensor([[1], [1]])).tolist() == [-1, -1]
+    pool, ids = torch.tensor([[7, 1], [8, 1]]), torch.tensor([[7, 1], [8, 1], [9, 1]])
+    other, found = other_captions(pool, ids, [0, 1, 1])
+    assert other.tolist() == [[8, 1], [7, 1], [8, 1]] and found.all()
+    assert not other_captions(pool[:1].repeat(2, 1), ids[:1], [0])[1].any()  # only the own caption: not found
     noise = pixel_noise((2, 3, 4, 4), [5, 6], 0, radius=0.1, std=(0.5, 0.5, 0.5))
     assert noise.abs().max() <= 0.2 and torch.equal(noise[1], pixel_noise((1, 3, 4, 4), [6], 0, 0.1, std=(0.5,) * 3)[0])
 
@@ -64,7 +67,7 @@ def test_kernels_stay_on_the_device():
     a, b = torch.empty(3, 16, device="meta"), torch.empty(3, 16, device="meta")
     valid = torch.ones(3, 16, dtype=torch.bool, device="meta")
     outs = [spearman(a, b, valid), ssim(torch.empty(3, 8, 8, device="meta"), torch.empty(3, 8, 8, device="meta")),
-            topk_intersection(a, b, 4), relative_change(a, b), other_index(torch.empty(3, 5, device="meta"))]
+            topk_intersection(a, b, 4), relative_change(a, b)]
     assert all(o.device.type == "meta" and o.shape == (3,) for o in outs)
 
 

@@ -3,8 +3,8 @@ Maps"; M2IB Sec. 4.5 / Fig. 4; Quantus' MPRT) and on the explained target (Quant
 
 :class:`ModelRandomisation` randomises the attributed tower of a copy of the model cascading from the top: the
 projection into the shared space first, then the blocks from the last to the first, and re-computes the
-method's maps on the copy after each step; :class:`OtherTarget` explains each image against another caption of
-the batch (each caption against another image) and compares with the pair's own map. A method that passes
+method's maps on the copy after each step; :class:`OtherTarget` explains each image against an unrelated
+caption (each caption against a noise image) and compares with the pair's own map. A method that passes
 shows low similarity (``rho_abs``, ``rho``, ``ssim``, ``topk`` of :func:`~clipib.metrics.map_similarity.compare`).
 The user's model is never changed: the randomisation works on :meth:`SplitCLIP.copy` and the method is rebuilt
 on it (:meth:`Attributor.rebuild`).
@@ -19,10 +19,11 @@ from torch import Tensor, nn
 
 from clipib.attribution.base import Attribution, Attributor
 from clipib.metrics.base import AttributionMetric, Batch
-from clipib.metrics.map_similarity import STATS, compare, rerun
+from clipib.metrics.map_similarity import STATS, compare, pair_seeds, rerun
 from clipib.models.split import SplitCLIP
 
-__all__ = ["reinitialise_", "randomise_tower_", "other_index", "ModelRandomisation", "OtherTarget"]
+__all__ = ["reinitialise_", "randomise_tower_", "other_captions", "noise_images", "ModelRandomisation", "OtherTarget",
+           "UNRELATED"]
 
 
 @torch.no_grad()
@@ -141,30 +142,46 @@ def reference(method: Attributor, attr: Attribution, images: Tensor, ids: Tensor
     return rerun(method, images, ids, modality, seeds, chunk)
 
 
-def other_index(rows: Tensor) -> Tensor:
-    """For each row of ``rows [B, ...]``, the next row (cyclically) that differs from it; -1 if none: ``[B]``.
+UNRELATED = ("a photo of a cat", "a page of printed text", "a city street at night", "a bowl of soup")
+"""Default captions :class:`OtherTarget` explains images against (unrelated to most evaluation data)."""
 
-    >>> other_index(torch.tensor([[1], [1], [2], [1]]))
-    tensor([2, 2, 3, 2])
+
+def other_captions(pool: Tensor, ids: Tensor, seeds: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    """For each pair, a caption of ``pool [K, ctx]`` other than its own ``ids [B, ctx]``, chosen by its seed:
+    ``(ids [B, ctx], found [B])`` — row ``seed % K``, or the next row when that one is the pair's own caption;
+    ``found`` is False when no other row exists.
+
+    >>> other_captions(torch.tensor([[1], [2]]), torch.tensor([[1], [1], [2]]), [0, 1, 1])
+    (tensor([[2],
+            [2],
+            [1]]), tensor([True, True, True]))
     """
-    n = rows.shape[0]
-    flat = rows.flatten(1)
-    same = (flat[:, None] == flat[None, :]).all(-1)  # [B, B]
-    order = (torch.arange(n, device=rows.device)[None, :] - torch.arange(n, device=rows.device)[:, None]) % n
-    dist = torch.where(same, torch.full_like(order, n), order)  # distance ahead to each differing row
-    best = dist.argmin(1)
-    return torch.where(dist.gather(1, best[:, None])[:, 0] < n, best, torch.full_like(best, -1))
+    k = pool.shape[0]
+    pick = torch.tensor([int(s) % k for s in seeds], device=ids.device)  # [B]
+    pick = torch.where((pool[pick] == ids).all(1), (pick + 1) % k, pick)
+    return pool[pick], ~(pool[pick] == ids).all(1)
+
+
+def noise_images(shape: Sequence[int], seeds: Sequence[int], normalization: Tuple[Sequence[float], Sequence[float]],
+                 device: torch.device) -> Tensor:
+    """Uniform-noise images ``[B, C, H, W]`` (pixels U(0, 1), then the model's normalisation), one per seed."""
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in normalization)
+    pixels = torch.stack([torch.rand(tuple(shape[1:]), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return ((pixels - mean) / std).to(device)
 
 
 class OtherTarget(AttributionMetric):
     """Explain against an unrelated target (Quantus' RandomLogit for image-text pairs): how alike the maps stay.
 
-    Each image is explained against the next caption of the batch that differs from its own (each caption
-    against the next differing image) and compared with its own map. Values ``<modality>_rl_<stat>``
-    (:func:`~clipib.metrics.map_similarity.compare`); lower = the map depends more on the target (passes).
-    NaN when the batch has no differing partner. Cost per pair: 1 method run (2 for text).
+    Each image is explained against an unrelated caption (one of ``captions``, picked by the pair's seed, never
+    the pair's own) and each caption against a uniform-noise image drawn from the pair's seed; the maps are
+    compared with the pair's own (values ``<modality>_rl_<stat>``,
+    :func:`~clipib.metrics.map_similarity.compare`). Lower = the map depends more on the target (passes). The
+    target depends on the pair alone, not on the batch, so records do not depend on batch size or process count.
+    Cost per pair: 1 method run (2 for text).
 
     Args:
+        captions: the unrelated captions (default :data:`UNRELATED`); at least 2 so one differs from any pair's.
         topk: share of the grid cells the top-k intersection keeps.
         chunk: most pairs per method call (None: the batch).
     """
@@ -173,19 +190,25 @@ class OtherTarget(AttributionMetric):
     higher_is_better = False
     VALUES = {mod: tuple(f"{mod}_rl_{s}" for s in STATS[mod]) for mod in STATS}
 
-    def __init__(self, topk: float = 0.1, chunk: Optional[int] = None, **kwargs: Any) -> None:
+    def __init__(self, captions: Sequence[str] = UNRELATED, topk: float = 0.1, chunk: Optional[int] = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.topk, self.chunk = topk, chunk
+        if len(captions) < 2:
+            raise ValueError(f"captions needs at least 2 entries, got {len(captions)}")
+        self.captions, self.topk, self.chunk = list(captions), topk, chunk
 
     def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str,
               method: Attributor = None, seeds: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
         images, ids = batch["image"], batch["ids"]
+        own = pair_seeds(method, seeds, images.shape[0])
         ref = reference(method, attr, images, ids, modality, seeds, self.chunk)
-        partner = other_index(ids if modality == "image" else images)  # [B]
-        take = partner.clamp_min(0)
-        swapped = (images, ids[take]) if modality == "image" else (images[take], ids)
-        other = rerun(method, *swapped, modality, seeds, self.chunk)
+        found = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        if modality == "image":
+            other_ids, found = other_captions(clip.tokenize(self.captions).to(ids.device), ids, own)
+            other = rerun(method, images, other_ids, modality, own, self.chunk)
+        else:
+            other = rerun(method, noise_images(images.shape, own, clip.normalization, images.device), ids, modality,
+                          own, self.chunk)
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=images.device)
-        return {f"{modality}_rl_{s}": torch.where(partner >= 0, v.to(torch.float64), nan)
+        return {f"{modality}_rl_{s}": torch.where(found, v.to(torch.float64), nan)
                 for s, v in compare(clip, ref, other, ids, modality, self.topk).items()}
-
