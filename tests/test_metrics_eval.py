@@ -16,6 +16,7 @@ from clipib.metrics import (
 
 ALL = {"confidence": {}, "localization": {"q": 0.6}, "pointing_game": {"tolerance": 1}, "ehr": {},
        "insertion_deletion": {"steps": 2}, "text_topk": {"k": 2}, "mismatch_scalars": {}, "similarity": {}}
+RERUN = {"model_randomisation": {}, "other_target": {}, "sensitivity": {}, "seed_stability": {}}  # need method=
 NAMES = {  # what configs and records rely on
     "confidence": (["image_drop", "image_incr"], ["text_drop", "text_incr"]),
     "localization": (["iou"], []),
@@ -25,6 +26,14 @@ NAMES = {  # what configs and records rely on
     "text_topk": ([], ["topk_share", "topk_hit"]),
     "mismatch_scalars": (["image_mass", "image_entropy"], ["text_mass", "text_entropy"]),
     "similarity": (["cos"], []),
+    # metrics that re-run the method (tests/test_metrics_sanity.py covers them)
+    "model_randomisation": ([f"image_mprt_{s}_{p}" for p in ("000", "025", "050", "075", "100")
+                             for s in ("rho_abs", "rho", "ssim", "topk")],
+                            [f"text_mprt_{s}_{p}" for p in ("000", "025", "050", "075", "100") for s in ("rho_abs", "rho")]),
+    "other_target": (["image_rl_rho_abs", "image_rl_rho", "image_rl_ssim", "image_rl_topk"],
+                     ["text_rl_rho_abs", "text_rl_rho"]),
+    "sensitivity": (["image_max_sens", "image_avg_sens"], []),
+    "seed_stability": (["image_seed_rho"], ["text_seed_rho"]),
 }
 TINY = "tests/data/tiny-clip.json"
 
@@ -49,7 +58,7 @@ def attr(tiny_clip, batch):
 def test_registry_names_and_settings():
     assert set(METRICS) == set(NAMES)
     for name, (image, text) in NAMES.items():
-        metric = METRICS[name](n_seeds=2, **ALL[name])
+        metric = METRICS[name](n_seeds=2, **{**ALL, **RERUN}[name])
         assert isinstance(metric, AttributionMetric)
         assert (metric.value_names("image"), metric.value_names("text")) == (image, text), name
     with pytest.raises(ValueError, match="modality"):
