@@ -1,10 +1,16 @@
 """Sanity and robustness metrics (metrics/map_similarity.py, randomisation.py, robustness.py): kernels against
 hand-computed cases, the metrics on the tiny model (the user's model untouched, the random baseline
 insensitive to weights and target, determinism), kernels that never leave the device, and the module path."""
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import clipib
 from clipib.lit.attribution_module import AttributionModule
@@ -154,3 +160,27 @@ def test_module_passes_method_and_seeds(tiny_config, batch):
     assert len(rows) == 4 and all(r["image_mprt_rho_050"] == pytest.approx(1.0) for r in rows)
     assert all(r["text_seed_rho"] < 1 for r in rows) and "cos" in rows[0]
     assert module.summary()["random"]["image_mprt_rho_abs_050"]["mean"] == pytest.approx(1.0)
+
+
+def test_eval_cli_writes_randomisation_curves(tmp_path, tiny_config):
+    """eval.py with model_randomisation and the RandomisationCurves callback: summary values, PNG, TensorBoard."""
+    cfg = {"trainer": {"default_root_dir": str(tmp_path / "run"), "accelerator": "cpu", "devices": 1,
+                       "callbacks": [{"class_path": "clipib.callbacks.sanity.RandomisationCurves"}]},
+           "model": {"model": tiny_config, "pretrained": "none", "methods": {"random": {}, "saliency": {}},
+                     "metrics": {"model_randomisation": {"fractions": [0.0, 1.0]}, "sensitivity": {"samples": 2}}},
+           "data": {"class_path": "clipib.data.EvalDataModule", "init_args": {
+               "batch_size": 2, "dataset": {"class_path": "clipib.data.sources.synthetic.ShapesDataset",
+                                            "init_args": {"size": 3, "seed": 0}}}}}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "eval.py"), "test", "-c", str(path)], capture_output=True,
+                         text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["random"]["text_mprt_rho_100"]["mean"] == pytest.approx(1.0)
+    assert summary["saliency"]["image_max_sens"]["n"] == 3
+    for method in ("random", "saliency"):
+        assert Image.open(run / f"mprt_{method}.png").width > 400
+    assert list(run.rglob("events.out.tfevents.*"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -96,3 +96,45 @@ def tokens_html(tokens: Sequence[str], scores: Sequence[float]) -> str:
         spans.append(f'<span style="background:rgb({r},{g},{b});color:{ink};padding:1px 3px" '
                      f'title="{float(s):.3f}">{html.escape(tok)}</span>')
     return " ".join(spans)
+
+
+_LINE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def curve_figure(xs: Sequence[float], curves: Dict[str, Sequence[float]], title: str = "",
+                 x_label: str = "", y_range: Tuple[float, float] = (-1.0, 1.0), size: Tuple[int, int] = (480, 320)
+                 ) -> Image.Image:
+    """A line chart (PIL only): one line per ``curves`` entry over ``xs``, a legend, axes with end labels.
+
+    NaN points are left out of their line. Used for the model-randomisation curves (similarity per step).
+    """
+    w, h = size
+    left, right, top, bottom = 44, 12, 26, 36
+    fig = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(fig)
+    font = _font(12)
+    x0, x1 = (min(xs), max(xs)) if len(xs) > 1 and max(xs) > min(xs) else (0.0, max(1.0, float(max(xs, default=1))))
+    lo, hi = y_range
+
+    def point(x: float, y: float) -> Tuple[float, float]:
+        px = left + (x - x0) / (x1 - x0) * (w - left - right)
+        py = top + (hi - min(max(y, lo), hi)) / (hi - lo) * (h - top - bottom)
+        return px, py
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for y in (lo, 0.0, hi) if lo < 0 < hi else (lo, hi):
+        draw.line([point(x0, y), point(x1, y)], fill="#dddddd")
+        draw.text((4, point(x0, y)[1] - 6), f"{y:g}", fill="black", font=font)
+    for x in xs:
+        draw.text((point(x, lo)[0] - 8, h - bottom + 4), f"{x:g}", fill="black", font=font)
+    draw.text((left, h - 16), x_label, fill="black", font=font)
+    draw.text((left, 6), title, fill="black", font=font)
+    for i, (name, ys) in enumerate(curves.items()):
+        colour = _LINE_COLOURS[i % len(_LINE_COLOURS)]
+        pts = [point(x, y) for x, y in zip(xs, ys) if y == y]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        for px, py in pts:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+        draw.text((w - right - 110, top + 4 + 14 * i), name, fill=colour, font=font)
+    return fig
