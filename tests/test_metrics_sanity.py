@@ -184,3 +184,14 @@ def test_eval_cli_writes_randomisation_curves(tmp_path, tiny_config):
     for method in ("random", "saliency"):
         assert Image.open(run / f"mprt_{method}.png").width > 400
     assert list(run.rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("module", ["clipib.metrics.map_similarity", "clipib.metrics.randomisation",
+                                    "clipib.metrics.robustness", "clipib.callbacks.sanity"])
+def test_doctests(module):
+    """The examples in the new modules' docstrings run (the suite collects tests/ only)."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, result

@@ -93,7 +93,7 @@ class ModelRandomisation(AttributionMetric):
 
     Example (the random baseline does not depend on the weights):
         >>> import clipib
-        >>> clip = clipib.load_clip("tests/data/tiny-clip.json", pretrained=None)
+        >>> clip = clipib.load_clip("clipib-shapes")
         >>> method = clipib.METHODS["random"](clip)
         >>> images, ids = torch.zeros(2, 3, *clip.image_size), clip.tokenize(["a dog", "a cat"])
         >>> attr = method.attribute(images, ids, "image", seeds=[1, 2])
