@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -54,6 +55,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # three processes, ~30 s on the shared 2-core machine
 def test_two_processes_equal_one(tmp_path):
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, __file__, str(rank), port, str(tmp_path)]) for rank in (0, 1)]

@@ -162,6 +162,7 @@ def test_module_passes_method_and_seeds(tiny_config, batch):
     assert module.summary()["random"]["image_mprt_rho_abs_050"]["mean"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # one eval.py process, ~15 s
 def test_eval_cli_writes_randomisation_curves(tmp_path, tiny_config):
     """eval.py with model_randomisation and the RandomisationCurves callback: summary values, PNG, TensorBoard."""
     cfg = {"trainer": {"default_root_dir": str(tmp_path / "run"), "accelerator": "cpu", "devices": 1,
