@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import html
-from typing import Optional, Sequence, Tuple
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -96,3 +98,73 @@ def tokens_html(tokens: Sequence[str], scores: Sequence[float]) -> str:
         spans.append(f'<span style="background:rgb({r},{g},{b});color:{ink};padding:1px 3px" '
                      f'title="{float(s):.3f}">{html.escape(tok)}</span>')
     return " ".join(spans)
+
+
+def stack(figures: List[Image.Image], columns: int = 2) -> Image.Image:
+    """Tile figures in a grid, ``columns`` per row."""
+    w = max(f.width for f in figures)
+    h = max(f.height for f in figures)
+    rows = (len(figures) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, fig in enumerate(figures):
+        sheet.paste(fig, ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+def pair_records(attr: Any) -> List[Dict]:
+    """One JSON-ready record per pair of an :class:`~clipib.Attribution` with inputs (typed ``Any``: viz imports
+    nothing of clipib, so attribution can import it): caption, similarity, tokens and scores."""
+    inp, out = attr.inputs, []
+    for i, (caption, tokens) in enumerate(zip(inp.texts, inp.tokens)):
+        n = len(tokens)
+        out.append({
+            "caption": caption, "similarity": float(inp.similarity[i]), "tokens": tokens,
+            "token_scores": attr.text[i, :n].tolist() if attr.text is not None else None,
+            "token_raw": attr.text_raw[i, :n].tolist() if attr.text_raw is not None else None,
+            "grid_scores": attr.image_grid[i].tolist() if attr.image_grid is not None else None,
+            "scalars": {k: float(v[i]) for k, v in attr.scalars.items()},
+        })
+    return out
+
+
+def write_explanation(out_dir: Path, name: str, attr: Any) -> Dict[str, Path]:
+    """``<name>.png``, ``<name>.json`` and ``<name>.html`` of an attribution with inputs (:meth:`Attribution.save`).
+
+    JSON: ``{"method", "model", "settings", "pairs": [{"caption", "similarity", "tokens", "token_scores",
+    "token_raw", "grid_scores", "scalars"}]}``. HTML: per pair the PNG figure's overlay (embedded) and the
+    tokens shaded by score; captions, tokens, method and model names are escaped.
+    """
+    inp = attr.inputs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = pair_records(attr)
+    figures = []
+    for i, pair in enumerate(pairs):
+        heat = attr.image[i] if attr.image is not None else None
+        title = f"{inp.method} · {inp.model} · cos {pair['similarity']:.3f}"
+        figures.append(explanation_figure(to_uint8(inp.images[i], inp.normalization), heat, pair["tokens"],
+                                          pair["token_scores"], title))
+    paths = {"png": out_dir / f"{name}.png", "json": out_dir / f"{name}.json", "html": out_dir / f"{name}.html"}
+    stack(figures, columns=1).save(paths["png"])
+    paths["json"].write_text(json.dumps({"method": inp.method, "model": inp.model, "settings": inp.settings,
+                                         "pairs": pairs}, indent=2))
+    paths["html"].write_text(explanation_html(inp.method, inp.model, pairs, figures))
+    return paths
+
+
+def explanation_html(method: str, model: str, pairs: Sequence[Dict], figures: Sequence[Image.Image]) -> str:
+    """A self-contained HTML page: per pair its figure (PNG, base64) and its tokens shaded by score, escaped."""
+    import base64
+    import io
+
+    blocks = []
+    for pair, fig in zip(pairs, figures):
+        buf = io.BytesIO()
+        fig.save(buf, format="PNG")
+        src = base64.b64encode(buf.getvalue()).decode("ascii")
+        scores = pair["token_scores"] if pair["token_scores"] is not None else [0.0] * len(pair["tokens"])
+        blocks.append(f'<section><h2>{html.escape(pair["caption"])}</h2><p>cos {pair["similarity"]:.3f}</p>'
+                      f'<img alt="attribution" src="data:image/png;base64,{src}"><p>'
+                      f'{tokens_html(pair["tokens"], scores)}</p></section>')
+    title = html.escape(f"{method} · {model}")
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>'
+            f'<body style="font-family:sans-serif"><h1>{title}</h1>\n' + "\n".join(blocks) + "\n</body></html>\n")

@@ -9,7 +9,7 @@ import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
-from clipib.viz import explanation_figure, to_uint8
+from clipib.viz import explanation_figure, stack, to_uint8
 
 
 class Gallery(Callback):
@@ -58,13 +58,3 @@ class Gallery(Callback):
             if hasattr(experiment, "flush"):
                 experiment.flush()
 
-
-def stack(figures: List[Image.Image], columns: int = 2) -> Image.Image:
-    """Tile figures in a grid, ``columns`` per row."""
-    w = max(f.width for f in figures)
-    h = max(f.height for f in figures)
-    rows = (len(figures) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, fig in enumerate(figures):
-        sheet.paste(fig, ((i % columns) * w, (i // columns) * h))
-    return sheet
