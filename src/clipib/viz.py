@@ -69,9 +69,13 @@ def token_strip(tokens: Sequence[str], scores: Sequence[float], width: int, size
 
 def explanation_figure(
     image: np.ndarray, heat: Optional[Tensor], tokens: Sequence[str], scores: Optional[Sequence[float]],
-    title: str = "", scale: int = 0,
+    title: str = "", scale: int = 0, subtitle: str = "", frame: Optional[str] = None,
 ) -> Image.Image:
-    """The input image, the heat overlay beside it, and the caption's tokens shaded by score below."""
+    """The input image, the heat overlay beside it, and the caption's tokens shaded by score below.
+
+    ``subtitle``: header lines under the title (e.g. the pair's metric values, lines split at ``\\n``);
+    ``frame``: a colour for the title and a border around the figure (e.g. marking a mismatched pair).
+    """
     h, w = image.shape[:2]
     scale = scale or max(1, 256 // max(h, w))
     size = (w * scale, h * scale)
@@ -79,13 +83,19 @@ def explanation_figure(
     right = overlay(image, heat).resize(size, Image.NEAREST) if heat is not None else left
     width = 2 * size[0] + 12
     strip = token_strip(tokens, scores if scores is not None else [0.0] * len(tokens), width)
-    head = 24 if title else 0
+    sub_lines = subtitle.splitlines()
+    head = (24 if title else 0) + 18 * len(sub_lines) + (4 if sub_lines else 0)
     fig = Image.new("RGB", (width, head + size[1] + 8 + strip.height), "white")
+    draw = ImageDraw.Draw(fig)
     if title:
-        ImageDraw.Draw(fig).text((4, 4), title, fill="black", font=_font(14))
+        draw.text((6, 4), title, fill=frame or "black", font=_font(14))
+    for k, line in enumerate(sub_lines):
+        draw.text((6, (24 if title else 4) + 18 * k), line, fill="black", font=_font(13))
     fig.paste(left, (0, head))
     fig.paste(right, (size[0] + 12, head))
     fig.paste(strip, (0, head + size[1] + 8))
+    if frame:
+        draw.rectangle([0, 0, fig.width - 1, fig.height - 1], outline=frame, width=4)
     return fig
 
 
@@ -168,3 +178,36 @@ def explanation_html(method: str, model: str, pairs: Sequence[Dict], figures: Se
     title = html.escape(f"{method} · {model}")
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>'
             f'<body style="font-family:sans-serif"><h1>{title}</h1>\n' + "\n".join(blocks) + "\n</body></html>\n")
+
+
+# Distinct line colours for curves of several methods (Tableau 10).
+_LINES = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
+
+
+def roc_figure(curves: Dict[str, Tuple[Sequence[float], Sequence[float], float]], title: str = "",
+               size: int = 360) -> Image.Image:
+    """ROC curves ``{label: (fpr, tpr, auc)}`` on one square plot, the chance diagonal dashed, a legend with AUCs."""
+    pad, legend_h = 44, 18 * len(curves) + 8
+    fig = Image.new("RGB", (size + 2 * pad, size + 2 * pad + legend_h), "white")
+    draw = ImageDraw.Draw(fig)
+    x0, y0 = pad, pad + size  # the plot's origin (fpr 0, tpr 0) in pixels
+
+    def at(fpr: float, tpr: float) -> Tuple[float, float]:
+        return x0 + fpr * size, y0 - tpr * size
+
+    draw.rectangle([x0, pad, x0 + size, y0], outline="black")
+    for i in range(0, 20, 2):  # the chance line, dashed
+        draw.line([at(i / 20, i / 20), at((i + 1) / 20, (i + 1) / 20)], fill="#999999")
+    for t in (0.0, 0.5, 1.0):
+        draw.text((at(t, 0)[0] - 8, y0 + 4), f"{t:g}", fill="black", font=_font(12))
+        draw.text((x0 - 22, at(0, t)[1] - 7), f"{t:g}", fill="black", font=_font(12))
+    draw.text((x0 + size // 2 - 70, y0 + 20), "false positive rate (mismatched)", fill="black", font=_font(12))
+    draw.text((4, 6), title, fill="black", font=_font(14))
+    draw.text((4, 24), "true positive rate (matched) ↑", fill="black", font=_font(12))
+    for k, (label, (fpr, tpr, auc)) in enumerate(curves.items()):
+        colour = _LINES[k % len(_LINES)]
+        draw.line([at(float(f), float(t)) for f, t in zip(fpr, tpr)], fill=colour, width=3)
+        ly = y0 + pad + 4 + 18 * k
+        draw.line([(x0, ly + 7), (x0 + 24, ly + 7)], fill=colour, width=3)
+        draw.text((x0 + 30, ly), f"{label}: AUROC {auc:.3f}", fill="black", font=_font(13))
+    return fig

@@ -66,7 +66,7 @@ class AttributionModule(LightningModule):
         mismatch_auroc: Optional[Dict[str, str]] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # TensorBoard's HPARAMS: callbacks.tensorboard (methods x settings)
         unknown = [m for m in (metrics or {}) if m not in METRICS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; available: {sorted(METRICS)}")
@@ -192,12 +192,6 @@ class AttributionModule(LightningModule):
                     values[f"auroc_{name}"] = stats
             out[method] = values
         return out
-
-    def on_test_epoch_end(self) -> None:
-        """Log every summary mean as a scalar (TensorBoard's SCALARS)."""
-        for method, values in self.summary().items():
-            for name, stats in values.items():
-                self.log(f"{method}/{name}", stats["mean"], rank_zero_only=True, sync_dist=False)
 
 
 def _floats(stats: Dict[str, Any]) -> Dict[str, float]:

@@ -50,7 +50,7 @@ from clipib.metrics.localization import (
     pointing_game,
     pointing_game_iou,
 )
-from clipib.metrics.mismatch import MismatchAUROC, MismatchScalars, map_entropy, map_mass, mismatch_auroc
+from clipib.metrics.mismatch import MismatchAUROC, MismatchScalars, map_entropy, map_mass, mismatch_auroc, mismatch_roc
 from clipib.metrics.similarity import Similarity, pair_cosine
 from clipib.metrics.text_localization import TextTopK, topk_gold
 from clipib.metrics.throughput import Throughput
@@ -77,7 +77,7 @@ __all__ = [
     "image_scorer", "text_insertion_deletion", "text_scorer",
     "Localization", "PointingGame", "boxes_to_mask", "ground_truth", "localization_iou", "percentile_binarize",
     "pointing_game", "pointing_game_iou",
-    "MismatchAUROC", "MismatchScalars", "map_entropy", "map_mass", "mismatch_auroc",
+    "MismatchAUROC", "MismatchScalars", "map_entropy", "map_mass", "mismatch_auroc", "mismatch_roc",
     "Similarity", "pair_cosine",
     "TextTopK", "topk_gold",
 ]
