@@ -203,7 +203,7 @@ def roc_figure(curves: Dict[str, Tuple[Sequence[float], Sequence[float], float]]
         draw.text((x0 - 22, at(0, t)[1] - 7), f"{t:g}", fill="black", font=_font(12))
     draw.text((x0 + size // 2 - 70, y0 + 20), "false positive rate (mismatched)", fill="black", font=_font(12))
     draw.text((4, 6), title, fill="black", font=_font(14))
-    draw.text((4, 24), "true positive rate (matched) ↑", fill="black", font=_font(12))
+    draw.text((4, 24), "true positive rate (matched)", fill="black", font=_font(12))
     for k, (label, (fpr, tpr, auc)) in enumerate(curves.items()):
         colour = _LINES[k % len(_LINES)]
         draw.line([at(float(f), float(t)) for f, t in zip(fpr, tpr)], fill=colour, width=3)

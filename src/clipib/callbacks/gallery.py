@@ -19,7 +19,8 @@ class Gallery(Callback):
 
     Also saves ``gallery_<method>.png`` in the run directory (``out_dir`` or ``trainer.default_root_dir``).
     A mismatched pair (``matched`` false in the batch: its caption names something absent) gets a red frame and
-    title, a matched one a green title; below the title, the pair's per-sample values from its record.
+    title, a matched one green ones; below the title, the pair's metric values (and the values its
+    matched-vs-mismatched AUROCs read) from its record.
     """
 
     def __init__(self, n: int = 8, out_dir: Optional[str] = None) -> None:
@@ -42,7 +43,8 @@ class Gallery(Callback):
                 scores = attr.text[i, : len(tokens)].tolist() if attr.text is not None else None
                 heat = attr.image[i] if attr.image is not None else None
                 title, frame = tile_title(method, b, i)
-                subtitle = value_lines(values.get((b["key"][i], method, seed), {}))
+                record = values.get((b["key"][i], method, seed), {})
+                subtitle = value_lines({k: record[k] for k in pl_module.value_names(method) if k in record})
                 figs.append(explanation_figure(to_uint8(b["image"][i], clip.normalization), heat, tokens, scores,
                                                title, subtitle=subtitle, frame=frame))
 

@@ -105,6 +105,11 @@ class AttributionModule(LightningModule):
         mod = self.modality(method)
         return [] if mod is None else ["image", "text"] if mod == "both" else [mod]
 
+    def value_names(self, method: str) -> List[str]:
+        """The per-sample values the metrics record for ``method``, then the values its AUROCs read."""
+        names = [n for m in self.metrics[method].values() for mod in self._modalities(method) for n in m.value_names(mod)]
+        return list(dict.fromkeys(names + list(self.auroc[method])))
+
     def _attribute(self, method: str, batch: Dict[str, Any], seed: int) -> Attribution:
         seeds = [sample_seed(k, seed) for k in batch["key"]]
         with torch.enable_grad():
@@ -159,8 +164,7 @@ class AttributionModule(LightningModule):
         Call it on one process only (the callback uses rank 0), so multi-process sums count each sample once.
         """
         for method, s_idx, rows in _grouped(records, list(self.methods), self.seeds):
-            names = {n for m in self.metrics[method].values() for mod in self._modalities(method)
-                     for n in m.value_names(mod)} | set(self.auroc[method])
+            names = set(self.value_names(method))
             columns = {n: torch.tensor([_value(r.get(n)) for r in rows], dtype=torch.float64)
                        for n in names if any(n in r for r in rows)}
             for metric in self.metrics[method].values():
