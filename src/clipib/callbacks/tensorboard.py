@@ -5,7 +5,9 @@ Layout under the TensorBoard logger's folder (``<run>/tensorboard/version_<n>/``
     <method>/   one run per method: SCALARS ``running/<value>`` (running means every ``every_n_batches``
                 batches, step = pairs done by process 0), ``summary/<value>`` (the final mean, over every
                 process and resumed pair), HISTOGRAMS ``values/<value>`` (per-sample values), and the
-                method's HPARAMS session (its settings)
+                method's HPARAMS session (its settings). ``<value>``: the metrics' values and the values the
+                matched-vs-mismatched AUROCs read (``AttributionModule.value_names``); a method's own
+                diagnostics stay in the records
     .           the logger's own run: the HPARAMS experiment (methods × settings × final metrics), TEXT
                 ``summary`` (the summary table, escaped), IMAGES ``roc/<value>`` (matched-vs-mismatched ROC
                 curves of every method) and the galleries (:class:`~clipib.callbacks.gallery.Gallery`)
@@ -33,6 +35,12 @@ from clipib.callbacks.records import RecordWriter, read_records, record_values, 
 from clipib.metrics import mismatch_auroc, mismatch_roc
 from clipib.viz import roc_figure
 
+def _metric_values(record: Dict[str, Any], module: LightningModule) -> Dict[str, float]:
+    """The record's metric values (and the values its AUROCs read); method diagnostics stay in the records."""
+    values = record_values(record)
+    return {k: values[k] for k in module.value_names(record["method"]) if k in values}
+
+
 def run_name(method: str) -> str:
     """A folder name for a method's run."""
     return re.sub(r"[^\w.+-]", "_", method)
@@ -51,6 +59,20 @@ def hparam_table(module: LightningModule) -> Dict[str, Dict[str, Any]]:
             if c in row:
                 row[c] = float(row[c]) if numeric else ("default" if row[c] is None else str(row[c]))
     return rows
+
+
+def experiment_summary(table: Dict[str, Dict[str, Any]], metric_tags: List[str]) -> Any:
+    """The HPARAMS experiment: every column of ``table`` (``{method: {setting: value}}``) and the metric tags,
+    in the given order. ``method`` is marked as differing, so TensorBoard lists (and shows) it first."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    union = {c: row[c] for row in reversed(list(table.values())) for c in row}
+    exp, _, _ = hparams(union, {tag: 0.0 for tag in metric_tags})
+    content = HParamsPluginData.FromString(exp.value[0].metadata.plugin_data.content)
+    for info in content.experiment.hparam_infos:
+        info.differs = info.name == "method"
+    exp.value[0].metadata.plugin_data.content = content.SerializeToString()
+    return exp
 
 
 class TensorBoardViews(Callback):
@@ -98,7 +120,7 @@ class TensorBoardViews(Callback):
         first_seed = pl_module.seeds[0]
         for r in outputs["records"]:
             sums = self._sums[r["method"]]
-            for name, v in record_values(r).items():
+            for name, v in _metric_values(r, pl_module).items():
                 if v == v:
                     acc = sums.setdefault(name, [0.0, 0])
                     acc[0] += v
@@ -131,18 +153,16 @@ class TensorBoardViews(Callback):
         records = read_records(run)
         summary = self._summary or {}
         experiment = trainer.logger.experiment
-        metric_tags = sorted({f"summary/{v}" for values in summary.values() for v in values})
+        metric_tags = list(dict.fromkeys(f"summary/{v}" for values in summary.values() for v in values))
         table = hparam_table(pl_module)
-        union = {c: row[c] for row in reversed(list(table.values())) for c in row}
-        exp, _, _ = hparams(union, {tag: 0.0 for tag in metric_tags})
-        experiment._get_file_writer().add_summary(exp)
+        experiment._get_file_writer().add_summary(experiment_summary(table, metric_tags))
         for method, writer in self.writers.items():
             mine = [r for r in records if r["method"] == method]
             step = max(self._pairs[method], len({r["key"] for r in mine}))
             for name, stats in summary.get(method, {}).items():
                 writer.add_scalar(f"summary/{name}", stats["mean"], step)
             if self.histograms:
-                self._histograms(writer, mine, step)
+                self._histograms(writer, mine, pl_module, step)
             _, ssi, sei = hparams(table[method], {})
             writer._get_file_writer().add_summary(ssi)
             writer._get_file_writer().add_summary(sei)
@@ -154,10 +174,11 @@ class TensorBoardViews(Callback):
         self.writers = {}
 
     @staticmethod
-    def _histograms(writer: SummaryWriter, records: List[Dict[str, Any]], step: int) -> None:
+    def _histograms(writer: SummaryWriter, records: List[Dict[str, Any]], pl_module: LightningModule,
+                    step: int) -> None:
         columns: Dict[str, List[float]] = {}
         for r in records:
-            for name, v in record_values(r).items():
+            for name, v in _metric_values(r, pl_module).items():
                 columns.setdefault(name, []).append(v)
         for name, vs in columns.items():
             arr = np.asarray(vs, dtype=np.float64)
