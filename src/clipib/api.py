@@ -124,7 +124,9 @@ def explain(
         the token ids, the captions and tokens, the similarities and the method's settings
         (``attr.save(dir)`` writes ``explanation.png`` / ``.json`` / ``.html``).
 
-    >>> attr = explain("clipib-shapes", "src/clipib/assets/sample.png", "a red circle", method="grad_cam")
+    >>> from clipib.models.loading import PACKAGE_DIR
+    >>> sample = PACKAGE_DIR / "assets" / "sample.png"  # a red circle and a blue square
+    >>> attr = explain("clipib-shapes", sample, "a red circle", method="grad_cam")
     >>> attr.image.shape, attr.inputs.tokens[0][1:4]
     (torch.Size([1, 64, 64]), ['a', 'red', 'circle'])
     """

@@ -106,8 +106,8 @@ class TensorBoardViews(Callback):
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Open one writer per method in ``<logger folder>/<method>`` (process 0)."""
-        root = self._root(trainer)
-        if trainer.global_rank != 0 or root is None:
+        root = self._root(trainer) if trainer.global_rank == 0 else None
+        if root is None:
             return
         for method in pl_module.methods:
             self.writers[method] = SummaryWriter(str(root / run_name(method)))
