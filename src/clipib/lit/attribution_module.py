@@ -107,7 +107,8 @@ class AttributionModule(LightningModule):
 
     def value_names(self, method: str) -> List[str]:
         """The per-sample values the metrics record for ``method``, then the values its AUROCs read."""
-        names = [n for m in self.metrics[method].values() for mod in self._modalities(method) for n in m.value_names(mod)]
+        mods = self._modalities(method)
+        names = [n for m in self.metrics[method].values() for mod in mods for n in m.value_names(mod)]
         return list(dict.fromkeys(names + list(self.auroc[method])))
 
     def _attribute(self, method: str, batch: Dict[str, Any], seed: int) -> Attribution:
