@@ -20,12 +20,14 @@ def _explain(tmp_path, image, text="a red circle", method="m2ib", extra=()):
 
 def test_explain_writes_png_and_json(tmp_path):
     assert _explain(tmp_path, SAMPLE, method="nib") == 0
-    record = json.loads((tmp_path / "out" / "explanation.json").read_text())
-    assert record["method"] == "nib" and record["tokens"][1:4] == ["a", "red", "circle"]
+    saved = json.loads((tmp_path / "out" / "explanation.json").read_text())
+    record = saved["pairs"][0]
+    assert saved["method"] == "nib" and record["tokens"][1:4] == ["a", "red", "circle"]
     assert len(record["token_scores"]) == len(record["tokens"]) == 5
     assert np.array(record["grid_scores"]).shape == (4, 4)
     png = Image.open(tmp_path / "out" / "explanation.png")
     assert png.size[0] > 256 and png.size[1] > 128
+    assert "<span" in (tmp_path / "out" / "explanation.html").read_text()
 
 
 def test_real_cli_module(tmp_path):
@@ -54,7 +56,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, case):
 def test_long_caption_truncated_with_warning(tmp_path):
     with pytest.warns(UserWarning, match="truncated"):
         assert _explain(tmp_path, SAMPLE, "a red circle " * 40, method="nib") == 0
-    record = json.loads((tmp_path / "out" / "explanation.json").read_text())
+    record = json.loads((tmp_path / "out" / "explanation.json").read_text())["pairs"][0]
     assert len(record["tokens"]) == 77
 
 

@@ -34,6 +34,7 @@ def _config(tmp: Path, data: dict, run: str, methods=None, metrics=None) -> Path
                   "methods": methods or {"m2ib": {"steps": 2, "copies": 2}, "nib": {"steps": 3}},
                   "seeds": [0, 1], "metrics": metrics or {"similarity": {}}},
         "data": {"class_path": "clipib.data.EvalDataModule", "init_args": {"batch_size": 3, **data}},
+        "tensorboard": {"every_n_batches": 1},
     }
     path = tmp / f"{run}.json"
     path.write_text(json.dumps(cfg))
@@ -96,15 +97,59 @@ def test_outputs(baseline):
     assert (baseline / "gallery_m2ib.png").is_file()
 
 
-def test_tensorboard_events(baseline):
+def _events(run_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(next((baseline / "tensorboard").glob("version_*"))),
-                              size_guidance={"images": 0, "scalars": 0})
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "histograms": 0,
+                                                           "tensors": 0})
     events.Reload()
-    tags = events.Tags()
+    return events
+
+
+def _hparams(events):
+    from tensorboard.plugins.hparams import metadata
+
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+    parsed = {}
+    if metadata.EXPERIMENT_TAG in content:
+        parsed["experiment"] = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    if metadata.SESSION_START_INFO_TAG in content:
+        parsed["session"] = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    return parsed
+
+
+def test_tensorboard_events(baseline):
+    """One run per method (scalars overlay), the hparams table with final metrics, histograms, the summary text,
+    running means at several steps, the galleries; no hp_metric placeholder, no internal fields."""
+    version = next((baseline / "tensorboard").glob("version_*"))
+    assert sorted(p.name for p in version.iterdir() if p.is_dir()) == ["m2ib", "nib"]
+    root = _events(version)
+    tags = root.Tags()
     assert {"gallery/m2ib", "gallery/nib"} <= set(tags["images"])
-    assert {"m2ib/cos", "nib/pairs_per_s"} <= set(tags["scalars"])
+    assert "hp_metric" not in tags["scalars"] and not any(t.startswith(("m2ib/", "nib/")) for t in tags["scalars"])
+    assert "summary/text_summary" in tags["tensors"]
+    text = root.Tensors("summary/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("| method |") and "| m2ib |" in text and "| nib |" in text
+    experiment = _hparams(root)["experiment"]
+    columns = {h.name for h in experiment.hparam_infos}
+    assert {"method", "steps", "copies", "beta", "seed"} <= columns and not any(c.startswith("_") for c in columns)
+    metric_tags = {m.name.tag for m in experiment.metric_infos}
+    assert {"summary/cos", "summary/pairs_per_s"} <= metric_tags
+    summary = json.loads((baseline / "summary.json").read_text())
+    for method, steps in (("m2ib", 2.0), ("nib", 3.0)):
+        run = _events(version / method)
+        session = _hparams(run)["session"]
+        assert session.hparams["method"].string_value == method and session.hparams["steps"].number_value == steps
+        scalars = set(run.Tags()["scalars"])
+        assert metric_tags <= scalars  # every hparams metric has its value in the method's run
+        final = run.Scalars("summary/cos")[-1]
+        assert final.value == pytest.approx(summary[method]["cos"]["mean"], rel=1e-5) and final.step == 7
+        running = run.Scalars("running/cos")
+        assert [e.step for e in running] == [3, 6, 7]  # 7 pairs, batches of 3, logged after every batch
+        cos = [r["cos"] for r in read_records(baseline) if r["method"] == method]
+        assert running[-1].value == pytest.approx(sum(cos) / len(cos), rel=1e-5)
+        hist = run.Histograms("values/cos")[-1].histogram_value
+        assert hist.num == 7 * 2 and hist.min == pytest.approx(min(cos), rel=1e-5)  # pairs x seeds
 
 
 def test_batch_size_and_workers_change_no_record(tmp_path, csv_data, baseline):
@@ -201,3 +246,12 @@ def test_shipped_demo_config_runs(tmp_path):
         for metric in ("pointing_game", "iou", "topk_hit", "image_drop", "text_drop"):
             assert metric in summary[method], (method, metric)
     assert (run / "gallery_m2ib.png").is_file()
+    version = next((run / "tensorboard").glob("version_*"))
+    root = _events(version)
+    assert {"roc/image_fit", "roc/text_fit", "gallery/adaib"} <= set(root.Tags()["images"])
+    assert sorted(p.name for p in version.iterdir() if p.is_dir()) == sorted(summary_methods(summary))
+    assert len(_events(version / "m2ib").Scalars("running/iou")) == 2  # 4 pairs, batches of 2
+
+
+def summary_methods(summary: dict) -> list:
+    return [m for m in summary if m != "skipped"]

@@ -149,8 +149,9 @@ def test_explain_cli(tmp_path, tiny_config, name):
     code = main(["explain", "--image", SAMPLE, "--text", "a red circle", "--method", name, "--model", tiny_config,
                  "--pretrained", "none", "--out", str(tmp_path)])
     assert code == 0
-    record = json.loads((tmp_path / "explanation.json").read_text())
-    assert record["method"] == name and (tmp_path / "explanation.png").is_file()
+    saved = json.loads((tmp_path / "explanation.json").read_text())
+    record = saved["pairs"][0]
+    assert saved["method"] == name and (tmp_path / "explanation.png").is_file()
     mods = _modalities(clipib.METHODS[name])
     if "text" in mods:
         scores = record["token_scores"]

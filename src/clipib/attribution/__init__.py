@@ -6,7 +6,7 @@ Adding a method: one file (a subclass of :class:`Attributor` with a ``name``) an
 from typing import Dict, Type
 
 from clipib.attribution.adaib import AdaIB
-from clipib.attribution.base import Attribution, Attributor, to_maps
+from clipib.attribution.base import Attribution, Attributor, Inputs, check_inputs, to_maps
 from clipib.attribution.baselines import (
     MFABA,
     RISE,
@@ -28,5 +28,5 @@ METHODS: Dict[str, Type[Attributor]] = {
 }
 """Registry ``name -> Attributor subclass``; every class builds from the model alone with its paper's defaults."""
 
-__all__ = ["METHODS", "Attribution", "Attributor", "to_maps", "M2IB", "NIB", "AdaIB", "Chefer", "FastIG", "GradCAM",
-           "IntegratedGradients", "KernelShap", "MFABA", "RandomMap", "RISE", "Saliency"]
+__all__ = ["METHODS", "Attribution", "Attributor", "Inputs", "check_inputs", "to_maps", "M2IB", "NIB", "AdaIB",
+           "Chefer", "FastIG", "GradCAM", "IntegratedGradients", "KernelShap", "MFABA", "RandomMap", "RISE", "Saliency"]

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Literal, Optional, Sequence, Tuple, Type
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ class Attribution:
         text: ``[B, ctx]`` in [0, 1] (min-max over SOT..EOT per sample), 0 outside SOT..EOT, or None.
         text_raw: ``[B, ctx]`` raw scores, 0 outside SOT..EOT, or None.
         scalars: per-pair diagnostics ``name -> [B]`` (e.g. a bottleneck's final loss terms).
+        inputs: what was explained (set by :func:`clipib.explain`), needed by :meth:`save`; None otherwise.
     """
 
     image: Optional[Tensor] = None
@@ -45,6 +47,46 @@ class Attribution:
     text: Optional[Tensor] = None
     text_raw: Optional[Tensor] = None
     scalars: Dict[str, Tensor] = field(default_factory=dict)
+    inputs: Optional["Inputs"] = None
+
+    def save(self, out_dir: Union[str, Path], name: str = "explanation") -> Dict[str, Path]:
+        """Write ``<name>.png`` (image, overlay, shaded tokens per pair), ``<name>.json`` (tokens, scores, raw
+        grid scores, settings) and ``<name>.html`` (the same view, every caption and token HTML-escaped).
+
+        Returns ``{"png", "json", "html"}`` paths. Raises ValueError without :attr:`inputs` (build the result
+        with :func:`clipib.explain`, or set ``attr.inputs = Inputs(...)``).
+        """
+        if self.inputs is None:
+            raise ValueError("Attribution.save needs the explained inputs: use clipib.explain(...), "
+                             "or set attr.inputs = clipib.Inputs(...)")
+        from clipib.viz import write_explanation
+
+        return write_explanation(Path(out_dir), name, self)
+
+
+@dataclass
+class Inputs:
+    """The pairs an :class:`Attribution` explains, as the model saw them (what :meth:`Attribution.save` draws).
+
+    Attributes:
+        images: preprocessed images ``[B, 3, H, W]``.
+        ids: token ids ``[B, ctx]``.
+        texts: the captions, one per pair.
+        tokens: each pair's tokens from SOT to EOT, as strings.
+        normalization: the preprocess's ``(mean, std)``, to show the images as the model saw them.
+        similarity: each pair's cosine similarity ``[B]``.
+        method: registry name of the method; model: the model's name; settings: the method's settings.
+    """
+
+    images: Tensor
+    ids: Tensor
+    texts: List[str]
+    tokens: List[List[str]]
+    normalization: Tuple[Sequence[float], Sequence[float]]
+    similarity: Tensor
+    method: str = ""
+    model: str = ""
+    settings: Dict[str, Any] = field(default_factory=dict)
 
 
 def minmax(x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
@@ -158,21 +200,22 @@ class Attributor:
 
     # --- shared machinery ------------------------------------------------------------------------------
     def _check(self, images: Tensor, ids: Tensor, modality: str, seeds: Optional[Sequence[int]]) -> List[int]:
+        """Validate the call (one-line TypeError / ValueError naming what was passed); return per-pair seeds."""
         if modality not in ("image", "text", "both"):
             raise ValueError(f"modality must be 'image', 'text' or 'both', got {modality!r}")
-        if images.ndim != 4 or ids.ndim != 2 or images.shape[0] != ids.shape[0]:
-            raise ValueError(f"expected images [B,3,H,W] and ids [B,ctx] with equal B, got "
-                             f"{tuple(images.shape)} and {tuple(ids.shape)}")
-        if tuple(images.shape[-2:]) != self.clip.image_size:
-            raise ValueError(f"images are {tuple(images.shape[-2:])}, the model takes {self.clip.image_size}")
+        check_inputs(images, ids, self.clip)
         wanted = ("image", "text") if modality == "both" else (modality,)
         for m in wanted:
             if m not in self.modalities:
                 raise ValueError(f"{self.name or type(self).__name__} does not attribute {m}")
         if seeds is None:
             return [self.seed] * images.shape[0]
+        if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
+            raise TypeError(f"seeds must be a sequence of ints, one per pair, got {type(seeds).__name__}")
         if len(seeds) != images.shape[0]:
             raise ValueError(f"got {len(seeds)} seeds for {images.shape[0]} pairs")
+        if not all(isinstance(s, int) or (isinstance(s, Tensor) and not s.is_floating_point()) for s in seeds):
+            raise TypeError(f"seeds must be ints, got {[type(s).__name__ for s in seeds][:4]}")
         return [int(s) for s in seeds]
 
     def attribute(
@@ -184,7 +227,16 @@ class Attributor:
             images: preprocessed images ``[B, 3, H, W]``.
             ids: token ids ``[B, ctx]``.
             modality: ``"image"``, ``"text"`` or ``"both"`` (image first, then text, one noise stream per pair).
-            seeds: one seed per pair for the random methods (default: ``self.seed`` for every pair).
+            seeds: one seed per pair for the random methods. Default (None): every pair gets ``self.seed``, so
+                every pair of the batch sees the *same* noise stream — a pair's map does not depend on its batch,
+                but repeating a call measures one fixed draw. Pass distinct seeds (``seeds=[0, 1, 2, ...]``) to
+                average over draws; eval derives them from sample keys.
+
+        Raises:
+            TypeError: images / ids that are not tensors (a PIL image, a list of captions), or of the wrong
+                dtype (images must be the model's float dtype, ids integers). Use :func:`clipib.explain` for
+                paths, PIL images and strings.
+            ValueError: wrong shapes or sizes, a different device than the model, a modality the method lacks.
         """
         gens = sample_generators(self._check(images, ids, modality, seeds))
         with torch.no_grad():
@@ -201,6 +253,36 @@ class Attributor:
                 text, extra = self.text_scores(images, ids, e_img, gens)
             scalars.update(extra)
         return to_maps(self.clip, ids, image=image, text=text, scalars=scalars)
+
+
+def check_inputs(images: Any, ids: Any, clip: SplitCLIP) -> None:
+    """Raise a one-line TypeError / ValueError unless ``images`` ``[B, 3, H, W]`` and ``ids`` ``[B, ctx]`` are
+    what ``clip`` takes (tensors, the model's float dtype and integer ids, its input size and context, its device).
+    """
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a preprocessed Tensor [B, 3, H, W], got {type(images).__name__} "
+                        "(use clip.preprocess, or clipib.explain for paths and PIL images)")
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"ids must be token ids, a LongTensor [B, ctx], got {type(ids).__name__} "
+                        "(use clip.tokenize(captions), or clipib.explain for strings)")
+    if images.dtype != clip.dtype:
+        raise TypeError(f"images are {images.dtype}, the model takes {clip.dtype} (use images.to({clip.dtype}))")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"ids are {ids.dtype}, expected integer token ids (torch.int64, from clip.tokenize)")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}"
+                         + (" (one image: use images[None])" if images.ndim == 3 else ""))
+    if ids.ndim != 2 or images.shape[0] != ids.shape[0] or images.shape[0] == 0:
+        raise ValueError(f"expected images [B, 3, H, W] and ids [B, ctx] with equal B > 0, got "
+                         f"{list(images.shape)} and {list(ids.shape)}")
+    if tuple(images.shape[-2:]) != clip.image_size:
+        raise ValueError(f"images are {tuple(images.shape[-2:])}, the model takes {clip.image_size} "
+                         "(use clip.preprocess)")
+    if ids.shape[1] > clip.context_length:
+        raise ValueError(f"ids have {ids.shape[1]} positions, the model's context is {clip.context_length}")
+    for what, t in (("images", images), ("ids", ids)):
+        if t.device != clip.device:
+            raise ValueError(f"{what} are on {t.device}, the model on {clip.device} (use .to(clip.device))")
 
 
 def to_maps(clip: SplitCLIP, ids: Tensor, image: Optional[Tensor] = None, text: Optional[Tensor] = None,

@@ -1,22 +1,26 @@
-"""TensorBoard gallery: per method, the first pairs of rank 0 with their heat overlay and shaded tokens."""
+"""TensorBoard gallery: per method, the first pairs of rank 0 with their heat overlay and shaded tokens, each
+tile marked matched / mismatched (when the data says) and showing the pair's metric values."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
-from clipib.viz import explanation_figure, to_uint8
+from clipib.callbacks.records import record_values
+from clipib.viz import explanation_figure, stack, to_uint8
 
 
 class Gallery(Callback):
     """Render the first ``n`` pairs per method (first seed) and log them to TensorBoard as images.
 
-    Also saves ``gallery_<method>.png`` in the run directory (``out_dir`` or ``trainer.default_root_dir``),
-    and logs the run's hyperparameters.
+    Also saves ``gallery_<method>.png`` in the run directory (``out_dir`` or ``trainer.default_root_dir``).
+    A mismatched pair (``matched`` false in the batch: its caption names something absent) gets a red frame and
+    title, a matched one green ones; below the title, the pair's metric values (and the values its
+    matched-vs-mismatched AUROCs read) from its record.
     """
 
     def __init__(self, n: int = 8, out_dir: Optional[str] = None) -> None:
@@ -29,6 +33,7 @@ class Gallery(Callback):
             return
         clip, first_seed = pl_module.clip, pl_module.seeds[0]
         b = outputs["batch"]
+        values = {(r["key"], r["method"], r["seed"]): r for r in outputs.get("records", [])}
         for (method, seed), attr in outputs["maps"].items():
             figs = self.figures.setdefault(method, [])
             if seed != first_seed or len(figs) >= self.n:
@@ -37,8 +42,11 @@ class Gallery(Callback):
                 tokens = clip.token_strings(b["ids"][i])
                 scores = attr.text[i, : len(tokens)].tolist() if attr.text is not None else None
                 heat = attr.image[i] if attr.image is not None else None
-                title = f"{method} · {b['key'][i]}"
-                figs.append(explanation_figure(to_uint8(b["image"][i], clip.normalization), heat, tokens, scores, title))
+                title, frame = tile_title(method, b, i)
+                record = values.get((b["key"][i], method, seed), {})
+                subtitle = value_lines({k: record[k] for k in pl_module.value_names(method) if k in record})
+                figs.append(explanation_figure(to_uint8(b["image"][i], clip.normalization), heat, tokens, scores,
+                                               title, subtitle=subtitle, frame=frame))
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_rank != 0:
@@ -53,18 +61,27 @@ class Gallery(Callback):
             sheet.save(run / f"gallery_{method}.png")
             if experiment is not None and hasattr(experiment, "add_image"):
                 experiment.add_image(f"gallery/{method}", np.asarray(sheet), 0, dataformats="HWC")
-        if trainer.logger is not None:
-            trainer.logger.log_hyperparams(dict(pl_module.hparams))
-            if hasattr(experiment, "flush"):
-                experiment.flush()
+        if hasattr(experiment, "flush"):
+            experiment.flush()
 
 
-def stack(figures: List[Image.Image], columns: int = 2) -> Image.Image:
-    """Tile figures in a grid, ``columns`` per row."""
-    w = max(f.width for f in figures)
-    h = max(f.height for f in figures)
-    rows = (len(figures) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, fig in enumerate(figures):
-        sheet.paste(fig, ((i % columns) * w, (i // columns) * h))
-    return sheet
+def tile_title(method: str, batch: Dict[str, Any], i: int) -> Tuple[str, Optional[str]]:
+    """``(title, colour)`` of pair ``i``: method, key and matched / MISMATCHED (green / red; None if unknown)."""
+    title = f"{method} · {batch['key'][i]}"
+    if "matched" not in batch:
+        return title, None
+    matched = bool(batch["matched"][i])
+    return f"{title} · {'matched' if matched else 'MISMATCHED'}", "#1a7f37" if matched else "#cf222e"
+
+
+def value_lines(record: Dict[str, Any], width: int = 68) -> str:
+    """A record's per-sample values as ``name value`` items, in lines of at most ``width`` characters."""
+    items = [f"{k} {v:.3g}" for k, v in record_values(record).items()]
+    lines: List[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + 3 + len(item) <= width:
+            lines[-1] += " · " + item
+        else:
+            lines.append(item)
+    return "\n".join(lines)
+

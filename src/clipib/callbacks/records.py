@@ -40,6 +40,15 @@ def _json_lines(path: Path) -> Iterator[Dict[str, Any]]:
             continue
 
 
+NOT_VALUES = frozenset({"key", "method", "seed", "matched"})
+"""Record fields that are not per-sample values."""
+
+
+def record_values(record: Dict[str, Any]) -> Dict[str, float]:
+    """The numeric per-sample values of one record (booleans as 0/1; missing values left out)."""
+    return {k: float(v) for k, v in record.items() if k not in NOT_VALUES and isinstance(v, (int, float, bool))}
+
+
 def read_records(run_dir: Path) -> List[Dict[str, Any]]:
     """All complete records of a run directory, de-duplicated by (key, method, seed), last attempt wins."""
     latest: Dict[tuple, Dict[str, Any]] = {}

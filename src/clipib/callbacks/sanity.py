@@ -11,7 +11,7 @@ import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
-from clipib.viz import curve_figure
+from clipib.viz import curve_figure, stack
 
 _VALUE = re.compile(r"^(image|text)_mprt_([a-z_]+)_(\d{3})$")
 
@@ -43,13 +43,7 @@ def mprt_figure(method: str, curves: Curves) -> Image.Image:
     charts = [curve_figure(steps, lines, title=f"{method} · {mod}: similarity to the original maps",
                            x_label="% of blocks randomised (0: projection only)")
               for mod, (steps, lines) in curves.items()]
-    sheet = Image.new("RGB", (sum(c.width for c in charts), max(c.height for c in charts)), "white")
-    x = 0
-    for chart in charts:
-        sheet.paste(chart, (x, 0))
-        x += chart.width
-    return sheet
-
+    return stack(charts, columns=len(charts))
 
 class RandomisationCurves(Callback):
     """At the end of the test run, ``mprt_<method>.png`` in the run directory (``out_dir`` or

@@ -66,7 +66,7 @@ class AttributionModule(LightningModule):
         mismatch_auroc: Optional[Dict[str, str]] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # TensorBoard's HPARAMS: callbacks.tensorboard (methods x settings)
         unknown = [m for m in (metrics or {}) if m not in METRICS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; available: {sorted(METRICS)}")
@@ -104,6 +104,12 @@ class AttributionModule(LightningModule):
     def _modalities(self, method: str) -> List[str]:
         mod = self.modality(method)
         return [] if mod is None else ["image", "text"] if mod == "both" else [mod]
+
+    def value_names(self, method: str) -> List[str]:
+        """The per-sample values the metrics record for ``method``, then the values its AUROCs read."""
+        mods = self._modalities(method)
+        names = [n for m in self.metrics[method].values() for mod in mods for n in m.value_names(mod)]
+        return list(dict.fromkeys(names + list(self.auroc[method])))
 
     def _attribute(self, method: str, batch: Dict[str, Any], seeds: List[int]) -> Attribution:
         with torch.enable_grad():
@@ -162,8 +168,7 @@ class AttributionModule(LightningModule):
         Call it on one process only (the callback uses rank 0), so multi-process sums count each sample once.
         """
         for method, s_idx, rows in _grouped(records, list(self.methods), self.seeds):
-            names = {n for m in self.metrics[method].values() for mod in self._modalities(method)
-                     for n in m.value_names(mod)} | set(self.auroc[method])
+            names = set(self.value_names(method))
             columns = {n: torch.tensor([_value(r.get(n)) for r in rows], dtype=torch.float64)
                        for n in names if any(n in r for r in rows)}
             for metric in self.metrics[method].values():
@@ -195,12 +200,6 @@ class AttributionModule(LightningModule):
                     values[f"auroc_{name}"] = stats
             out[method] = values
         return out
-
-    def on_test_epoch_end(self) -> None:
-        """Log every summary mean as a scalar (TensorBoard's SCALARS)."""
-        for method, values in self.summary().items():
-            for name, stats in values.items():
-                self.log(f"{method}/{name}", stats["mean"], rank_zero_only=True, sync_dist=False)
 
 
 def _floats(stats: Dict[str, Any]) -> Dict[str, float]:

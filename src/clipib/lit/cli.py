@@ -1,8 +1,10 @@
 """LightningCLI set-up of ``eval.py``: trainer defaults, the default callbacks and logger, config saving.
 
 An eval YAML needs only ``model:``, ``data:`` and ``trainer.default_root_dir``: the records callback
-(:class:`~clipib.callbacks.records.RecordWriter`, configurable under the top-level ``records:`` key) and a
-TensorBoard logger writing to ``<default_root_dir>/tensorboard`` are always there.
+(:class:`~clipib.callbacks.records.RecordWriter`, configurable under the top-level ``records:`` key), a
+TensorBoard logger writing to ``<default_root_dir>/tensorboard`` (no ``hp_metric`` placeholder) and its views
+(:class:`~clipib.callbacks.tensorboard.TensorBoardViews`, one run per method; settings under ``tensorboard:``)
+are always there.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from clipib.callbacks.records import RecordWriter
+from clipib.callbacks.tensorboard import TensorBoardViews
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -40,8 +43,10 @@ class EvalCLI(LightningCLI):
     the module (``AttributionModule.setup`` -> ``datamodule.use_model``), so the model is named in one place."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        """The records callback is always added (settings under ``records:``)."""
+        """The records callback and the TensorBoard views are always added (settings under ``records:`` and
+        ``tensorboard:``)."""
         parser.add_lightning_class_args(RecordWriter, "records")
+        parser.add_lightning_class_args(TensorBoardViews, "tensorboard")
 
     def before_instantiate_classes(self) -> None:
         """Without a configured logger, log to TensorBoard in ``<default_root_dir>/tensorboard``."""
@@ -50,7 +55,7 @@ class EvalCLI(LightningCLI):
             root = config.trainer.get("default_root_dir") or "."
             config.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(save_dir=root, name="tensorboard"))
+                init_args=Namespace(save_dir=root, name="tensorboard", default_hp_metric=False))
 
     def instantiate_trainer(self, **kwargs):
         """The trainer; a RecordWriter listed in ``trainer.callbacks`` (older configs) replaces the default one."""

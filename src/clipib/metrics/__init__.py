@@ -54,7 +54,7 @@ from clipib.metrics.localization import (
     pointing_game_iou,
 )
 from clipib.metrics.map_similarity import compare, rerun, spearman, ssim, topk_intersection
-from clipib.metrics.mismatch import MismatchAUROC, MismatchScalars, map_entropy, map_mass, mismatch_auroc
+from clipib.metrics.mismatch import MismatchAUROC, MismatchScalars, map_entropy, map_mass, mismatch_auroc, mismatch_roc
 from clipib.metrics.randomisation import ModelRandomisation, OtherTarget, randomise_tower_, reinitialise_
 from clipib.metrics.robustness import SeedStability, Sensitivity, pixel_noise, relative_change
 from clipib.metrics.similarity import Similarity, pair_cosine
@@ -87,7 +87,7 @@ __all__ = [
     "image_scorer", "text_insertion_deletion", "text_scorer",
     "Localization", "PointingGame", "boxes_to_mask", "ground_truth", "localization_iou", "percentile_binarize",
     "pointing_game", "pointing_game_iou",
-    "MismatchAUROC", "MismatchScalars", "map_entropy", "map_mass", "mismatch_auroc",
+    "MismatchAUROC", "MismatchScalars", "map_entropy", "map_mass", "mismatch_auroc", "mismatch_roc",
     "Similarity", "pair_cosine",
     "TextTopK", "topk_gold",
     "compare", "rerun", "spearman", "ssim", "topk_intersection",

@@ -24,7 +24,7 @@ direction is chosen after seeing the data - prefer a stated direction).
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ from clipib.attribution.base import Attribution
 from clipib.metrics.base import AttributionMetric, Batch
 from clipib.models.split import SplitCLIP
 
-__all__ = ["map_mass", "map_entropy", "mismatch_auroc", "MismatchScalars", "MismatchAUROC"]
+__all__ = ["map_mass", "map_entropy", "mismatch_auroc", "mismatch_roc", "MismatchScalars", "MismatchAUROC"]
 
 _ORIENTATIONS = ("matched_high", "matched_low", "either")
 
@@ -112,6 +112,30 @@ def mismatch_auroc(scores: Tensor, matched: Tensor, orientation: str = "matched_
         raise ValueError("scores contain NaN or inf")
     auc = binary_auroc(_dense_rank01(scores).float(), matched.long())
     return torch.maximum(auc, 1 - auc) if orientation == "either" else auc
+
+
+def mismatch_roc(scores: Tensor, matched: Tensor, orientation: str = "matched_high") -> Tuple[Tensor, Tensor]:
+    """ROC curve ``(fpr [K], tpr [K])`` of ``scores [N]`` for the label ``matched [N]``, from (0, 0) to (1, 1).
+
+    One point per distinct score (ties move together); ``orientation`` as in :func:`mismatch_auroc`, and
+    ``"either"`` flips the curve when the AUROC is below 0.5. The trapezoid area under it equals
+    :func:`mismatch_auroc`.
+
+    Example:
+        >>> fpr, tpr = mismatch_roc(torch.tensor([0.9, 0.2, 0.3, 0.5]), torch.tensor([True, True, False, False]))
+        >>> fpr.tolist(), tpr.tolist()
+        ([0.0, 0.0, 0.5, 1.0, 1.0], [0.0, 0.5, 0.5, 0.5, 1.0])
+    """
+    x = _oriented(scores.detach().reshape(-1).double(), orientation)
+    y = matched.reshape(-1).bool()
+    if orientation == "either" and float(mismatch_auroc(x, y)) < 0.5:
+        x = -x
+    uniq, inv = torch.unique(x, return_inverse=True)  # ascending
+    pos = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, y.double())
+    neg = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, (~y).double())
+    tp = torch.cat([torch.zeros(1, dtype=torch.float64), pos.flip(0).cumsum(0)])  # thresholds from high to low
+    fp = torch.cat([torch.zeros(1, dtype=torch.float64), neg.flip(0).cumsum(0)])
+    return fp / fp[-1].clamp(min=1), tp / tp[-1].clamp(min=1)
 
 
 class MismatchScalars(AttributionMetric):

@@ -145,6 +145,10 @@ def load_clip(
 ) -> SplitCLIP:
     """Load a CLIP model, frozen and in eval mode, split into towers that can be cut at any block.
 
+    The open_clip model is frozen *in place*: every parameter gets ``requires_grad=False`` and the model is put
+    in eval mode (and kept there: ``SplitCLIP.train()`` is a no-op). To fine-tune the same weights, take
+    ``clip.model`` and call ``requires_grad_(True)`` / ``train()`` on it yourself (train.py's modules do).
+
     Args:
         model: open_clip model name, path of an open_clip JSON config, or ``"clipib-shapes"``.
         pretrained: open_clip tag, local checkpoint path, ``None`` (random weights) or ``"default"``.
