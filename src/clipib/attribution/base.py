@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Literal, Optional, Sequence, Tuple, Type
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -180,6 +180,17 @@ class Attributor:
                 text, extra = self.text_scores(images, ids, e_img, gens)
             scalars.update(extra)
         return to_maps(self.clip, ids, image=image, text=text, scalars=scalars)
+
+    def attribute_batch(
+        self, batch: Mapping[str, Any], modality: Modality = "both", seeds: Optional[Sequence[int]] = None
+    ) -> Attribution:
+        """Attribute an eval batch (``image [B, 3, H, W]``, ``ids [B, ctx]`` and whatever else it carries).
+
+        What the eval loop calls. The default is ``self.attribute(batch["image"], batch["ids"], modality, seeds)``;
+        a method that needs more of the batch (the ground-truth :class:`~clipib.attribution.baselines.Oracle`)
+        overrides it.
+        """
+        return self.attribute(batch["image"], batch["ids"], modality, seeds)
 
 
 def to_maps(clip: SplitCLIP, ids: Tensor, image: Optional[Tensor] = None, text: Optional[Tensor] = None,

@@ -9,6 +9,7 @@ its ``update(clip, batch, attr, modality, seed_index)`` calls the subclass's :me
 from __future__ import annotations
 
 import functools
+import zlib
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -18,7 +19,7 @@ from torchmetrics import Metric
 from clipib.attribution.base import Attribution
 from clipib.models.split import SplitCLIP
 
-__all__ = ["SeedMeanStd", "AttributionMetric", "nanquantile_linear", "default_eot"]
+__all__ = ["SeedMeanStd", "AttributionMetric", "nanquantile_linear", "default_eot", "key_generators"]
 
 Batch = Mapping[str, Any]
 """The eval batch: ``image [B, 3, H, W]``, ``ids [B, ctx]``, ``key``, ``matched [B]`` and optional ground truth."""
@@ -204,3 +205,20 @@ def nanquantile_linear(x: Tensor, q: Tensor | float) -> Tensor:
     out = v_lo + (v_hi - v_lo) * (pos - lo.to(x.dtype))
     out = torch.where(n > 0, out, torch.full_like(out, float("nan")))
     return out[:, 0] if scalar else out
+
+
+def key_generators(batch: Batch, seed: int = 0) -> List[torch.Generator]:
+    """One CPU generator per sample, seeded from the sample's ``key`` and ``seed`` (crc32), for metrics that draw.
+
+    A sample's draws then depend on its key alone - not on the batch it is in, the batch size or the process
+    count - so 2 processes give the values of 1. A batch without ``key`` is one clear error.
+
+    Example:
+        >>> a = key_generators({"key": ["x", "y"]})[1]
+        >>> bool(torch.rand(1, generator=a) == torch.rand(1, generator=key_generators({"key": ["y"]})[0]))
+        True
+    """
+    keys = batch.get("key")
+    if keys is None:
+        raise ValueError("this metric draws random subsets per sample and needs batch['key'] to seed them")
+    return [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{k}".encode()) & 0x7FFFFFFF) for k in keys]
