@@ -10,12 +10,16 @@ Families (one module each, kernels + metric): :mod:`~clipib.metrics.confidence` 
 IoU, the classic pointing game), :mod:`~clipib.metrics.ehr` (InputIBA App. F),
 :mod:`~clipib.metrics.insertion_deletion` (InputIBA App. D.3), :mod:`~clipib.metrics.text_localization`
 (gold tokens in the top-k), :mod:`~clipib.metrics.mismatch` (AdaIB App. C: per-pair scalars and the
-AUROC) and :mod:`~clipib.metrics.similarity` (the pair's cosine). Adding a metric: one module with its
+AUROC), :mod:`~clipib.metrics.similarity` (the pair's cosine), :mod:`~clipib.metrics.perturbation` (MoRF /
+LeRF / ABPC with ROAD's imputation), :mod:`~clipib.metrics.faithfulness_correlation` (Bhatt et al. 2020),
+:mod:`~clipib.metrics.complexity` (sparseness, complexity) and :mod:`~clipib.metrics.relevance_localization`
+(energy pointing game, relevance mass / rank accuracy, top-k intersection, mask AUROC). Adding a metric: one module with its
 kernel and its ``AttributionMetric`` subclass, plus one line in :data:`METRICS` (docs/metrics.md).
 """
 from typing import Dict, Type
 
 from clipib.metrics.base import AttributionMetric, SeedMeanStd, nanquantile_linear
+from clipib.metrics.complexity import ComplexityMetrics, complexity, sparseness
 from clipib.metrics.confidence import (
     PROTOCOLS,
     Confidence,
@@ -30,6 +34,12 @@ from clipib.metrics.confidence import (
     text_confidence_scores,
 )
 from clipib.metrics.ehr import EffectiveHeatRatio, effective_heat_ratio, ehr_curve
+from clipib.metrics.faithfulness_correlation import (
+    FaithfulnessCorrelation,
+    faithfulness_correlation,
+    pearson_rows,
+    random_subsets,
+)
 from clipib.metrics.insertion_deletion import (
     InsertionDeletion,
     blur_params,
@@ -51,6 +61,25 @@ from clipib.metrics.localization import (
     pointing_game_iou,
 )
 from clipib.metrics.mismatch import MismatchAUROC, MismatchScalars, map_entropy, map_mass, mismatch_auroc
+from clipib.metrics.perturbation import (
+    PerturbationCurves,
+    chunked_scores,
+    image_fill,
+    image_perturbation_curves,
+    pair_scorers,
+    road_impute,
+    text_perturbation_curves,
+)
+from clipib.metrics.relevance_localization import (
+    RelevanceLocalization,
+    average_ranks,
+    energy_pointing_game,
+    mask_auroc,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    topk_intersection,
+    topk_weights,
+)
 from clipib.metrics.similarity import Similarity, pair_cosine
 from clipib.metrics.text_localization import TextTopK, topk_gold
 from clipib.metrics.throughput import Throughput
@@ -64,6 +93,10 @@ METRICS: Dict[str, Type[AttributionMetric]] = {
     "text_topk": TextTopK,
     "mismatch_scalars": MismatchScalars,
     "similarity": Similarity,
+    "perturbation": PerturbationCurves,
+    "faithfulness_correlation": FaithfulnessCorrelation,
+    "complexity": ComplexityMetrics,
+    "relevance_localization": RelevanceLocalization,
 }
 """The eval metrics by config name (``metrics:`` keys); each takes ``n_seeds`` plus its own settings."""
 
@@ -80,4 +113,10 @@ __all__ = [
     "MismatchAUROC", "MismatchScalars", "map_entropy", "map_mass", "mismatch_auroc",
     "Similarity", "pair_cosine",
     "TextTopK", "topk_gold",
+    "PerturbationCurves", "chunked_scores", "image_fill", "image_perturbation_curves", "pair_scorers", "road_impute",
+    "text_perturbation_curves",
+    "FaithfulnessCorrelation", "faithfulness_correlation", "pearson_rows", "random_subsets",
+    "ComplexityMetrics", "complexity", "sparseness",
+    "RelevanceLocalization", "average_ranks", "energy_pointing_game", "mask_auroc", "relevance_mass_accuracy",
+    "relevance_rank_accuracy", "topk_intersection", "topk_weights",
 ]
