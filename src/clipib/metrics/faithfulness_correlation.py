@@ -31,7 +31,7 @@ from clipib.attribution.base import Attribution
 from clipib.attribution.common import patch_feature_mask
 from clipib.metrics.base import AttributionMetric, Batch, key_generators
 from clipib.metrics.insertion_deletion import deletion_fill
-from clipib.metrics.perturbation import RowScore, chunked_scores, copy_noise, image_fill, pair_scorers, road_impute
+from clipib.metrics.perturbation import chunked_scores, image_fill, pair_scorers, remove_pixels
 from clipib.models.split import SplitCLIP
 
 __all__ = ["pearson_rows", "random_subsets", "faithfulness_correlation", "FaithfulnessCorrelation"]
@@ -158,10 +158,6 @@ class FaithfulnessCorrelation(AttributionMetric):
         def make(rows: Tensor, copies: Tensor) -> Tensor:
             r, k = rows.to(images.device), copies.to(images.device)
             gone = subsets[r, k][:, pix].view(-1, 1, h, w)  # [M, 1, H, W]
-            x = images[r]
-            if canvas is None:
-                eps = copy_noise(seeds, rows, copies, x.shape[1:], self.noise, x) if self.noise > 0 else 0.0
-                return road_impute(x, gone, eps, self.road_iters)
-            return torch.where(gone, canvas[r] if canvas.ndim == 4 else canvas, x)
+            return remove_pixels(images, canvas, gone, rows, copies, seeds, self.noise, self.road_iters)
 
         return make

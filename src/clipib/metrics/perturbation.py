@@ -46,7 +46,7 @@ from clipib.metrics.base import AttributionMetric, Batch, key_generators
 from clipib.metrics.insertion_deletion import _ranks, blurred_canvas, deletion_fill
 from clipib.models.split import SplitCLIP
 
-__all__ = ["road_impute", "image_fill", "chunked_scores", "copy_noise", "image_perturbation_curves", "text_perturbation_curves",
+__all__ = ["road_impute", "image_fill", "chunked_scores", "copy_noise", "remove_pixels", "image_perturbation_curves", "text_perturbation_curves",
            "pair_scorers", "PerturbationCurves"]
 
 RowScore = Callable[[Tensor, Tensor], Tensor]
@@ -154,6 +154,18 @@ def copy_noise(seeds: Sequence[int], rows: Tensor, copies: Tensor, shape: Sequen
     return (torch.stack(draws) * std).to(like)
 
 
+def remove_pixels(images: Tensor, canvas: Optional[Tensor], gone: Tensor, rows: Tensor, copies: Tensor,
+                  seeds: Optional[Sequence[int]], noise: float, iters: int) -> Tensor:
+    """``images[rows]`` with the ``gone [M, 1, H, W]`` pixels replaced by ``canvas`` (:func:`image_fill`), or
+    ROAD-imputed (:func:`road_impute`, noise of copy ``copies`` from :func:`copy_noise`) when ``canvas`` is None."""
+    r = rows.to(images.device)
+    x = images[r]
+    if canvas is None:
+        eps = copy_noise(seeds, rows, copies, x.shape[1:], noise, x) if noise > 0 else 0.0
+        return road_impute(x, gone, eps, iters)
+    return torch.where(gone, canvas[r] if canvas.ndim == 4 else canvas, x)
+
+
 def _removal_counts(n: Tensor, s: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """``(fractions [B, S+1], counts [B, S+1])``: features removed at ``s`` equal steps for ``n [B]`` features."""
     if s < 1:
@@ -195,12 +207,8 @@ def image_perturbation_curves(
         def make(rows: Tensor, copies: Tensor, rank: Tensor = rank) -> Tensor:
             r, k = rows.to(images.device), copies.to(images.device)
             gone = (rank[r] < counts[r, k][:, None])[:, pix].view(-1, 1, h, w)  # [M, 1, H, W]
-            x = images[r]
-            if canvas is None:
-                eps = copy_noise(seeds, rows, copies + (0 if order == "morf" else counts.shape[1]), x.shape[1:],
-                                 noise, x) if noise > 0 else 0.0
-                return road_impute(x, gone, eps, road_iters)
-            return torch.where(gone, canvas[r] if canvas.ndim == 4 else canvas, x)
+            stream = copies + (0 if order == "morf" else counts.shape[1])  # LeRF's noise: its own copies
+            return remove_pixels(images, canvas, gone, rows, stream, seeds, noise, road_iters)
 
         curves[order] = chunked_scores(b, counts.shape[1], make, score, chunk)
     return frac[0], curves
