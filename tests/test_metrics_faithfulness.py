@@ -1,8 +1,10 @@
 """Issue 14 metrics (perturbation curves, faithfulness correlation, complexity, relevance localisation, oracle).
 
 Quantus is not used as the oracle: Quantus 0.6.0 pulls opencv-python, scipy, pandas, scikit-image and
-scikit-learn (well over 300 MB installed), so each kernel is checked against a plain-Python transcription of its
-paper's definition (Quantus' formula where it has one) on random maps and masks, to 1e-9 unless stated.
+scikit-learn (estimated well over 300 MB installed; docs/metrics.md), so each kernel is checked against a
+plain-Python transcription of its paper's definition (Quantus' formula where it has one) on random maps and
+masks, to 1e-9 unless stated. Documented differences from Quantus are pinned: fractional ties (rank accuracy),
+NaN for constant maps, signed relevance mass vs the energy game's positive part.
 """
 import math
 import statistics
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 import clipib
+import clipib.cli
 import clipib.metrics as M
 from clipib.metrics.base import key_generators
 from clipib.data.sources import ModelTransforms, ShapesDataset
@@ -121,6 +124,9 @@ def test_morf_lerf_curves_on_a_toy_scorer():
 
 def test_oracle_needs_the_batch(tiny_clip, pairs):
     images, ids = pairs
+    assert clipib.METHODS["oracle"].NEEDS_BATCH and not clipib.METHODS["random"].NEEDS_BATCH
+    with pytest.raises(SystemExit):  # not offered by `clipib explain`
+        clipib.cli.main(["explain", "--image", "x.png", "--text", "a", "--method", "oracle"])
     with pytest.raises(ValueError, match="attribute_batch"):
         clipib.METHODS["oracle"](tiny_clip).attribute(images, ids)
     with pytest.raises(ValueError, match="gold_tokens"):
@@ -182,3 +188,23 @@ def test_new_metrics_keep_the_batch_on_its_device(tiny_clip, pairs):
         for mod in ("image", "text"):
             for v in metric.update(tiny_clip, batch, attr, mod).values():
                 assert v.shape == (b,)
+
+
+def test_chunk_and_batch_do_not_change_the_values(tiny_clip, pairs):
+    """ROAD's noise and the random subsets are drawn per pair key and copy: chunking and batching are invisible."""
+    images, ids = pairs
+    g = torch.Generator().manual_seed(1)
+    attr = clipib.Attribution(image_grid=torch.rand(4, *tiny_clip.grid, generator=g),
+                              text_raw=torch.rand(ids.shape, generator=g) * tiny_clip.text.span_mask(ids))
+    batch = {"image": images, "ids": ids, "key": ["a", "b", "c", "d"]}
+    one = {"image": images[2:3], "ids": ids[2:3], "key": ["c"]}
+    single = clipib.Attribution(image_grid=attr.image_grid[2:3], text_raw=attr.text_raw[2:3])
+    for make in (lambda c: M.PerturbationCurves(steps=3, road_iters=4, chunk=c),
+                 lambda c: M.FaithfulnessCorrelation(n_subsets=5, fill="road", road_iters=4, chunk=c)):
+        for mod in ("image", "text"):
+            big = make(64).update(tiny_clip, batch, attr, mod)
+            small = make(3).update(tiny_clip, batch, attr, mod)
+            alone = make(1).update(tiny_clip, one, single, mod)
+            for k in big:
+                torch.testing.assert_close(big[k], small[k], rtol=1e-5, atol=1e-6, equal_nan=True)
+                torch.testing.assert_close(big[k][2:3], alone[k], rtol=1e-5, atol=1e-6, equal_nan=True)

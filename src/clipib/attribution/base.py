@@ -88,6 +88,8 @@ class Attributor:
     PAPER_LAYER: ClassVar[Optional[int]] = None
     """The layer the method's paper uses on a ``PAPER_DEPTH``-block tower (layered methods only)."""
     PAPER_DEPTH: ClassVar[int] = 12
+    NEEDS_BATCH: ClassVar[bool] = False
+    """True for a method that reads more of the eval batch than images and ids (:meth:`attribute_batch` only)."""
     precision: str = "fp32"
     """Precision of the attribution passes (:mod:`clipib.attribution.precision`); subclasses may expose it."""
 

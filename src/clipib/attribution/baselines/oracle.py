@@ -40,6 +40,7 @@ class Oracle(Attributor):
     """
 
     name = "oracle"
+    NEEDS_BATCH = True
 
     def attribute(
         self, images: Tensor, ids: Tensor, modality: Modality = "both", seeds: Optional[Sequence[int]] = None
