@@ -127,6 +127,10 @@ def test_oracle_needs_the_batch(tiny_clip, pairs):
     assert clipib.METHODS["oracle"].NEEDS_BATCH and not clipib.METHODS["random"].NEEDS_BATCH
     with pytest.raises(SystemExit):  # not offered by `clipib explain`
         clipib.cli.main(["explain", "--image", "x.png", "--text", "a", "--method", "oracle"])
+    from clipib.bench.throughput import run_benchmark
+
+    with pytest.raises(ValueError, match="eval batch"):  # nor by `clipib bench`
+        run_benchmark(tiny_clip, ["oracle"], [1], reference_pairs=0, warmup=False, flops=False)
     with pytest.raises(ValueError, match="attribute_batch"):
         clipib.METHODS["oracle"](tiny_clip).attribute(images, ids)
     with pytest.raises(ValueError, match="gold_tokens"):
