@@ -147,7 +147,7 @@ def shapes_scores():
     for name in ("oracle", "grad_cam", "random"):
         attr = clipib.METHODS[name](clip).attribute_batch(batch, "image", seeds=list(range(12)))
         values = {}
-        for metric in (M.RelevanceLocalization(), M.PerturbationCurves(steps=4, chunk=32), M.Localization(),
+        for metric in (M.RelevanceLocalization(), M.PerturbationCurves(steps=4, road_iters=10, chunk=64), M.Localization(),
                        M.PointingGame()):
             values.update({k: float(v.nanmean()) for k, v in metric.update(clip, batch, attr, "image").items()})
         out[name] = values
@@ -195,7 +195,9 @@ def test_new_metrics_keep_the_batch_on_its_device(tiny_clip, pairs):
 
 
 def test_chunk_and_batch_do_not_change_the_values(tiny_clip, pairs):
-    """ROAD's noise and the random subsets are drawn per pair key and copy: chunking and batching are invisible."""
+    """ROAD's noise and the random subsets are drawn per pair key and copy: chunking and batching are invisible
+    (up to float32 summation order in the model for different batch shapes, ~2e-6 here; another
+    seed moves the MoRF AUC by ~1e-3 and the correlation by ~1)."""
     images, ids = pairs
     g = torch.Generator().manual_seed(1)
     attr = clipib.Attribution(image_grid=torch.rand(4, *tiny_clip.grid, generator=g),
@@ -210,5 +212,5 @@ def test_chunk_and_batch_do_not_change_the_values(tiny_clip, pairs):
             small = make(3).update(tiny_clip, batch, attr, mod)
             alone = make(1).update(tiny_clip, one, single, mod)
             for k in big:
-                torch.testing.assert_close(big[k], small[k], rtol=1e-5, atol=1e-6, equal_nan=True)
-                torch.testing.assert_close(big[k][2:3], alone[k], rtol=1e-5, atol=1e-6, equal_nan=True)
+                torch.testing.assert_close(big[k], small[k], rtol=1e-4, atol=1e-5, equal_nan=True)
+                torch.testing.assert_close(big[k][2:3], alone[k], rtol=1e-4, atol=1e-5, equal_nan=True)

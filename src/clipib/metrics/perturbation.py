@@ -53,9 +53,6 @@ RowScore = Callable[[Tensor, Tensor], Tensor]
 """``(inputs [M, ...], rows [M]) -> [M]``: the cosine of each perturbed input with the clean other modality of
 its pair ``rows`` (an index into the batch)."""
 
-_NEIGHBOURS = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
-
-
 def _coarse_start(x: Tensor, known: Tensor) -> Tensor:
     """Masked means from coarse to fine: each unknown pixel gets the mean of the known pixels of the finest
     dyadic cell around it that has any (``x [N, C, H, W]``, ``known [N, 1, H, W]`` float)."""
@@ -74,8 +71,16 @@ def _coarse_start(x: Tensor, known: Tensor) -> Tensor:
 
 
 def _neighbour_sum(x: Tensor) -> Tensor:
-    """``sum_j w_ij x_j`` over the in-image 8-neighbours of each pixel of ``x [N, 1, H, W]`` (ROAD's weights)."""
-    return F.conv2d(x, _NEIGHBOURS.to(x)[None, None], padding=1)
+    """``sum_j w_ij x_j`` over the in-image 8-neighbours of each pixel of ``x [N, 1, H, W]`` (ROAD's weights).
+
+    Shifted slices of the zero-padded input (a 3 x 3 convolution; slices are several times faster than
+    ``conv2d`` with one channel on the CPU).
+    """
+    h, w = x.shape[-2:]
+    p = F.pad(x, (1, 1, 1, 1))  # [N, 1, H+2, W+2]
+    edge = p[..., 0:h, 1:w + 1] + p[..., 2:h + 2, 1:w + 1] + p[..., 1:h + 1, 0:w] + p[..., 1:h + 1, 2:w + 2]
+    corner = p[..., 0:h, 0:w] + p[..., 0:h, 2:w + 2] + p[..., 2:h + 2, 0:w] + p[..., 2:h + 2, 2:w + 2]
+    return edge / 6 + corner / 12
 
 
 def road_impute(images: Tensor, removed: Tensor, noise: Tensor | float = 0.0, iters: int = 30) -> Tensor:
