@@ -21,7 +21,9 @@ TINY = str(Path(__file__).parent / "data" / "tiny-clip.json")
 CAPTIONS = ["a red circle", "a dog", "there is a purple triangle in the picture", "look", "two cats on a mat",
             "a photo of a dog", "blue", "a small green square next to a tree"]
 SETTINGS = {"confidence": {"protocol": "m2ib"}, "localization": {}, "pointing_game": {"tolerance": 1}, "ehr": {},
-            "insertion_deletion": {"steps": 2}, "text_topk": {"k": 2}, "mismatch_scalars": {}, "similarity": {}}
+            "insertion_deletion": {"steps": 2}, "text_topk": {"k": 2}, "mismatch_scalars": {}, "similarity": {},
+            "perturbation": {"steps": 2, "road_iters": 3, "chunk": 5}, "complexity": {}, "relevance_localization": {},
+            "faithfulness_correlation": {"n_subsets": 4, "fill": "road", "road_iters": 3, "chunk": 3}}
 
 
 def _clip():
@@ -44,7 +46,7 @@ def _data(clip):
     attr = clipib.Attribution(image=torch.rand(N, h, w, generator=g), image_grid=torch.randn(N, *clip.grid, generator=g),
                               text=text_raw.abs() / text_raw.abs().amax(1, keepdim=True), text_raw=text_raw)
     batch = {"image": torch.randn(N, 3, h, w, generator=g), "ids": ids, "box": boxes, "gold_tokens": gold,
-             "matched": torch.arange(N) % 3 != 0}
+             "matched": torch.arange(N) % 3 != 0, "key": [f"k{i}" for i in range(N)]}
     return batch, attr
 
 
@@ -106,6 +108,7 @@ def test_two_processes_equal_one(tmp_path):
     assert single["text_topk/topk_hit/skipped"].item() == 1
     assert single["localization/iou/std_over_seeds"].item() == 1.0 and single["auroc/n"].item() == N
     assert single["speed/pairs"].item() == N and "similarity/cos/mean" in single
+    assert single["faithfulness_correlation/image_faith_corr/n"].item() == N  # ROAD noise seeded by key
 
 
 if __name__ == "__main__":

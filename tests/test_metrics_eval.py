@@ -15,7 +15,9 @@ from clipib.metrics import (
 )
 
 ALL = {"confidence": {}, "localization": {"q": 0.6}, "pointing_game": {"tolerance": 1}, "ehr": {},
-       "insertion_deletion": {"steps": 2}, "text_topk": {"k": 2}, "mismatch_scalars": {}, "similarity": {}}
+       "insertion_deletion": {"steps": 2}, "text_topk": {"k": 2}, "mismatch_scalars": {}, "similarity": {},
+       "perturbation": {"steps": 2, "road_iters": 3}, "faithfulness_correlation": {"n_subsets": 4},
+       "complexity": {}, "relevance_localization": {}}
 RERUN = {"model_randomisation": {}, "other_target": {}, "sensitivity": {}, "seed_stability": {}}  # need method=
 NAMES = {  # what configs and records rely on
     "confidence": (["image_drop", "image_incr"], ["text_drop", "text_incr"]),
@@ -34,6 +36,10 @@ NAMES = {  # what configs and records rely on
                      ["text_rl_rho_abs", "text_rl_rho"]),
     "sensitivity": (["image_max_sens", "image_avg_sens"], []),
     "seed_stability": (["image_seed_rho"], ["text_seed_rho"]),
+    "perturbation": (["image_morf", "image_lerf", "image_abpc"], ["text_morf", "text_lerf", "text_abpc"]),
+    "faithfulness_correlation": (["image_faith_corr"], ["text_faith_corr"]),
+    "complexity": (["image_sparseness", "image_complexity"], ["text_sparseness", "text_complexity"]),
+    "relevance_localization": (["energy_pg", "rel_mass", "rel_rank", "topk_inter", "mask_auroc"], []),
 }
 TINY = "tests/data/tiny-clip.json"
 
@@ -129,13 +135,17 @@ def test_region_uses_the_mask_where_present_else_the_box(tiny_clip, batch):
 def test_attribution_module_runs_every_metric(batch):
     from clipib.lit.attribution_module import AttributionModule
 
-    module = AttributionModule(model=TINY, pretrained=None, methods={"nib": {}}, metrics=ALL, keep_maps=False)
+    module = AttributionModule(model=TINY, pretrained=None, methods={"nib": {}, "oracle": {}}, metrics=ALL,
+                               keep_maps=False)
     out = module.test_step(batch, 0)
-    assert len(out["records"]) == 4
+    assert len(out["records"]) == 8
     summary = module.summary()["nib"]
     for key in ("image_drop", "text_incr", "iou", "pg_iou", "pointing_game", "ehr", "image_deletion",
-                "text_insertion", "topk_hit", "image_entropy", "text_mass"):
+                "text_insertion", "topk_hit", "image_entropy", "text_mass", "image_abpc", "text_faith_corr",
+                "image_sparseness", "mask_auroc"):
         assert key in summary and summary[key]["n"] + summary[key]["skipped"] == 4, key
+    oracle = module.summary()["oracle"]  # the module hands the oracle the batch (Attributor.attribute_batch)
+    assert oracle["mask_auroc"]["mean"] == 1.0 and oracle["energy_pg"]["mean"] == 1.0
 
 
 def test_eval_cli_reports_the_metric_suite(tmp_path):

@@ -15,7 +15,8 @@ from PIL import Image
 import clipib
 from clipib.lit.attribution_module import AttributionModule
 from clipib.metrics import METRICS, ModelRandomisation, OtherTarget, SeedStability, Sensitivity
-from clipib.metrics.map_similarity import average_ranks, spearman, ssim, topk_intersection
+from clipib.metrics.base import average_ranks
+from clipib.metrics.map_similarity import spearman, ssim, topk_overlap
 from clipib.metrics.randomisation import other_captions, randomise_tower_
 from clipib.metrics.robustness import pixel_noise, relative_change
 
@@ -56,7 +57,7 @@ def test_ssim_one_window_hand_computed():
 def test_topk_relative_change_other_index_hand_computed():
     a = torch.tensor([[9.0, 8, 1, 0, 7], [1.0, 2, 3, 4, 5]])
     b = torch.tensor([[9.0, 0, 8, 1, 2], [5.0, 4, 3, 2, 1]])
-    assert topk_intersection(a, b, 2).tolist() == [0.5, 0.0]
+    assert topk_overlap(a, b, 2).tolist() == [0.5, 0.0]
     assert relative_change(torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 0.0]])).item() == pytest.approx(1.0)
     assert relative_change(torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 0.0]]), relative=False).item() == 5.0
     pool, ids = torch.tensor([[7, 1], [8, 1]]), torch.tensor([[7, 1], [8, 1], [9, 1]])
@@ -73,7 +74,7 @@ def test_kernels_stay_on_the_device():
     a, b = torch.empty(3, 16, device="meta"), torch.empty(3, 16, device="meta")
     valid = torch.ones(3, 16, dtype=torch.bool, device="meta")
     outs = [spearman(a, b, valid), ssim(torch.empty(3, 8, 8, device="meta"), torch.empty(3, 8, 8, device="meta")),
-            topk_intersection(a, b, 4), relative_change(a, b)]
+            topk_overlap(a, b, 4), relative_change(a, b)]
     assert all(o.device.type == "meta" and o.shape == (3,) for o in outs)
 
 

@@ -40,7 +40,8 @@ def _parser(bench_options: bool = True) -> argparse.ArgumentParser:
     ex = sub.add_parser("explain", help="explain one image-text pair")
     ex.add_argument("--image", required=True, help="image file")
     ex.add_argument("--text", required=True, help="caption")
-    ex.add_argument("--method", default="m2ib", choices=sorted(METHODS), help="attribution method")
+    ex.add_argument("--method", default="m2ib", choices=sorted(m for m, c in METHODS.items() if not c.NEEDS_BATCH),
+                    help="attribution method (not those that need an eval batch, e.g. oracle)")
     ex.add_argument("--model", default="ViT-B-32-quickgelu", help="open_clip name, JSON config, or clipib-shapes")
     ex.add_argument("--pretrained", default=DEFAULT,
                     help="open_clip tag, checkpoint path, or 'none' (default: openai; clipib-shapes: shipped)")

@@ -9,6 +9,7 @@ from clipib.attribution.adaib import AdaIB
 from clipib.attribution.base import Attribution, Attributor, Inputs, check_inputs, to_maps
 from clipib.attribution.baselines import (
     MFABA,
+    Oracle,
     RISE,
     Chefer,
     FastIG,
@@ -24,9 +25,10 @@ from clipib.attribution.nib import NIB
 METHODS: Dict[str, Type[Attributor]] = {
     cls.name: cls
     for cls in (M2IB, NIB, AdaIB, GradCAM, Saliency, Chefer, IntegratedGradients, FastIG, MFABA, RISE, KernelShap,
-                RandomMap)
+                RandomMap, Oracle)
 }
 """Registry ``name -> Attributor subclass``; every class builds from the model alone with its paper's defaults."""
 
 __all__ = ["METHODS", "Attribution", "Attributor", "Inputs", "check_inputs", "to_maps", "M2IB", "NIB", "AdaIB",
-           "Chefer", "FastIG", "GradCAM", "IntegratedGradients", "KernelShap", "MFABA", "RandomMap", "RISE", "Saliency"]
+           "Chefer", "FastIG", "GradCAM", "IntegratedGradients", "KernelShap", "MFABA", "Oracle", "RandomMap", "RISE",
+           "Saliency"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,8 @@ class Attributor:
     PAPER_LAYER: ClassVar[Optional[int]] = None
     """The layer the method's paper uses on a ``PAPER_DEPTH``-block tower (layered methods only)."""
     PAPER_DEPTH: ClassVar[int] = 12
+    NEEDS_BATCH: ClassVar[bool] = False
+    """True for a method that reads more of the eval batch than images and ids (:meth:`attribute_batch` only)."""
     precision: str = "fp32"
     """Precision of the attribution passes (:mod:`clipib.attribution.precision`); subclasses may expose it."""
 
@@ -253,6 +255,17 @@ class Attributor:
                 text, extra = self.text_scores(images, ids, e_img, gens)
             scalars.update(extra)
         return to_maps(self.clip, ids, image=image, text=text, scalars=scalars)
+
+    def attribute_batch(
+        self, batch: Mapping[str, Any], modality: Modality = "both", seeds: Optional[Sequence[int]] = None
+    ) -> Attribution:
+        """Attribute an eval batch (``image [B, 3, H, W]``, ``ids [B, ctx]`` and whatever else it carries).
+
+        What the eval loop calls. The default is ``self.attribute(batch["image"], batch["ids"], modality, seeds)``;
+        a method that needs more of the batch (the ground-truth :class:`~clipib.attribution.baselines.Oracle`)
+        overrides it.
+        """
+        return self.attribute(batch["image"], batch["ids"], modality, seeds)
 
 
 def check_inputs(images: Any, ids: Any, clip: SplitCLIP) -> None:

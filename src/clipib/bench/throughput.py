@@ -140,7 +140,8 @@ def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batc
     """The whole benchmark as a JSON-ready dict: ``meta``, ``rows``, ``reference``, ``flops``.
 
     Args:
-        methods: registered names (default: every method in :data:`clipib.METHODS`).
+        methods: registered names (default: every method in :data:`clipib.METHODS` but those that need an eval
+            batch, ``NEEDS_BATCH``: the oracle).
         reference_pairs: pairs for the reference loops (0 = no reference, no speed-up).
         method_kwargs: constructor settings per method name.
         flops: count FLOPs and compare with the measured matmul rate (:mod:`clipib.bench.flops`).
@@ -148,10 +149,13 @@ def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batc
             later keeps the methods already measured).
         max_seconds: per (method, batch size) budget; see :func:`bench_method`.
     """
-    methods = list(methods) if methods else sorted(METHODS)
+    methods = list(methods) if methods else sorted(m for m, c in METHODS.items() if not c.NEEDS_BATCH)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
+    batch_only = [m for m in methods if METHODS[m].NEEDS_BATCH]
+    if batch_only:
+        raise ValueError(f"{batch_only} need an eval batch (ground truth) and have no throughput of their own")
     kwargs = method_kwargs or {}
     out: Dict[str, Any] = {"meta": machine_info(clip.device), "rows": [], "reference": {}, "flops": {}}
     out["meta"]["model"] = clip.name

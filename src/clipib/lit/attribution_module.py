@@ -113,7 +113,7 @@ class AttributionModule(LightningModule):
 
     def _attribute(self, method: str, batch: Dict[str, Any], seeds: List[int]) -> Attribution:
         with torch.enable_grad():
-            return self.methods[method].attribute(batch["image"], batch["ids"], self.modality(method), seeds=seeds)
+            return self.methods[method].attribute_batch(batch, self.modality(method), seeds=seeds)
 
     def test_step(self, batch: Dict[str, Any], batch_idx: int) -> Dict[str, Any]:
         """Explain, score and return ``{"records", "maps": {(method, seed): Attribution}, "batch", "skipped"}``.

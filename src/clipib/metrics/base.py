@@ -9,6 +9,7 @@ its ``update(clip, batch, attr, modality, seed_index)`` calls the subclass's :me
 from __future__ import annotations
 
 import functools
+import zlib
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -18,7 +19,7 @@ from torchmetrics import Metric
 from clipib.attribution.base import Attribution, Attributor
 from clipib.models.split import SplitCLIP
 
-__all__ = ["SeedMeanStd", "AttributionMetric", "nanquantile_linear", "default_eot"]
+__all__ = ["SeedMeanStd", "AttributionMetric", "nanquantile_linear", "default_eot", "key_generators"]
 
 Batch = Mapping[str, Any]
 """The eval batch: ``image [B, 3, H, W]``, ``ids [B, ctx]``, ``key``, ``matched [B]`` and optional ground truth."""
@@ -218,3 +219,40 @@ def nanquantile_linear(x: Tensor, q: Tensor | float) -> Tensor:
     out = v_lo + (v_hi - v_lo) * (pos - lo.to(x.dtype))
     out = torch.where(n > 0, out, torch.full_like(out, float("nan")))
     return out[:, 0] if scalar else out
+
+
+def key_generators(batch: Batch, seed: int = 0) -> List[torch.Generator]:
+    """One CPU generator per sample, seeded from the sample's ``key`` and ``seed`` (crc32), for metrics that draw.
+
+    A sample's draws then depend on its key alone - not on the batch it is in, the batch size or the process
+    count - so 2 processes give the values of 1. A batch without ``key`` is one clear error.
+
+    Example:
+        >>> a = key_generators({"key": ["x", "y"]})[1]
+        >>> bool(torch.rand(1, generator=a) == torch.rand(1, generator=key_generators({"key": ["y"]})[0]))
+        True
+    """
+    keys = batch.get("key")
+    if keys is None:
+        raise ValueError("this metric draws random subsets per sample and needs batch['key'] to seed them")
+    return [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{k}".encode()) & 0x7FFFFFFF) for k in keys]
+
+
+def average_ranks(x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """1-based ascending ranks of each row of ``x [B, N]`` among its ``valid`` entries, ties sharing their mean
+    rank (float64); invalid entries get rank 0. Sort-based: ``O(N log N)`` per row, fine for pixel maps.
+
+    Example:
+        >>> average_ranks(torch.tensor([[3.0, 1.0, 3.0, 2.0]]))
+        tensor([[3.5000, 1.0000, 3.5000, 2.0000]], dtype=torch.float64)
+        >>> average_ranks(torch.tensor([[5.0, 7.0, 6.0]]), torch.tensor([[False, True, True]]))
+        tensor([[0., 2., 1.]], dtype=torch.float64)
+    """
+    if valid is not None:  # invalid entries sort after every valid one, so they change no valid rank
+        x = x.masked_fill(~valid, float("inf"))
+    srt = x.sort(dim=1).values.contiguous()
+    x = x.contiguous()
+    lo = torch.searchsorted(srt, x, right=False)  # entries below
+    hi = torch.searchsorted(srt, x, right=True)  # entries at or below
+    ranks = (lo + hi + 1).double() / 2
+    return ranks if valid is None else ranks * valid

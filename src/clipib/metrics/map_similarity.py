@@ -4,7 +4,8 @@ robustness metrics (:mod:`~clipib.metrics.randomisation`, :mod:`~clipib.metrics.
 Kernels (torch, batched, on the input's device): :func:`spearman` (rank correlation with average ranks for
 ties, over a per-row valid mask), :func:`ssim` (scikit-image's default structural similarity: a 7 × 7 uniform
 window, sample covariance, ``data_range`` = the pair's joint max − min, the mean over valid windows — what
-Quantus' ``ssim`` computes), :func:`topk_intersection` (the share of the top-k cells two maps have in common).
+Quantus' ``ssim`` computes), :func:`topk_overlap` (the share of the top-k cells two maps have in common; the map-vs-mask top-k intersection
+is :func:`clipib.metrics.relevance_localization.topk_intersection`).
 :func:`rerun` re-runs an :class:`~clipib.attribution.base.Attributor` in chunks; :func:`map_rows` reads the
 maps a comparison uses; :func:`compare` returns every statistic of a modality.
 """
@@ -17,28 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clipib.attribution.base import Attribution, Attributor
+from clipib.metrics.base import average_ranks
 from clipib.models.split import SplitCLIP
 
-__all__ = ["spearman", "ssim", "topk_intersection", "pair_seeds", "rerun", "map_rows", "compare", "STATS"]
+__all__ = ["spearman", "ssim", "topk_overlap", "pair_seeds", "rerun", "map_rows", "compare", "STATS"]
 
 STATS = {"image": ("rho_abs", "rho", "ssim", "topk"), "text": ("rho_abs", "rho")}
 """Statistics :func:`compare` returns per modality (SSIM and top-k need a 2-D map: image only)."""
-
-
-def average_ranks(x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
-    """1-based ranks of each row of ``x [B, N]`` among its ``valid`` entries, ties sharing their mean rank.
-
-    Pairwise comparisons (``[B, N, N]`` booleans): exact for the map sizes compared here (a patch grid,
-    a token context). Invalid entries get rank 0.
-
-    >>> average_ranks(torch.tensor([[3.0, 1.0, 3.0, 2.0]]))
-    tensor([[3.5000, 1.0000, 3.5000, 2.0000]], dtype=torch.float64)
-    """
-    ok = torch.ones_like(x, dtype=torch.bool) if valid is None else valid
-    other = ok[:, None, :]  # [B, 1, N]
-    less = ((x[:, None, :] < x[:, :, None]) & other).sum(-1)  # [B, N]
-    equal = ((x[:, None, :] == x[:, :, None]) & other).sum(-1)  # [B, N], includes itself
-    return ((less + (equal + 1) / 2) * ok).to(torch.float64)
 
 
 def spearman(a: Tensor, b: Tensor, valid: Optional[Tensor] = None) -> Tensor:
@@ -86,10 +72,10 @@ def ssim(a: Tensor, b: Tensor, window: int = 7) -> Tensor:
     return s.flatten(1).mean(1)
 
 
-def topk_intersection(a: Tensor, b: Tensor, k: int) -> Tensor:
+def topk_overlap(a: Tensor, b: Tensor, k: int) -> Tensor:
     """Share of the ``k`` largest entries of each row of ``a [B, N]`` that are among ``b``'s ``k`` largest: ``[B]``.
 
-    >>> topk_intersection(torch.tensor([[4.0, 3.0, 2.0, 1.0]]), torch.tensor([[4.0, 1.0, 3.0, 2.0]]), k=2)
+    >>> topk_overlap(torch.tensor([[4.0, 3.0, 2.0, 1.0]]), torch.tensor([[4.0, 1.0, 3.0, 2.0]]), k=2)
     tensor([0.5000])
     """
     if not 1 <= k <= a.shape[1]:
@@ -113,14 +99,14 @@ def compare(clip: SplitCLIP, ref: Attribution, other: Attribution, ids: Tensor, 
 
     ``rho_abs`` / ``rho``: :func:`spearman` of the absolute / signed raw scores (patch grid, SOT..EOT tokens);
     ``ssim``: :func:`ssim` of the public ``[0, 1]`` image maps at input resolution; ``topk``:
-    :func:`topk_intersection` of the absolute grid scores, ``k = max(1, round(topk · cells))``.
+    :func:`topk_overlap` of the absolute grid scores, ``k = max(1, round(topk · cells))``.
     """
     a, valid = map_rows(clip, ref, ids, modality)
     b, _ = map_rows(clip, other, ids, modality)
     out = {"rho_abs": spearman(a.abs(), b.abs(), valid), "rho": spearman(a, b, valid)}
     if modality == "image":
         out["ssim"] = ssim(ref.image, other.image)
-        out["topk"] = topk_intersection(a.abs(), b.abs(), max(1, round(topk * a.shape[1])))
+        out["topk"] = topk_overlap(a.abs(), b.abs(), max(1, round(topk * a.shape[1])))
     return out
 
 
