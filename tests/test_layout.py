@@ -31,6 +31,13 @@ def _imports(name: str, path: Path, modules: Dict[str, Path]) -> Set[str]:
         else:
             continue
         found |= {n for n in names if n in modules and n != name}
+    # importing ``a.b.c`` first runs the ``__init__`` of packages ``a.b`` the importer is not inside
+    for target in list(found):
+        parts = target.split(".")
+        for i in range(2, len(parts)):
+            parent = ".".join(parts[:i])
+            if parent in modules and parent != name and not name.startswith(parent + "."):
+                found.add(parent)
     return found
 
 
@@ -53,6 +60,14 @@ def _cycles(edges: Dict[str, Set[str]]) -> List[List[str]]:
         if m not in seen:
             visit(m)
     return found
+
+
+def test_cross_package_imports_count_the_package_init(tmp_path):
+    modules = {"clipib.p": Path("p/__init__.py"), "clipib.p.a": Path("p/a.py"), "clipib.q.b": Path("q/b.py")}
+    probe = tmp_path / "probe.py"
+    probe.write_text("from clipib.p.a import x\n")
+    assert "clipib.p" in _imports("clipib.q.b", probe, modules)
+    assert "clipib.p" not in _imports("clipib.p.c", probe, modules)  # inside p: no edge
 
 
 def test_cycle_finder_finds_a_cycle():

@@ -20,7 +20,7 @@ Values of documented edge cases: a map with no heat ``>= 0.1`` has EHR 0; a cons
 has EHR ``c * roi_fraction`` (weighted) or ``roi_fraction`` (unweighted).
 
 :class:`EffectiveHeatRatio` is the eval metric (registry name ``ehr``, value ``ehr``); its ROI is the
-batch's ground truth (:func:`clipib.metrics.localization.ground_truth`).
+batch's ground truth (:func:`clipib.regions.ground_truth`).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from torch import Tensor
 
 from clipib.attribution.base import Attribution
 from clipib.metrics.base import AttributionMetric, Batch, nanquantile_linear
-from clipib.metrics.localization import _target_mask, ground_truth
+from clipib.metrics.localization import _target_mask
+from clipib.regions import ground_truth
 from clipib.models.split import SplitCLIP
 
 __all__ = ["ehr_curve", "effective_heat_ratio", "EffectiveHeatRatio"]

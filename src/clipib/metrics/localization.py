@@ -36,7 +36,7 @@ clear error.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Sequence
+from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from torch import Tensor
 from clipib.attribution.base import Attribution
 from clipib.metrics.base import AttributionMetric, Batch, nanquantile_linear
 from clipib.models.split import SplitCLIP
+from clipib.regions import boxes_to_mask, ground_truth
 
 __all__ = [
     "boxes_to_mask",
@@ -56,27 +57,6 @@ __all__ = [
     "Localization",
     "PointingGame",
 ]
-
-
-def boxes_to_mask(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Union of ``xyxy`` boxes ``[B, 4]`` or ``[B, K, 4]`` as a mask ``BoolTensor[B, H, W]``.
-
-    Example:
-        >>> boxes_to_mask(torch.tensor([[1.0, 0.0, 3.0, 2.0]]), (3, 4)).int()
-        tensor([[[0, 1, 1, 0],
-                 [0, 1, 1, 0],
-                 [0, 0, 0, 0]]], dtype=torch.int32)
-    """
-    if boxes.ndim == 2:
-        boxes = boxes[:, None]
-    if boxes.ndim != 3 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must be [B, 4] or [B, K, 4] (xyxy), got shape {tuple(boxes.shape)}")
-    h, w = size
-    b = boxes.to(torch.float32)[..., None, None]  # [B, K, 4, 1, 1]
-    ys = torch.arange(h, device=boxes.device, dtype=torch.float32)[:, None] + 0.5  # [H, 1]
-    xs = torch.arange(w, device=boxes.device, dtype=torch.float32)[None, :] + 0.5  # [1, W]
-    inside = (xs >= b[:, :, 0]) & (xs < b[:, :, 2]) & (ys >= b[:, :, 1]) & (ys < b[:, :, 3])  # [B, K, H, W]
-    return inside.any(dim=1)
 
 
 def _target_mask(maps: Tensor, target: Tensor) -> Tensor:
@@ -188,28 +168,6 @@ def pointing_game(maps: Tensor, target: Tensor, tolerance: float = 0.0) -> Tenso
     top = flat == flat.max(1, keepdim=True).values  # [B, N]
     hit = (top & zone).sum(1).double() / top.sum(1).double()
     return torch.where(gt.flatten(1).any(1), hit, torch.full_like(hit, math.nan))
-
-
-def ground_truth(batch: Batch, metric: str, size: Sequence[int]) -> Tensor:
-    """The object region ``BoolTensor[B, H, W]`` of an eval batch: the mask where the sample has one
-    (``has_mask``), else its box; ``size`` ends with ``(H, W)``. ``metric`` names the caller in the error.
-
-    Example:
-        >>> batch = {"box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2), "mask": torch.ones(2, 2, 2),
-        ...          "has_mask": torch.tensor([True, False])}
-        >>> ground_truth(batch, "iou", (2, 2, 2)).int().tolist()
-        [[[1, 1], [1, 1]], [[1, 0], [0, 0]]]
-    """
-    mask, box = batch.get("mask"), batch.get("box")
-    if mask is None and box is None:
-        raise ValueError(f"metric {metric!r} needs batch['mask'] or batch['box'] (a grounding dataset)")
-    hw = (int(size[-2]), int(size[-1]))
-    if mask is None:
-        return boxes_to_mask(box, hw)
-    has_mask = batch.get("has_mask")
-    if box is None or has_mask is None:
-        return mask.bool()
-    return torch.where(has_mask.bool()[:, None, None], mask.bool(), boxes_to_mask(box, hw))
 
 
 class Localization(AttributionMetric):

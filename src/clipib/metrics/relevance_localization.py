@@ -1,7 +1,7 @@
 """Localisation finer than IoU: how much of the map, and how much of its top, lies on the object.
 
 With ``a`` the image map (``attr.image``, [0, 1], pixel resolution) and ``G`` the object region (the batch's
-mask / box, :func:`clipib.metrics.localization.ground_truth`):
+mask / box, :func:`clipib.regions.ground_truth`):
 
 * :func:`energy_pointing_game` - Score-CAM (Wang et al. 2020, Sec. 5.2): the share of the map's energy inside
   the object, ``sum_G a+ / sum a+`` (positive part; a [0, 1] map is its own positive part). Quantus:
@@ -35,7 +35,8 @@ from torch import Tensor
 
 from clipib.attribution.base import Attribution
 from clipib.metrics.base import AttributionMetric, Batch, average_ranks
-from clipib.metrics.localization import _target_mask, ground_truth
+from clipib.metrics.localization import _target_mask
+from clipib.regions import ground_truth
 from clipib.models.split import SplitCLIP
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The ground-truth "method": its maps are the object the batch says the caption names.
 
 An upper reference for the localisation and perturbation metrics (issue 14) and the ROAR issue: the image map is
-the batch's object region (:func:`clipib.metrics.localization.ground_truth`: the mask where the sample has one,
+the batch's object region (:func:`clipib.regions.ground_truth`: the mask where the sample has one,
 else its box) as 1 inside / 0 outside at pixel resolution, so ``image_grid`` is each patch's share of object
 pixels; the token scores are 1 on the batch's ``gold_tokens`` and 0 elsewhere. It reads the ground truth from
 the eval batch, so it runs through :meth:`Oracle.attribute_batch`; plain :meth:`Oracle.attribute` (images and
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from clipib.attribution.base import Attribution, Attributor, Modality, Scores, to_maps
-from clipib.metrics.localization import ground_truth
+from clipib.regions import ground_truth
 
 
 class Oracle(Attributor):
