@@ -1,5 +1,5 @@
 """Quantus 0.6.0 as an independent oracle for the randomisation and robustness metrics (test-only; LGPL, never
-imported by clipib). Skipped where Quantus is not installed (`pip install -e .[oracle]`); the hand-computed
+imported by clipib). Quantus is in the `dev` extra, so `make test` runs these (skipped only where it is not installed); the hand-computed
 cases of tests/test_metrics_sanity.py always run.
 
 - MPRT's per-layer score (Spearman of max-normalised absolute maps) == our ``rho_abs``; RandomLogit's default
