@@ -6,12 +6,12 @@ The public API, re-exported flat (DESIGN.md §3)::
     attr = clipib.M2IB(clip).attribute(images, ids, modality="both")
 """
 
-from clipib.attribution import METHODS, M2IB, NIB, AdaIB, Attribution, Attributor
+from clipib.attribution import METHODS, M2IB, NIB, AdaIB, Attribution, Attributor, GradECLIP, LeGrad
 from clipib.models.loading import ModelLoadError, load_clip, load_transforms
 from clipib.models.split import SplitCLIP, UnsupportedModelError
 
 __version__ = "0.1.0"
 __all__ = [
-    "METHODS", "M2IB", "NIB", "AdaIB", "Attribution", "Attributor", "ModelLoadError", "SplitCLIP",
+    "METHODS", "M2IB", "NIB", "AdaIB", "Attribution", "Attributor", "GradECLIP", "LeGrad", "ModelLoadError", "SplitCLIP",
     "UnsupportedModelError", "load_clip", "load_transforms",
 ]

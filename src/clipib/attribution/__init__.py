@@ -13,8 +13,10 @@ from clipib.attribution.baselines import (
     Chefer,
     FastIG,
     GradCAM,
+    GradECLIP,
     IntegratedGradients,
     KernelShap,
+    LeGrad,
     RandomMap,
     Saliency,
 )
@@ -24,9 +26,9 @@ from clipib.attribution.nib import NIB
 METHODS: Dict[str, Type[Attributor]] = {
     cls.name: cls
     for cls in (M2IB, NIB, AdaIB, GradCAM, Saliency, Chefer, IntegratedGradients, FastIG, MFABA, RISE, KernelShap,
-                RandomMap)
+                RandomMap, LeGrad, GradECLIP)
 }
 """Registry ``name -> Attributor subclass``; every class builds from the model alone with its paper's defaults."""
 
-__all__ = ["METHODS", "Attribution", "Attributor", "to_maps", "M2IB", "NIB", "AdaIB", "Chefer", "FastIG", "GradCAM",
+__all__ = ["METHODS", "Attribution", "Attributor", "to_maps", "M2IB", "NIB", "AdaIB", "Chefer", "FastIG", "GradCAM", "GradECLIP", "LeGrad",
            "IntegratedGradients", "KernelShap", "MFABA", "RandomMap", "RISE", "Saliency"]

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 
 AttnHook = Callable[[int, Tensor], Tensor]
 """``hook(block_index, attn_probs [B, heads, T, T]) -> attn_probs`` used by :meth:`Tower.suffix`."""
+QKHook = Callable[[int, Tensor, Tensor], None]
+"""``hook(block_index, q [B, heads, T, d], k [B, heads, T, d])``: a block's queries and keys (see :meth:`Tower.run`)."""
 
 
 def token_span(eot: Tensor, length: int, special: bool = True, start: int = 1) -> Tensor:
@@ -54,10 +56,12 @@ class UnsupportedModelError(ValueError):
     """The model is not a CLIP-style ViT + transformer text tower that clipib can split."""
 
 
-def _run_block(block: nn.Module, x: Tensor, mask: Optional[Tensor], index: int, hook: Optional[AttnHook]) -> Tensor:
+def _run_block(block: nn.Module, x: Tensor, mask: Optional[Tensor], index: int, hook: Optional[AttnHook],
+               qk_hook: Optional[QKHook] = None) -> Tensor:
     """One residual block; with ``hook``, attention is computed explicitly so its probabilities are in the graph."""
-    if hook is None:
+    if hook is None and qk_hook is None:
         return block(x, attn_mask=mask)
+    hook = hook or (lambda i, a: a)
     if not isinstance(block, ResidualAttentionBlock) or not block.attn.batch_first:
         raise UnsupportedModelError("attention hooks need open_clip's default ResidualAttentionBlock")
     mha: nn.MultiheadAttention = block.attn
@@ -66,6 +70,8 @@ def _run_block(block: nn.Module, x: Tensor, mask: Optional[Tensor], index: int, 
     heads = mha.num_heads
     q, k, v = F.linear(y, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
     q, k, v = (u.reshape(b, t, heads, d // heads).transpose(1, 2) for u in (q, k, v))  # [B, H, T, d/H]
+    if qk_hook is not None:
+        qk_hook(index, q, k)
     logits = q @ k.transpose(-1, -2) * (d // heads) ** -0.5  # [B, H, T, T]
     if mask is not None:
         logits = logits + mask.to(logits.dtype)
@@ -103,11 +109,21 @@ class Tower(nn.Module):
         if not 0 <= k <= self.n_layers:
             raise ValueError(f"layer k={k} outside 0..{self.n_layers}")
 
-    def _blocks(self, h: Tensor, start: int, stop: int, hook: Optional[AttnHook] = None) -> Tensor:
+    def _blocks(self, h: Tensor, start: int, stop: int, hook: Optional[AttnHook] = None,
+                qk_hook: Optional[QKHook] = None) -> Tensor:
         mask = self._mask(h.shape[1])
         for i in range(start, stop):
-            h = _run_block(self.blocks[i], h, mask, i, hook)
+            h = _run_block(self.blocks[i], h, mask, i, hook, qk_hook)
         return h
+
+    def run(self, h: Tensor, start: int, stop: int, attn_hook: Optional[AttnHook] = None,
+            qk_hook: Optional[QKHook] = None) -> Tensor:
+        """Blocks ``start..stop−1`` on the residual stream ``h`` after ``start`` blocks: the stream after ``stop``
+        blocks ``[B, T, D]``. ``attn_hook`` as in :meth:`suffix`; ``qk_hook`` sees each block's queries and keys
+        as the attention compares them (timm RoPE towers: before the rotary embedding)."""
+        if not 0 <= start <= stop <= self.n_layers:
+            raise ValueError(f"blocks {start}..{stop} outside 0..{self.n_layers}")
+        return self._blocks(h, start, stop, attn_hook, qk_hook)
 
     def embed(self, x: Tensor) -> Tensor:
         """The residual stream before the first block, ``[B, T, D]``."""
@@ -231,22 +247,44 @@ class _ProbsHook(nn.Module):
         return self.hook(self.index, attn)
 
 
+class _NormTap(nn.Module):
+    """Stands in for a timm attention's ``q_norm`` / ``k_norm``: runs it and hands its output to ``keep``."""
+
+    def __init__(self, norm: nn.Module, keep: Callable[[Tensor], None]) -> None:
+        super().__init__()
+        self.norm, self.keep = norm, keep
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.norm(x)
+        self.keep(y)
+        return y
+
+
 @contextlib.contextmanager
-def _timm_attn_hook(block: nn.Module, index: int, hook: Optional[AttnHook]) -> Iterator[None]:
+def _timm_attn_hook(block: nn.Module, index: int, hook: Optional[AttnHook],
+                    qk_hook: Optional[QKHook] = None) -> Iterator[None]:
     """While active, ``block.attn`` computes attention explicitly (timm's non-fused path, the same equations)
-    and passes the probabilities ``[B, heads, T, T]`` through ``hook``; restored afterwards."""
-    if hook is None:
+    and passes the probabilities ``[B, heads, T, T]`` through ``hook`` (and its normalised queries and keys
+    to ``qk_hook``); restored afterwards."""
+    if hook is None and qk_hook is None:
         yield
         return
     attn = block.attn
-    if not hasattr(attn, "fused_attn") or not isinstance(getattr(attn, "attn_drop", None), nn.Dropout):
+    names = ("fused_attn", "attn_drop", "q_norm", "k_norm")
+    if not all(hasattr(attn, n) for n in names) or not isinstance(attn.attn_drop, nn.Dropout):
         raise UnsupportedModelError(f"attention hooks need a timm attention with attn_drop, got {type(attn).__name__}")
-    fused, drop = attn.fused_attn, attn.attn_drop
-    attn.fused_attn, attn.attn_drop = False, _ProbsHook(hook, index)
+    saved = {n: getattr(attn, n) for n in names}
+    seen: List[Tensor] = []
+    attn.fused_attn, attn.attn_drop = False, _ProbsHook(hook or (lambda i, a: a), index)
+    if qk_hook is not None:
+        attn.q_norm, attn.k_norm = _NormTap(saved["q_norm"], seen.append), _NormTap(saved["k_norm"], seen.append)
     try:
         yield
     finally:
-        attn.fused_attn, attn.attn_drop = fused, drop
+        for n, module in saved.items():
+            setattr(attn, n, module)
+    if qk_hook is not None:
+        qk_hook(index, seen[0], seen[1])
 
 
 class TimmImageTower(ImageTower):
@@ -299,12 +337,13 @@ class TimmImageTower(ImageTower):
             h = self.trunk.patch_drop(h)  # identity in eval
         return self.trunk.norm_pre(h)  # [B, n_prefix + N, D]
 
-    def _blocks(self, h: Tensor, start: int, stop: int, hook: Optional[AttnHook] = None) -> Tensor:
+    def _blocks(self, h: Tensor, start: int, stop: int, hook: Optional[AttnHook] = None,
+                qk_hook: Optional[QKHook] = None) -> Tensor:
         rope = self._rope()  # Eva's rotary embedding (a function of the grid only), None for timm ViTs
         mixed = getattr(self.trunk, "rope_mixed", False)
         for i in range(start, stop):
             block = self.blocks[i]
-            with _timm_attn_hook(block, i, hook):
+            with _timm_attn_hook(block, i, hook, qk_hook):
                 if rope is None:
                     h = block(h)
                 else:
