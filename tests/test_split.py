@@ -239,3 +239,12 @@ def test_open_clip_timm_models_cuts(name):
     for tower, x, ref, n in ((clip.image, images, ref_img, n_img), (clip.text, ids, ref_txt, n_txt)):
         for k in (0, n // 2, n):
             torch.testing.assert_close(tower.suffix(tower.prefix(x, k), k, x), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kind", [("convnext_tiny", "ConvNeXt"), ("coca_ViT-B-32", "CoCa"),
+                                        ("MobileCLIP-S1", "FastVit")])
+def test_unsplittable_towers_are_named(name, kind):
+    """Towers clipib cannot split are refused with a message naming the tower type (docs/models.md)."""
+    with pytest.raises((UnsupportedModelError, clipib.ModelLoadError), match=kind):
+        clipib.load_clip(name, pretrained=None)
