@@ -248,3 +248,23 @@ def test_unsplittable_towers_are_named(name, kind):
     """Towers clipib cannot split are refused with a message naming the tower type (docs/models.md)."""
     with pytest.raises((UnsupportedModelError, clipib.ModelLoadError), match=kind):
         clipib.load_clip(name, pretrained=None)
+
+
+@pytest.mark.parametrize("family", ["siglip", "tiny"])
+def test_qk_hook_gives_what_the_attention_compares(tiny_family, tiny_clip, pairs, family_pairs, family):
+    """softmax(q·kᵀ/√d (+ mask)) of the queries and keys ``Tower.run`` reports equals the probabilities the
+    attention hook sees (timm taps ``q_norm`` / ``k_norm``; open_clip's explicit path)."""
+    clip = tiny_clip if family == "tiny" else tiny_family(family)
+    images, ids = pairs if family == "tiny" else family_pairs(clip)
+    for tower, x in ((clip.image, images), (clip.text, ids)):
+        probs, qk = {}, {}
+        h = tower.prefix(x, 1)
+        out = tower.run(h, 1, 2, attn_hook=lambda i, a: probs.setdefault(i, a),
+                        qk_hook=lambda i, q, k: qk.setdefault(i, (q, k)))
+        torch.testing.assert_close(out, tower.prefix(x, 2), atol=1e-5, rtol=0)
+        q, k = qk[1]  # [B, heads, T, d]
+        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        mask = tower._mask(h.shape[1])
+        if mask is not None:
+            logits = logits + mask
+        torch.testing.assert_close(logits.softmax(-1), probs[1], atol=1e-5, rtol=0)

@@ -299,7 +299,7 @@ class TimmImageTower(ImageTower):
         kind = type(trunk).__name__
         if kind not in ("VisionTransformer", "Eva"):
             raise UnsupportedModelError(f"timm trunk {kind} is not a ViT (VisionTransformer or Eva): cannot be split")
-        if "pool" in visual.head or getattr(trunk, "dynamic_img_size", False):
+        if getattr(visual.head, "pool", None) is not None or getattr(trunk, "dynamic_img_size", False):
             raise UnsupportedModelError(f"timm {kind} with an open_clip pooling head or dynamic image size")
         pool = "map" if getattr(trunk, "attn_pool", None) is not None else trunk.global_pool
         if pool not in ("map", "avg", "token"):
