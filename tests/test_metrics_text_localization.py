@@ -57,3 +57,19 @@ def test_functional_equals_modular(value, idx):
     m.update(CLIP, {"ids": ids[4:], "gold_tokens": gold[4:]}, Attribution(text=s[4:]), "text")
     ref = topk_gold(s, gold, ids, k=2)[idx]
     assert m.compute()[value]["mean"].item() == pytest.approx(ref.mean().item())
+
+
+def test_topk_follows_a_siglip_towers_caption(tiny_family, make_siglip_ids):
+    """On a last-pooled tower without SOT the first word competes and padding does not (caption_rule)."""
+    from clipib.attribution.base import Attribution
+    from clipib.metrics.text_localization import TextTopK
+
+    clip = tiny_family("siglip")
+    ids = make_siglip_ids([3], clip.context_length, 1000)  # words at 0..2, EOS padding from 3
+    gold = torch.zeros_like(ids, dtype=torch.bool)
+    gold[0, [0, 2]] = True
+    scores = torch.zeros(ids.shape)
+    scores[0, [0, 2]] = 0.9
+    scores[0, 10] = 1.0  # padding: never a candidate
+    out = TextTopK(k=2).update(clip, {"ids": ids, "gold_tokens": gold}, Attribution(text=scores), "text")
+    assert out["topk_hit"].tolist() == [1.0]

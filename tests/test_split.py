@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import clipib
-from clipib.models.split import UnsupportedModelError
+from clipib.models.split import TimmImageTower, UnsupportedModelError
 
 
 def _reference(clip, images, ids):
@@ -133,3 +133,142 @@ def test_loading_keeps_other_loggers(tiny_config, caplog):
     clipib.load_clip(tiny_config, pretrained=None)
     logging.getLogger("my_experiment").warning("after")
     assert caplog.records[-1].getMessage() == "after"
+
+
+# --- timm towers, bidirectional text towers --------------------------------------------------------------
+FAMILIES = ["eva", "pe", "siglip"]
+
+
+def _hook_is_exact(clip, images, ids):
+    """The explicit-attention path gives the same embeddings and passes row-stochastic probabilities."""
+    for tower, x in ((clip.image, images), (clip.text, ids)):
+        seen = []
+
+        def hook(i, attn):
+            seen.append(i)
+            assert attn.ndim == 4 and attn.shape[-1] == attn.shape[-2]
+            torch.testing.assert_close(attn.sum(-1), torch.ones_like(attn.sum(-1)))
+            return attn
+
+        k = tower.n_layers - 2
+        out = tower.suffix(tower.prefix(x, k), k, x, attn_hook=hook)
+        torch.testing.assert_close(out, tower.encode(x), atol=1e-5, rtol=0)
+        assert seen == list(range(k, tower.n_layers))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_families_every_cut(tiny_family, family_pairs, family):
+    clip = tiny_family(family)
+    images, ids = family_pairs(clip)
+    with torch.no_grad():
+        _check_all_cuts(clip, images, ids)
+    _hook_is_exact(clip, images, ids)
+    w = clip.image.pool_weights(images)  # [B, T]
+    assert w.shape == (4, clip.image.n_prefix + clip.grid[0] * clip.grid[1])
+    torch.testing.assert_close(w.sum(-1), torch.ones(4))
+    assert clip.image.to_grid(w).shape == (4, *clip.grid)
+
+
+def test_siglip_text_rules(tiny_family, make_siglip_ids):
+    """A bidirectional last-pooled tower: pooled at the last position, runs on the whole context (padding
+    changes the embedding), spans end at the first padding EOS and have no SOT."""
+    clip = tiny_family("siglip")
+    text = clip.text
+    assert not text.causal and text.pool_type == "last" and text.content_start == 0
+    ids = make_siglip_ids([3, 15], clip.context_length, 1000)
+    assert text.eot_positions(ids).tolist() == [15, 15]
+    assert text.caption_ends(ids).tolist() == [3, 15]
+    assert text.span_mask(ids)[0].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert text.span_mask(ids, special=False)[0].nonzero().flatten().tolist() == [0, 1, 2]
+    assert text.prefix(ids, 1).shape[1] == clip.context_length
+    assert clip.image.pool_type == "map" and clip.image.n_prefix == 0
+    other = ids.clone()
+    other[0, 10] = 7  # a change past the caption still moves a bidirectional tower's embedding
+    assert not torch.allclose(text.encode(ids)[0], text.encode(other)[0])
+
+
+def test_family_tower_kinds(tiny_family):
+    assert (tiny_family("eva").image.pool_type, tiny_family("eva").image.n_prefix) == ("tok", 1)
+    assert (tiny_family("pe").image.pool_type, tiny_family("pe").image.n_prefix) == ("map", 1)
+
+
+def test_tokenizer_is_lazy(tiny_config):
+    """A model whose tokenizer cannot be built loads; the first use says in one line what is missing."""
+    from clipib.models.loading import LazyTokenizer
+
+    tok = LazyTokenizer("ViT-B-16-SigLIP")
+    try:
+        import transformers  # noqa: F401
+    except ModuleNotFoundError:
+        with pytest.raises(clipib.ModelLoadError, match="needs the 'transformers' package"):
+            tok(["a cat"])
+    assert clipib.load_clip(tiny_config, pretrained=None).tokenize(["a cat"]).shape == (1, 77)
+
+
+def _big(name):
+    torch.manual_seed(0)
+    return clipib.load_clip(name, pretrained=None)
+
+
+def _synthetic_ids(clip, lengths):
+    """CLIP BPE-shaped ids (SOT, words, EOT, zeros) or SigLIP-shaped ones (words, EOS = 1 padding), no tokenizer."""
+    vocab = clip.text.token_embedding.num_embeddings
+    if clip.text.pool_type == "last":
+        ids = torch.ones(len(lengths), clip.context_length, dtype=torch.long)
+        for row, n in enumerate(lengths):
+            ids[row, :n] = torch.randint(2, vocab, (n,), generator=torch.Generator().manual_seed(row))
+        return ids
+    ids = torch.zeros(len(lengths), clip.context_length, dtype=torch.long)
+    gen = torch.Generator().manual_seed(3)
+    for row, n in enumerate(lengths):
+        ids[row, 0], ids[row, 1:n + 1], ids[row, n + 1] = vocab - 2, torch.randint(1, vocab - 2, (n,), generator=gen), vocab - 1
+    return ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "EVA02-B-16", "PE-Core-B-16"])
+@torch.no_grad()
+def test_open_clip_timm_models_every_cut(name):
+    """open_clip's own configs on random weights (one image, two captions): every cut of the timm image tower
+    and of a bidirectional (SigLIP) text tower; first / middle / last cut of a causal CLIP text tower (the code
+    path ViT-B-32 checks at every cut above; PE-Core's 24-block text tower would triple the time)."""
+    clip = _big(name)
+    assert isinstance(clip.image, TimmImageTower)
+    images, ids = torch.randn(1, 3, *clip.image_size), _synthetic_ids(clip, [4, 11])
+    ref_img, ref_txt = _reference(clip, images, ids)
+    n_txt = clip.text.n_layers
+    text_ks = range(n_txt + 1) if not clip.text.causal else (0, n_txt // 2, n_txt)
+    for tower, x, ref, ks in ((clip.image, images, ref_img, range(clip.image.n_layers + 1)),
+                              (clip.text, ids, ref_txt, text_ks)):
+        torch.testing.assert_close(tower.encode(x), ref, atol=1e-5, rtol=0)
+        for k in ks:
+            torch.testing.assert_close(tower.suffix(tower.prefix(x, k), k, x), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kind", [("convnext_tiny", "ConvNeXt"), ("coca_ViT-B-32", "CoCa"),
+                                        ("MobileCLIP-S1", "FastVit")])
+def test_unsplittable_towers_are_named(name, kind):
+    """Towers clipib cannot split are refused with a message naming the tower type (docs/models.md)."""
+    with pytest.raises((UnsupportedModelError, clipib.ModelLoadError), match=kind):
+        clipib.load_clip(name, pretrained=None)
+
+
+@pytest.mark.parametrize("family", ["siglip", "tiny"])
+def test_qk_hook_gives_what_the_attention_compares(tiny_family, tiny_clip, pairs, family_pairs, family):
+    """softmax(q·kᵀ/√d (+ mask)) of the queries and keys ``Tower.run`` reports equals the probabilities the
+    attention hook sees (timm taps ``q_norm`` / ``k_norm``; open_clip's explicit path)."""
+    clip = tiny_clip if family == "tiny" else tiny_family(family)
+    images, ids = pairs if family == "tiny" else family_pairs(clip)
+    for tower, x in ((clip.image, images), (clip.text, ids)):
+        probs, qk = {}, {}
+        h = tower.prefix(x, 1)
+        out = tower.run(h, 1, 2, attn_hook=lambda i, a: probs.setdefault(i, a),
+                        qk_hook=lambda i, q, k: qk.setdefault(i, (q, k)))
+        torch.testing.assert_close(out, tower.prefix(x, 2), atol=1e-5, rtol=0)
+        q, k = qk[1]  # [B, heads, T, d]
+        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        mask = tower._mask(h.shape[1])
+        if mask is not None:
+            logits = logits + mask
+        torch.testing.assert_close(logits.softmax(-1), probs[1], atol=1e-5, rtol=0)

@@ -14,8 +14,10 @@ from clipib.attribution.baselines import (
     Chefer,
     FastIG,
     GradCAM,
+    GradECLIP,
     IntegratedGradients,
     KernelShap,
+    LeGrad,
     RandomMap,
     Saliency,
 )
@@ -25,10 +27,10 @@ from clipib.attribution.nib import NIB
 METHODS: Dict[str, Type[Attributor]] = {
     cls.name: cls
     for cls in (M2IB, NIB, AdaIB, GradCAM, Saliency, Chefer, IntegratedGradients, FastIG, MFABA, RISE, KernelShap,
-                RandomMap, Oracle)
+                RandomMap, Oracle, LeGrad, GradECLIP)
 }
 """Registry ``name -> Attributor subclass``; every class builds from the model alone with its paper's defaults."""
 
 __all__ = ["METHODS", "Attribution", "Attributor", "Inputs", "check_inputs", "to_maps", "M2IB", "NIB", "AdaIB",
-           "Chefer", "FastIG", "GradCAM", "IntegratedGradients", "KernelShap", "MFABA", "Oracle", "RandomMap", "RISE",
-           "Saliency"]
+           "Chefer", "FastIG", "GradCAM", "GradECLIP", "IntegratedGradients", "KernelShap", "LeGrad", "MFABA", "Oracle",
+           "RandomMap", "RISE", "Saliency"]

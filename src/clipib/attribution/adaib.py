@@ -215,7 +215,7 @@ class AdaIB(Attributor):
 
     def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         res, scalars = self.run("image", self.clip.image, images, target, generators)
-        return res.capacity[:, 1:].reshape(-1, *self.clip.grid), scalars  # drop CLS: [B, gh, gw]
+        return self.clip.image.to_grid(res.capacity), scalars  # prefix tokens dropped: [B, gh, gw]
 
     def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         res, scalars = self.run("text", self.clip.text, ids, target, generators, self.clip.text.span_mask(ids))

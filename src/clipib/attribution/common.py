@@ -110,7 +110,7 @@ class TextInput:
 def text_cosine(clip: SplitCLIP, ids: Tensor, target: Tensor) -> TextInput:
     """Token-embedding input of ``ids`` ``[B, ctx]`` and its cosine with ``target`` ``[B, E]``."""
     pool_at = clip.text.eot_positions(ids)  # [B]
-    length = int(pool_at.max()) + 1
+    length = clip.text.valid_length(ids)  # the longest SOT..EOT (causal), the whole context (bidirectional)
     with torch.no_grad():
         emb = clip.text.token_embeddings(ids[:, :length])  # [B, L, D]
 

@@ -79,7 +79,7 @@ class M2IB(Attributor):
     def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         tower = self.clip.image
         res = self.bottleneck.run(tower, images, self.layer_for(tower), target, generators, self.objective)
-        return res.capacity[:, 1:].reshape(-1, *self.clip.grid), self._scalars("image", res)  # drop CLS: [B, gh, gw]
+        return self.clip.image.to_grid(res.capacity), self._scalars("image", res)  # prefix tokens dropped: [B, gh, gw]
 
     def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         tower = self.clip.text

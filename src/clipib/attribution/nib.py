@@ -115,7 +115,7 @@ class NIB(Attributor):
         return (h * grad_sum).sum(-1)  # [B, T]
 
     def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
-        return self.scores(self.clip.image, images, target)[:, 1:].reshape(-1, *self.clip.grid), {}
+        return self.clip.image.to_grid(self.scores(self.clip.image, images, target)), {}  # prefix tokens dropped
 
     def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         return self.scores(self.clip.text, ids, target), {}

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from clipib.attribution.base import Attribution
 from clipib.attribution.common import cosine
-from clipib.metrics.base import AttributionMetric, Batch, default_eot, nanquantile_linear
+from clipib.metrics.base import AttributionMetric, Batch, caption_rule, default_eot, nanquantile_linear
 from clipib.models.split import SplitCLIP, token_span
 
 __all__ = [
@@ -199,12 +199,17 @@ def text_confidence_scores(
     _check_protocol(protocol)
     image_emb = clip.image.encode(images)  # [B, E]
     tower = clip.text
-    eot = tower.eot_positions(ids)  # [B]
+    eot = tower.eot_positions(ids)  # [B]: the pooled positions
     if protocol == "corrected":
-        new_ids = median_mask(ids, scores, token_span(eot, ids.shape[1], special=False), replacement_id)
+        ends, start = caption_rule(tower, ids)
+        content = token_span(ends, ids.shape[1], special=False, start=start)
+        new_ids = median_mask(ids, scores, content, replacement_id)
         orig = cosine(tower.encode(ids), image_emb)
         pert = cosine(tower.encode_embeddings(tower.token_embeddings(new_ids), eot), image_emb)
         return orig, pert
+    if getattr(tower, "pool_type", "argmax") != "argmax":
+        raise ValueError(f"text confidence protocol '{protocol}' re-packs CLIP BPE ids (SOT..EOT, argmax pooling); "
+                         f"this text tower pools '{tower.pool_type}': use protocol 'corrected'")
     s_ids, s_scores, valid = strip_special(ids, scores, eot)
     clean = tower.encode_embeddings(tower.token_embeddings(s_ids), legacy_pool_positions(s_ids))
     orig = cosine(clean, image_emb)

@@ -42,7 +42,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from clipib.attribution.base import Attribution
 from clipib.attribution.common import image_cosine, text_cosine
-from clipib.metrics.base import AttributionMetric, Batch, default_eot
+from clipib.metrics.base import AttributionMetric, Batch, caption_rule, default_eot
 from clipib.models.split import SplitCLIP, token_span
 
 __all__ = [
@@ -171,6 +171,7 @@ def text_insertion_deletion(
     steps: int = 20,
     replacement_id: int = 0,
     eot: Tensor | None = None,
+    start: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Token deletion / insertion curve: ``(auc [B], fractions [S+1], curves [B, S+1])``.
 
@@ -183,7 +184,7 @@ def text_insertion_deletion(
     _check_mode(mode, steps)
     if scores.shape != ids.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and ids {tuple(ids.shape)} differ in shape")
-    content = token_span(default_eot(ids, eot), ids.shape[1], special=False)  # [B, L]
+    content = token_span(default_eot(ids, eot), ids.shape[1], special=False, start=start)  # [B, L]
     rank = _ranks(scores, content)  # [B, L]
     n = content.sum(1, keepdim=True).double()  # [B, 1]
     blank = torch.full_like(ids, replacement_id)
@@ -264,8 +265,8 @@ class InsertionDeletion(AttributionMetric):
                 out[f"image_{mode}"] = image_insertion_deletion(images, attr.image, score, mode, self.steps,
                                                                 self.fill, mean, std)[0]
         else:
-            score, eot = text_scorer(clip, images, ids), clip.text.eot_positions(ids)
+            score, (ends, start) = text_scorer(clip, images, ids), caption_rule(clip.text, ids)  # the caption
             for mode in ("insertion", "deletion"):
                 out[f"text_{mode}"] = text_insertion_deletion(ids, attr.text, score, mode, self.steps,
-                                                              self.replacement_id, eot)[0]
+                                                              self.replacement_id, ends, start)[0]
         return out

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from clipib.attribution.base import Attribution
-from clipib.metrics.base import AttributionMetric, Batch, default_eot
+from clipib.metrics.base import AttributionMetric, Batch, caption_rule, default_eot
 from clipib.models.split import SplitCLIP, token_span
 
 __all__ = ["topk_gold", "TextTopK"]
@@ -41,6 +41,7 @@ def topk_gold(
     *,
     eot: Tensor | None = None,
     include_special: bool = False,
+    start: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample ``(share, hit)``, each ``[B]`` float64; NaN where a sample has no gold token.
 
@@ -51,6 +52,7 @@ def topk_gold(
         k: size of the top set.
         eot: EOT positions ``[B]``; default ``ids.argmax(-1)``.
         include_special: let SOT and EOT compete for the top-k.
+        start: first content token (1 after a SOT; 0 for SigLIP-style towers, ``TextTower.content_start``).
 
     Example:
         >>> ids = torch.tensor([[49406, 320, 1125, 539, 49407]])
@@ -64,7 +66,7 @@ def topk_gold(
                          f"{tuple(gold.shape)}, {tuple(ids.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    cand = token_span(default_eot(ids, eot), ids.shape[1], special=include_special)  # [B, L]
+    cand = token_span(default_eot(ids, eot), ids.shape[1], special=include_special, start=start)  # [B, L]
     g = gold.bool() & cand
     s = torch.where(cand, scores.double(), torch.full_like(scores, -math.inf, dtype=torch.float64))
     # number of candidates scoring >= each token (itself included)
@@ -107,5 +109,6 @@ class TextTopK(AttributionMetric):
         if batch.get("gold_tokens") is None:
             raise ValueError("metric 'text_topk' needs batch['gold_tokens']")
         ids = batch["ids"]
-        share, hit = topk_gold(attr.text, batch["gold_tokens"], ids, self.k, eot=clip.text.eot_positions(ids))
+        ends, start = caption_rule(clip.text, ids)
+        share, hit = topk_gold(attr.text, batch["gold_tokens"], ids, self.k, eot=ends, start=start)
         return {"topk_share": share, "topk_hit": hit}

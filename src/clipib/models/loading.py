@@ -138,6 +138,46 @@ def _create(name: str, weights: Optional[str], device: Union[str, torch.device])
     )
 
 
+class LazyTokenizer:
+    """open_clip's tokenizer for a model, built on first use: a caller that passes token ids never builds it.
+
+    SigLIP-family tokenizers need the ``transformers`` package and the HF tokenizer files; when they are
+    missing the first call raises :class:`ModelLoadError` with one line saying what to install or fetch.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tokenizer: Optional[Callable] = None
+
+    def build(self) -> Callable:
+        """The open_clip tokenizer (built once)."""
+        if self._tokenizer is None:
+            try:
+                with _quiet(offline=not _hub_reachable()):
+                    self._tokenizer = open_clip.get_tokenizer(self.name)
+            except ModuleNotFoundError as err:
+                raise ModelLoadError(
+                    f"the tokenizer of {self.name} needs the '{err.name}' package (pip install {err.name}) "
+                    "and its HF tokenizer files; pass token ids to avoid it"
+                ) from err
+            except OSError as err:
+                raise ModelLoadError(
+                    f"the HF tokenizer files of {self.name} are not in the local cache and cannot be downloaded: "
+                    f"{str(err).splitlines()[0][:200]}"
+                ) from err
+        return self._tokenizer
+
+    def __call__(self, texts, context_length: Optional[int] = None):
+        """Token ids ``[B, ctx]`` of ``texts`` (CPU)."""
+        tok = self.build()
+        return tok(texts) if context_length is None else tok(texts, context_length=context_length)
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.build(), attr)
+
+
 def load_clip(
     model: str = "ViT-B-32-quickgelu",
     pretrained: Optional[str] = DEFAULT,
@@ -161,8 +201,7 @@ def load_clip(
     name = register_model(model)
     weights = _resolve_pretrained(model, name, pretrained)
     clip_model, preprocess = _create(name, weights, device)
-    tokenizer = open_clip.get_tokenizer(name)
-    return SplitCLIP(clip_model, preprocess=preprocess, tokenizer=tokenizer, name=model)
+    return SplitCLIP(clip_model, preprocess=preprocess, tokenizer=LazyTokenizer(name), name=model)
 
 
 def load_transforms(model: str) -> Tuple[Callable, Callable]:
@@ -172,4 +211,4 @@ def load_transforms(model: str) -> Tuple[Callable, Callable]:
     pp = dict(cfg.get("preprocess_cfg", {}))
     pp.setdefault("size", cfg["vision_cfg"]["image_size"])
     preprocess = image_transform_v2(PreprocessCfg(**pp), is_train=False)
-    return preprocess, open_clip.get_tokenizer(name)
+    return preprocess, LazyTokenizer(name)

@@ -1,7 +1,11 @@
 """SplitCLIP: an open_clip CLIP whose towers can be cut after any transformer block.
 
-This is the only module that touches open_clip internals (``_embeds``, ``resblocks``, ``_pool``, the text
-tower's attributes). ``tower.suffix(tower.prefix(x, k), k, x) == tower.encode(x)`` for every ``k`` is
+This is the only module that touches open_clip and timm internals (``_embeds``, ``resblocks``, ``_pool``, the
+text tower's attributes; a ``TimmModel``'s ViT / EVA trunk: ``patch_embed``, ``_pos_embed``, rotary
+embeddings, ``blocks``, ``pool``). Supported: open_clip ``VisionTransformer`` towers (CLS or mean pooling) and
+timm ``VisionTransformer`` / ``Eva`` trunks inside ``TimmModel`` (SigLIP, SigLIP 2, EVA-02, PE-Core: class and
+register tokens, ``norm_pre``, RoPE, pooling ``map`` / ``avg`` / ``token``); open_clip ``TextTransformer``
+towers, causal or not, pooled ``argmax`` / ``eos`` / ``last`` / ``first``. ``tower.suffix(tower.prefix(x, k), k, x) == tower.encode(x)`` for every ``k`` is
 guarded by ``tests/test_split.py`` against open_clip's own ``encode_image`` / ``encode_text``.
 
 Layer index convention (REFERENCE_NOTES §0): ``k`` is the residual stream after ``k`` blocks; ``0`` is the
@@ -11,25 +15,30 @@ LayerNorm.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIP, CustomTextCLIP
+from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 from torch import Tensor, nn
 
 AttnHook = Callable[[int, Tensor], Tensor]
 """``hook(block_index, attn_probs [B, heads, T, T]) -> attn_probs`` used by :meth:`Tower.suffix`."""
+QKHook = Callable[[int, Tensor, Tensor], None]
+"""``hook(block_index, q [B, heads, T, d], k [B, heads, T, d])``: a block's queries and keys (see :meth:`Tower.run`)."""
 
 
-def token_span(eot: Tensor, length: int, special: bool = True) -> Tensor:
-    """``[B, length]`` bool: True on SOT..EOT of each row (``special=False``: strictly between them).
+def token_span(eot: Tensor, length: int, special: bool = True, start: int = 1) -> Tensor:
+    """``[B, length]`` bool: True on SOT..EOT of each row (``special=False``: ``start``..EOT, EOT excluded).
 
-    ``eot`` ``[B]`` holds each row's EOT position (:meth:`TextTower.eot_positions`); SOT is position 0.
+    ``eot`` ``[B]`` holds each row's EOT position (:meth:`TextTower.eot_positions`); SOT is position 0;
+    ``start`` is the first content token (1 after a SOT; 0 for tokenizers without one, e.g. SigLIP's).
     The one token-span rule of clipib: methods mask outside SOT..EOT, perturbation methods and metrics
     act on the content tokens between them.
 
@@ -41,17 +50,19 @@ def token_span(eot: Tensor, length: int, special: bool = True) -> Tensor:
     pos = torch.arange(length, device=eot.device)[None]  # [1, L]
     if special:
         return pos <= eot[:, None]
-    return (pos > 0) & (pos < eot[:, None])
+    return (pos >= start) & (pos < eot[:, None])
 
 
 class UnsupportedModelError(ValueError):
-    """The model is not a CLIP-style ViT + causal text transformer that clipib can split."""
+    """The model is not a CLIP-style ViT + transformer text tower that clipib can split."""
 
 
-def _run_block(block: nn.Module, x: Tensor, mask: Optional[Tensor], index: int, hook: Optional[AttnHook]) -> Tensor:
+def _run_block(block: nn.Module, x: Tensor, mask: Optional[Tensor], index: int, hook: Optional[AttnHook],
+               qk_hook: Optional[QKHook] = None) -> Tensor:
     """One residual block; with ``hook``, attention is computed explicitly so its probabilities are in the graph."""
-    if hook is None:
+    if hook is None and qk_hook is None:
         return block(x, attn_mask=mask)
+    hook = hook or (lambda i, a: a)
     if not isinstance(block, ResidualAttentionBlock) or not block.attn.batch_first:
         raise UnsupportedModelError("attention hooks need open_clip's default ResidualAttentionBlock")
     mha: nn.MultiheadAttention = block.attn
@@ -60,6 +71,8 @@ def _run_block(block: nn.Module, x: Tensor, mask: Optional[Tensor], index: int, 
     heads = mha.num_heads
     q, k, v = F.linear(y, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
     q, k, v = (u.reshape(b, t, heads, d // heads).transpose(1, 2) for u in (q, k, v))  # [B, H, T, d/H]
+    if qk_hook is not None:
+        qk_hook(index, q, k)
     logits = q @ k.transpose(-1, -2) * (d // heads) ** -0.5  # [B, H, T, T]
     if mask is not None:
         logits = logits + mask.to(logits.dtype)
@@ -101,11 +114,21 @@ class Tower(nn.Module):
         if not 0 <= k <= self.n_layers:
             raise ValueError(f"layer k={k} outside 0..{self.n_layers}")
 
-    def _blocks(self, h: Tensor, start: int, stop: int, hook: Optional[AttnHook] = None) -> Tensor:
+    def _blocks(self, h: Tensor, start: int, stop: int, hook: Optional[AttnHook] = None,
+                qk_hook: Optional[QKHook] = None) -> Tensor:
         mask = self._mask(h.shape[1])
         for i in range(start, stop):
-            h = _run_block(self.blocks[i], h, mask, i, hook)
+            h = _run_block(self.blocks[i], h, mask, i, hook, qk_hook)
         return h
+
+    def run(self, h: Tensor, start: int, stop: int, attn_hook: Optional[AttnHook] = None,
+            qk_hook: Optional[QKHook] = None) -> Tensor:
+        """Blocks ``start..stop−1`` on the residual stream ``h`` after ``start`` blocks: the stream after ``stop``
+        blocks ``[B, T, D]``. ``attn_hook`` as in :meth:`suffix`; ``qk_hook`` sees each block's queries and keys
+        as the attention compares them (timm RoPE towers: before the rotary embedding)."""
+        if not 0 <= start <= stop <= self.n_layers:
+            raise ValueError(f"blocks {start}..{stop} outside 0..{self.n_layers}")
+        return self._blocks(h, start, stop, attn_hook, qk_hook)
 
     def embed(self, x: Tensor) -> Tensor:
         """The residual stream before the first block, ``[B, T, D]``."""
@@ -159,7 +182,7 @@ class ImageTower(Tower):
         if not isinstance(visual, VisionTransformer):
             raise UnsupportedModelError(f"image tower {type(visual).__name__} is not an open_clip VisionTransformer")
         if visual.attn_pool is not None:
-            raise UnsupportedModelError("vision towers with attentional pooling are not supported")
+            raise UnsupportedModelError("open_clip vision towers with attentional pooling (CoCa) are not supported")
         self.visual = visual
         self.blocks = visual.transformer.resblocks
 
@@ -174,10 +197,31 @@ class ImageTower(Tower):
         return tuple(self.visual.image_size)
 
     @property
+    def n_prefix(self) -> int:
+        """Tokens before the patch grid in the residual stream (class and register tokens)."""
+        return 1
+
+    @property
     def pool_type(self) -> str:
-        """How the embedding is read from the last residual stream: ``"tok"`` (the CLS token) or ``"avg"``
-        (the mean of the patch tokens)."""
+        """How the embedding is read from the last residual stream: ``"tok"`` (the CLS token), ``"avg"`` (the
+        mean of the patch tokens) or ``"map"`` (timm's attention pooling over the tokens)."""
         return self.visual.pool_type
+
+    def to_grid(self, scores: Tensor) -> Tensor:
+        """Per-token scores ``[B, T]`` → the patch grid ``[B, gh, gw]`` (class / register tokens dropped)."""
+        return scores[:, self.n_prefix:].reshape(-1, *self.grid)
+
+    def pool_weights(self, x: Tensor) -> Tensor:
+        """``[B, T]``: how much each row of the last residual stream enters the pooled vector (one-hot at CLS
+        for ``tok``, uniform over the patches for ``avg``, the attention head's probabilities averaged over
+        heads for ``map``); rows sum to 1. Methods that read "the pooled token's row" weight rows by this."""
+        b, t = x.shape[0], self.n_prefix + self.grid[0] * self.grid[1]
+        w = torch.zeros(b, t, device=x.device, dtype=x.dtype)
+        if self.pool_type == "avg":
+            w[:, self.n_prefix:] = 1.0 / (t - self.n_prefix)
+        else:
+            w[:, 0] = 1.0
+        return w
 
     def embed(self, x: Tensor) -> Tensor:
         return self.visual._embeds(x)  # [B, 1+N, D]
@@ -200,9 +244,161 @@ class ImageTower(Tower):
         return F.normalize(pooled, dim=-1)
 
 
+class _ProbsHook(nn.Module):
+    """Stands in for a timm attention's ``attn_drop`` (identity in eval) to pass its probabilities to a hook."""
+
+    def __init__(self, hook: AttnHook, index: int) -> None:
+        super().__init__()
+        self.hook, self.index = hook, index
+
+    def forward(self, attn: Tensor) -> Tensor:
+        return self.hook(self.index, attn)
+
+
+class _NormTap(nn.Module):
+    """Stands in for a timm attention's ``q_norm`` / ``k_norm``: runs it and hands its output to ``keep``."""
+
+    def __init__(self, norm: nn.Module, keep: Callable[[Tensor], None]) -> None:
+        super().__init__()
+        self.norm, self.keep = norm, keep
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.norm(x)
+        self.keep(y)
+        return y
+
+
+@contextlib.contextmanager
+def _timm_attn_hook(block: nn.Module, index: int, hook: Optional[AttnHook],
+                    qk_hook: Optional[QKHook] = None) -> Iterator[None]:
+    """While active, ``block.attn`` computes attention explicitly (timm's non-fused path, the same equations)
+    and passes the probabilities ``[B, heads, T, T]`` through ``hook`` (and its normalised queries and keys
+    to ``qk_hook``); restored afterwards."""
+    if hook is None and qk_hook is None:
+        yield
+        return
+    attn = block.attn
+    names = ("fused_attn", "attn_drop", "q_norm", "k_norm")
+    if not all(hasattr(attn, n) for n in names) or not isinstance(attn.attn_drop, nn.Dropout):
+        raise UnsupportedModelError(f"attention hooks need a timm attention with attn_drop, got {type(attn).__name__}")
+    saved = {n: getattr(attn, n) for n in names}
+    seen: List[Tensor] = []
+    attn.fused_attn, attn.attn_drop = False, _ProbsHook(hook or (lambda i, a: a), index)
+    if qk_hook is not None:
+        attn.q_norm, attn.k_norm = _NormTap(saved["q_norm"], seen.append), _NormTap(saved["k_norm"], seen.append)
+    try:
+        yield
+    finally:
+        for n, module in saved.items():
+            setattr(attn, n, module)
+    if qk_hook is not None:
+        qk_hook(index, seen[0], seen[1])
+
+
+class TimmImageTower(ImageTower):
+    """The vision tower of an open_clip ``TimmModel`` whose trunk is a timm ``VisionTransformer`` or ``Eva``
+    (SigLIP, SigLIP 2, EVA-02, PE-Core): prefix tokens (class, registers) then the patch grid; the head is
+    timm's final norm, pooling (``map`` / ``avg`` / ``token``), ``fc_norm``, classifier-as-projection and
+    open_clip's own ``head``."""
+
+    def __init__(self, visual: TimmModel) -> None:
+        nn.Module.__init__(self)
+        trunk = getattr(visual, "trunk", None)
+        kind = type(trunk).__name__
+        if kind not in ("VisionTransformer", "Eva"):
+            raise UnsupportedModelError(f"timm trunk {kind} is not a ViT (VisionTransformer or Eva): cannot be split")
+        if getattr(visual.head, "pool", None) is not None or getattr(trunk, "dynamic_img_size", False):
+            raise UnsupportedModelError(f"timm {kind} with an open_clip pooling head or dynamic image size")
+        pool = "map" if getattr(trunk, "attn_pool", None) is not None else trunk.global_pool
+        if pool not in ("map", "avg", "token"):
+            raise UnsupportedModelError(f"timm pooling '{pool}' is not supported (map, avg or token)")
+        self.visual, self.trunk = visual, trunk
+        self.blocks = trunk.blocks
+        self._pool_type = {"token": "tok"}.get(pool, pool)
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        return tuple(self.trunk.patch_embed.grid_size)
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return tuple(self.trunk.patch_embed.img_size)
+
+    @property
+    def n_prefix(self) -> int:
+        return int(self.trunk.num_prefix_tokens)
+
+    @property
+    def pool_type(self) -> str:
+        return self._pool_type
+
+    def _rope(self) -> Optional[Tensor]:
+        rope = getattr(self.trunk, "rope", None)
+        if rope is None:
+            return None
+        return rope.get_embed() if hasattr(rope, "feat_shape") else rope.get_embed(shape=self.grid)
+
+    def embed(self, x: Tensor) -> Tensor:
+        h = self.trunk._pos_embed(self.trunk.patch_embed(x))
+        h = h[0] if isinstance(h, tuple) else h  # Eva returns (tokens, rope)
+        if getattr(self.trunk, "patch_drop", None) is not None:
+            h = self.trunk.patch_drop(h)  # identity in eval
+        return self.trunk.norm_pre(h)  # [B, n_prefix + N, D]
+
+    def _blocks(self, h: Tensor, start: int, stop: int, hook: Optional[AttnHook] = None,
+                qk_hook: Optional[QKHook] = None) -> Tensor:
+        rope = self._rope()  # Eva's rotary embedding (a function of the grid only), None for timm ViTs
+        mixed = getattr(self.trunk, "rope_mixed", False)
+        for i in range(start, stop):
+            block = self.blocks[i]
+            with _timm_attn_hook(block, i, hook, qk_hook):
+                if rope is None:
+                    h = block(h)
+                else:
+                    h = block(h, rope=rope[i] if mixed else rope)
+        return h
+
+    def pooled_rows(self, x: Tensor) -> Optional[Tensor]:
+        return torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if self.pool_type == "tok" else None
+
+    def head(self, h: Tensor, x: Tensor) -> Tensor:
+        pooled = self.trunk.fc_norm(self.trunk.pool(self.trunk.norm(h)))  # [B, D]
+        return F.normalize(self.visual.head(self.trunk.head(pooled)), dim=-1)
+
+    def pool_weights(self, x: Tensor) -> Tensor:
+        if self.pool_type != "map":
+            return super().pool_weights(x)
+        pool = self.trunk.attn_pool
+        h = self.trunk.norm(self.prefix(x, self.n_layers))  # [B, T, D]
+        skip = 0 if getattr(self.trunk, "pool_include_prefix", True) in (True, None) else self.n_prefix
+        y = h[:, skip:]
+        if pool.pos_embed is not None:
+            y = y + pool.pos_embed.unsqueeze(0).to(y.dtype)
+        b, n, _ = y.shape
+        q = pool.q(pool.latent.expand(b, -1, -1)).reshape(b, pool.latent_len, pool.num_heads, pool.head_dim)
+        k = pool.kv(y).reshape(b, n, 2, pool.num_heads, pool.head_dim)[:, :, 0]  # [B, n, heads, d]
+        q, k = pool.q_norm(q.transpose(1, 2)), pool.k_norm(k.transpose(1, 2))  # [B, heads, ·, d]
+        probs = ((q * pool.scale) @ k.transpose(-2, -1)).softmax(-1)  # [B, heads, latent, n]
+        w = torch.zeros(b, h.shape[1], device=x.device, dtype=probs.dtype)
+        w[:, skip:] = probs.mean(dim=(1, 2))
+        return w
+
+
+def image_tower(visual: nn.Module) -> ImageTower:
+    """The :class:`ImageTower` of an open_clip vision tower; :class:`UnsupportedModelError` names what cannot
+    be split (ResNets, ConvNeXt / FastViT timm trunks, attention-pooled CoCa towers)."""
+    if isinstance(visual, TimmModel):
+        return TimmImageTower(visual)
+    return ImageTower(visual)
+
+
 class TextTower(Tower):
-    """The causal text tower; runs on ``ids[:, :L]`` with ``L`` the batch's longest SOT..EOT (exact under
-    the causal mask), so ``prefix`` returns ``[B, L, D]`` with ``L <= context_length``."""
+    """An open_clip ``TextTransformer``. Causal towers run on ``ids[:, :L]`` with ``L`` the batch's longest
+    SOT..EOT (exact under the causal mask), so ``prefix`` returns ``[B, L, D]`` with ``L <= context_length``;
+    bidirectional towers (``no_causal_mask``, SigLIP) run on the whole padded context.
+
+    Pooling (``pool_type``): ``argmax`` (the EOT of CLIP's BPE, the largest id), ``eos`` (the first
+    ``eos_id``), ``last`` (the last context position, SigLIP) or ``first`` (position 0)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -211,17 +407,19 @@ class TextTower(Tower):
             raise UnsupportedModelError(f"text tower {type(text).__name__} is not an open_clip TextTransformer")
         if getattr(text, "cls_emb", None) is not None:
             raise UnsupportedModelError("text towers with a class token (CoCa) are not supported")
+        if getattr(text, "use_pad_mask", False):
+            raise UnsupportedModelError("text towers with a padding mask (use_pad_mask) are not supported")
         self.pool_type = text.pool_type if hasattr(text, "pool_type") else model.text_pool_type
         self.eos_id = getattr(text, "eos_id", getattr(model, "text_eos_id", None))
-        if self.pool_type not in ("argmax", "eos"):
-            raise UnsupportedModelError(f"text pooling '{self.pool_type}' is not supported (argmax or eos only)")
-        if text.attn_mask is None:
-            raise UnsupportedModelError("only causal text towers are supported")
+        if self.pool_type not in ("argmax", "eos", "last", "first"):
+            raise UnsupportedModelError(f"text pooling '{self.pool_type}' is not supported (argmax, eos, last, first)")
         self.token_embedding: nn.Embedding = text.token_embedding
         self.positional_embedding: nn.Parameter = text.positional_embedding
         self.blocks = text.transformer.resblocks
         self.ln_final: nn.Module = text.ln_final
         self.text_projection = text.text_projection
+        self.causal = text.attn_mask is not None
+        """Whether the tower attends causally (CLIP) or bidirectionally (``no_causal_mask``: SigLIP)."""
         self.register_buffer("causal_mask", text.attn_mask, persistent=False)
 
     @property
@@ -230,20 +428,44 @@ class TextTower(Tower):
         return self.positional_embedding.shape[0]
 
     def _mask(self, length: int) -> Optional[Tensor]:
-        return self.causal_mask[:length, :length]
+        return self.causal_mask[:length, :length] if self.causal else None
+
+    @property
+    def content_start(self) -> int:
+        """First content token: 1 after CLIP's SOT (``argmax`` / ``eos`` / ``first`` towers), 0 for ``last``
+        towers (SigLIP's sentencepiece ids start with the first word)."""
+        return 0 if self.pool_type == "last" else 1
 
     def eot_positions(self, ids: Tensor) -> Tensor:
-        """Position of the pooled (EOT) token of each row, ``[B]``."""
+        """Position of the pooled token of each row, ``[B]`` (the tower's own pooling rule)."""
         if self.pool_type == "argmax":
             return ids.argmax(dim=-1)
-        return (ids == self.eos_id).int().argmax(dim=-1)
+        if self.pool_type == "eos":
+            return (ids == self.eos_id).int().argmax(dim=-1)
+        pos = 0 if self.pool_type == "first" else ids.shape[1] - 1
+        return torch.full((ids.shape[0],), pos, dtype=torch.long, device=ids.device)
+
+    def caption_ends(self, ids: Tensor) -> Tensor:
+        """``[B]``: the position closing each caption — its EOT for ``argmax`` / ``eos`` towers; for ``last`` /
+        ``first`` towers the first token of the trailing padding run (SigLIP pads with its EOS, so this is the
+        EOS), or the last position when the caption fills the context."""
+        if self.pool_type in ("argmax", "eos"):
+            return self.eot_positions(ids)
+        length = ids.shape[1]
+        differs = ids != ids[:, -1:]  # [B, L]: False on the trailing run of the final id
+        pos = torch.arange(length, device=ids.device)
+        last_other = torch.where(differs, pos, torch.full_like(pos, -1)).amax(1)  # [B]
+        return (last_other + 1).clamp(max=length - 1)
 
     def span_mask(self, ids: Tensor, special: bool = True) -> Tensor:
-        """``[B, ctx]`` bool: SOT..EOT of each row, or (``special=False``) the content tokens between them."""
-        return token_span(self.eot_positions(ids), ids.shape[1], special)
+        """``[B, ctx]`` bool: SOT..EOT of each row (the caption with its special tokens), or
+        (``special=False``) the content tokens ``content_start``..EOT (EOT excluded)."""
+        return token_span(self.caption_ends(ids), ids.shape[1], special, self.content_start)
 
     def valid_length(self, ids: Tensor) -> int:
-        """Longest SOT..EOT length in the batch."""
+        """Positions the tower runs on: the longest SOT..EOT of the batch (causal), or the context."""
+        if not self.causal:
+            return ids.shape[1]
         return int(self.eot_positions(ids).max()) + 1
 
     def token_embeddings(self, ids: Tensor) -> Tensor:
@@ -282,8 +504,11 @@ class TextTower(Tower):
         return self._project(h[torch.arange(h.shape[0], device=h.device), pool_at])
 
     def encode_embeddings(self, tok_emb: Tensor, pool_at: Tensor) -> Tensor:
-        """Embed given token-embedding rows ``[B, L, D]`` (positions added here), pooled at ``pool_at`` ``[B]``."""
-        length = int(pool_at.max()) + 1
+        """Embed given token-embedding rows ``[B, L, D]`` (positions added here), pooled at ``pool_at`` ``[B]``.
+
+        A bidirectional tower reads every given row (pass the whole context); a causal one rows 0..max(pool_at).
+        """
+        length = int(pool_at.max()) + 1 if self.causal else tok_emb.shape[1]
         h = tok_emb[:, :length] + self.positional_embedding[:length]
         return self._pool_at(self._blocks(h, 0, self.n_layers), pool_at)
 
@@ -297,7 +522,7 @@ class SplitCLIP(nn.Module):
             raise UnsupportedModelError(f"{type(model).__name__} is not an open_clip CLIP/CustomTextCLIP model")
         model.eval().requires_grad_(False)
         self.model = model
-        self.image = ImageTower(model.visual)
+        self.image = image_tower(model.visual)
         self.text = TextTower(model)
         self.preprocess = preprocess
         self.tokenizer = tokenizer

@@ -10,9 +10,10 @@ which keeps them in the autograd graph without patching open_clip's modules.
 ``blocks="last"`` (default) accumulates only the last block of each tower, as the authors' maintained CLIP
 notebook does; ``blocks="all"`` is the paper's recursion over every block.
 
-Read-out: image = the CLS row of ``R``, columns 1.. (patch tokens) → grid; for a mean-pooled tower
-(open_clip ``pool_type="avg"``, where CLS is unused) the mean of the patch rows of ``R − I`` (a clipib
-generalisation: the method is defined for the pooled token's row). Text = the EOT row of ``R − I``
+Read-out: image = the CLS row of ``R``, patch columns → grid; for a tower whose head pools several rows the
+rows of ``R − I`` weighted as the head weights them (``ImageTower.pool_weights``: the mean of the patch rows
+for ``avg``; timm's ``map`` head's attention probabilities, averaged over heads, for SigLIP / PE-Core) — a
+clipib generalisation: the method is defined for the pooled token's row. For a CLS tower this is the CLS row. Text = the EOT row of ``R − I``
 (the identity's self-term removed) over 0..EOT; with ``text_ends="drop"`` (default, as the reference reads
 columns 1..EOT−1 only) SOT and EOT score 0, the lowest relevance there is; ``text_ends="keep"`` keeps
 their values (SOT, an attention sink in CLIP, then often dominates the map). Positions after EOT are 0.
@@ -92,12 +93,13 @@ class Chefer(Attributor):
         return accumulate([attns[i].detach() for i in order], list(grads), self.clamp)
 
     def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
-        rel = self.relevance(self.clip.image, images, target)  # [B, 1+N, 1+N]
-        if self.clip.image.pool_type == "avg":  # the embedding is the patch mean: average the patch rows of R − I
-            n = rel.shape[-1]
-            pooled = (rel - torch.eye(n, dtype=rel.dtype, device=rel.device))[:, 1:, 1:].mean(1)  # [B, N]
-            return pooled.reshape(-1, *self.clip.grid), {}
-        return rel[:, 0, 1:].reshape(-1, *self.clip.grid), {}
+        tower = self.clip.image
+        rel = self.relevance(tower, images, target)  # [B, T, T]
+        with torch.no_grad():
+            weights = tower.pool_weights(images)  # [B, T]: the rows the head pools (one-hot CLS, mean, MAP)
+        n = rel.shape[-1]
+        pooled = (weights[:, None] @ (rel - torch.eye(n, dtype=rel.dtype, device=rel.device)))[:, 0]  # [B, T]
+        return tower.to_grid(pooled), {}
 
     def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         rel = self.relevance(self.clip.text, ids, target)  # [B, L, L]
@@ -106,6 +108,6 @@ class Chefer(Attributor):
         rows = torch.arange(b, device=rel.device)
         scores = rel[rows, eot] - torch.eye(length, dtype=rel.dtype, device=rel.device)[eot]  # [B, L]
         if self.text_ends == "drop":
-            scores[:, 0] = 0
+            scores[:, : self.clip.text.content_start] = 0  # SOT (SigLIP-style towers have none)
             scores[rows, eot] = 0
         return scores, {}

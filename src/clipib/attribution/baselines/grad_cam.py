@@ -4,7 +4,7 @@ Activations ``A`` = the residual stream after ``layer`` blocks (``tower.prefix(x
 ``y`` = cos(embedding, other modality's clean embedding). Grad-CAM's neuron weights are the gradients
 averaged over the spatial positions, here the tokens: ``w_c = mean_t ∂y/∂A_{t,c}``; the map is
 ``ReLU(Σ_c w_c A_{t,c})`` per token. Image: the average and the map run over the patch tokens (CLS dropped,
-as ViT Grad-CAM reshapes the patch tokens to the grid); text: over each caption's own SOT..EOT, so padding
+as ViT Grad-CAM reshapes the patch tokens to the grid; register tokens are dropped the same way); text: over each caption's own SOT..EOT, so padding
 of shorter captions in a batch changes nothing.
 
 Default layer: ``n_layers − 1``, the input of the last block, the usual ViT Grad-CAM target
@@ -63,10 +63,11 @@ class GradCAM(Attributor):
         return cam * keep[..., 0]
 
     def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
-        b, t = images.shape[0], 1 + self.clip.grid[0] * self.clip.grid[1]
+        tower = self.clip.image
+        b, t = images.shape[0], tower.n_prefix + self.clip.grid[0] * self.clip.grid[1]
         keep = torch.ones(b, t, dtype=torch.bool, device=images.device)
-        keep[:, 0] = False  # CLS
-        return self.cam(self.clip.image, images, target, keep)[:, 1:].reshape(b, *self.clip.grid), {}
+        keep[:, : tower.n_prefix] = False  # class / register tokens: the average runs over the patch tokens
+        return tower.to_grid(self.cam(tower, images, target, keep)), {}
 
     def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         length = self.clip.text.valid_length(ids)

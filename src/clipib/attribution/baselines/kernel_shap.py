@@ -134,27 +134,28 @@ class KernelShap(Attributor):
             out.append(phi.reshape(grid))
         return torch.stack(out), {}  # [B, gh, gw]
 
-    def _text_value(self, content: Tensor, ids: Tensor, target: Tensor) -> Tensor:
-        """Score of ``ids`` ``[1, eot+1]`` with its content tokens replaced by ``content`` ``[N, eot−1]``."""
-        n = content.shape[0]
-        full = torch.cat([ids[:, :1].expand(n, 1), content, ids[:, -1:].expand(n, 1)], dim=1)  # [N, eot+1]
-        pool_at = torch.full((full.shape[0],), full.shape[1] - 1, device=full.device, dtype=torch.long)
+    def _text_value(self, content: Tensor, ids: Tensor, positions: tuple, target: Tensor) -> Tensor:
+        """Score of ``ids`` ``[1, L]`` (Captum may repeat it along the batch) with its content tokens (at the
+        ``M`` ``positions``, a tuple: Captum would repeat a tensor) replaced by ``content`` ``[N, M]``."""
+        full = ids[:1].expand(content.shape[0], -1).clone()  # [N, L]
+        full[:, list(positions)] = content
+        pool_at = self.clip.text.eot_positions(full)  # [N]
         emb = self.clip.text.encode_embeddings(self.clip.text.token_embeddings(full), pool_at)  # [N, E]
         return cosine(emb, target)
 
     def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
-        eot = self.clip.text.eot_positions(ids).tolist()
-        out = torch.zeros(ids.shape[0], max(eot) + 1, device=ids.device)  # [B, L]
+        text = self.clip.text
+        out = torch.zeros(ids.shape[0], text.valid_length(ids), device=ids.device)  # [B, L]
         for i, gen in enumerate(generators):
-            m = eot[i] - 1  # content tokens
+            row = ids[i : i + 1, : text.valid_length(ids[i : i + 1])]  # [1, L]: SOT..EOT, or the context
+            positions = text.span_mask(row, special=False)[0].nonzero()[:, 0]  # [M] content tokens
+            m = positions.numel()
             if m < 1:
                 continue
-            row = ids[i : i + 1, : eot[i] + 1]  # [1, eot+1]
-            content = row[:, 1:-1]  # [1, M]
+            content = row[:, positions]  # [1, M]
             mask = torch.arange(m, device=ids.device)[None]  # [1, M]: one player per token
             with pair_rng(gen), torch.no_grad():
-                phi = self._shapley(
-                    self._text_value, content, torch.full_like(content, self.pad_id), (row, target[i : i + 1]), mask, m
-                )
-            out[i, 1 : eot[i]] = phi
+                phi = self._shapley(self._text_value, content, torch.full_like(content, self.pad_id),
+                                    (row, tuple(positions.tolist()), target[i : i + 1]), mask, m)
+            out[i, positions] = phi
         return out, {}

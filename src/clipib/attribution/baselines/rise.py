@@ -120,26 +120,31 @@ class RISE(Attributor):
         return torch.cat([ends, keep, ends], dim=1)
 
     def _text_one(self, row: Tensor, target: Tensor, gen: torch.Generator) -> Tensor:
-        """RISE scores ``[eot+1]`` of one SOT..EOT row of ids ``[eot+1]``."""
-        masks = self.draw_token_masks(row.shape[0] - 2, gen).to(row.device)  # [N, eot+1]
+        """RISE scores ``[L]`` of one row of ids ``[L]`` (SOT..EOT, or the whole context for a bidirectional
+        tower): the content tokens (``span_mask(special=False)``) are masked, every other position kept."""
         text = self.clip.text
-        pool_at = torch.full((1,), row.shape[0] - 1, device=row.device, dtype=torch.long)
+        content = text.span_mask(row[None], special=False)[0].nonzero()[:, 0]  # [M]
+        drawn = self.draw_token_masks(content.numel(), gen).to(row.device)[:, 1:-1]  # [N, M]
+        masks = torch.ones(self.text_masks, row.shape[0], dtype=torch.bool, device=row.device)  # [N, L]
+        masks[:, content] = drawn
+        pool_at = text.eot_positions(row[None])  # [1]
         total = torch.zeros(row.shape[0], device=row.device)
         for start in range(0, self.text_masks, self.internal_batch_size):
             keep = masks[start : start + self.internal_batch_size]  # [n, eot+1]
             ids = torch.where(keep, row, torch.full_like(row, self.pad_id))  # [n, eot+1]
             emb = text.encode_embeddings(text.token_embeddings(ids), pool_at.expand(ids.shape[0]))  # [n, E]
             total += cosine(emb, target).float() @ keep.float()
-        expected = torch.full_like(total, self.p)
-        expected[0] = expected[-1] = 1.0  # SOT, EOT always kept
+        expected = torch.ones_like(total)
+        expected[content] = self.p  # SOT, EOT (and padding) always kept
         return total / (self.text_masks * expected)
 
     def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
-        eot = self.clip.text.eot_positions(ids).tolist()
-        out = torch.zeros(ids.shape[0], max(eot) + 1, device=ids.device)  # [B, L]
+        text = self.clip.text
+        out = torch.zeros(ids.shape[0], text.valid_length(ids), device=ids.device)  # [B, L]
         with torch.no_grad():
             for i, gen in enumerate(generators):
-                if eot[i] < 1:  # no SOT..EOT span (malformed ids): nothing to mask
+                if not text.span_mask(ids[i : i + 1], special=False).any():  # no content token: nothing to mask
                     continue
-                out[i, : eot[i] + 1] = self._text_one(ids[i, : eot[i] + 1], target[i : i + 1], gen)
+                length = text.valid_length(ids[i : i + 1])
+                out[i, :length] = self._text_one(ids[i, :length], target[i : i + 1], gen)
         return out, {}
