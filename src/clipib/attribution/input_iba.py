@@ -169,5 +169,7 @@ class InputIBA(Attributor):
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             opt.step()
-        scalars = {"kl": kl.detach(), "fit": fit.detach(), "loss": loss.detach(), "prior_loss": prior_loss}
+        shift = (alpha_g - space.alpha_g).abs().flatten(1).mean(1)  # [B] how far the fit moved the prior mask
+        scalars = {"kl": kl.detach(), "fit": fit.detach(), "loss": loss.detach(), "prior_loss": prior_loss,
+                   "prior_shift": shift}
         return torch.sigmoid(alpha.detach()), scalars
