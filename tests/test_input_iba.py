@@ -40,12 +40,14 @@ def test_input_kl_finite_at_saturated_masks():
 
 @pytest.mark.parametrize("fit", ["wgan", "moments"])
 def test_prior_fits_run(tiny_clip, pairs, fit):
-    """Both generator fits run on the tiny model and give finite pixel maps; an unknown fit is one clear error."""
+    """Both generator fits run on the tiny model, move the prior and give finite pixel maps; an unknown fit is one
+    clear error."""
     images, ids = pairs
     small = dict(steps=2, text_steps=2, copies=2, feat_steps=2, gan_epochs=3, gan_samples=4, gan_batch=4,
                  critic_iter=1, gan_lr=0.05, prior_fit=fit)
     attr = clipib.InputIBA(tiny_clip, **small).attribute(images[:2], ids[:2], modality="image", seeds=[1, 2])
     assert attr.image.shape == (2, *tiny_clip.image_size) and torch.isfinite(attr.image).all()
     assert torch.isfinite(attr.scalars["image_prior_loss"]).all()
+    assert (attr.scalars["image_prior_shift"] > 1e-4).all()  # the fit moved each pair's prior mask
     with pytest.raises(ValueError, match="prior_fit"):
         PriorFit(fit="gan")
