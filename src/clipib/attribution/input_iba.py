@@ -1,6 +1,6 @@
 """InputIBA: the information bottleneck on the input itself, with a prior learned from a feature bottleneck
-(Zhang, Gu, Tresp et al., "Fine-Grained Neural Network Explanation by Identifying Input Features with Predictive
-Information", NeurIPS 2021; App. A-D), on CLIP's two towers.
+(Zhang, Khakzar, Li, Farshad, Kim, Navab, "Fine-Grained Neural Network Explanation by Identifying Input Features
+with Predictive Information", NeurIPS 2021; App. A-D), on CLIP's two towers.
 
 Per pair and modality, three steps (docs/methods.md):
 (a) the feature bottleneck at layer ``k`` with the cosine fit term - the shared :class:`Bottleneck` exactly as
