@@ -26,6 +26,7 @@ FAST = {
     "rise": dict(n_masks=64, text_masks=32),
     "mfaba": dict(steps=5),
     "integrated_gradients": dict(steps=8),
+    "input_iba": dict(steps=3, text_steps=3, copies=2, feat_steps=2, gan_epochs=1, gan_samples=4, gan_batch=2),
 }
 """Small settings per method, so the contract runs in seconds; a method not listed runs with its defaults."""
 BATCH_REL = 1e-2

@@ -12,7 +12,8 @@ The public API, re-exported flat (DESIGN.md §3)::
 
 from clipib import metrics
 from clipib.api import InputError, explain
-from clipib.attribution import METHODS, M2IB, NIB, AdaIB, Attribution, Attributor, GradECLIP, Inputs, LeGrad
+from clipib.attribution import (METHODS, M2IB, NIB, AdaIB, Attribution, Attributor, GradECLIP, InputIBA, Inputs,
+                                LeGrad)
 from clipib.metrics import METRICS
 from clipib.models.loading import ModelLoadError, load_clip, load_transforms
 from clipib.models.split import SplitCLIP, UnsupportedModelError
@@ -20,5 +21,5 @@ from clipib.models.split import SplitCLIP, UnsupportedModelError
 __version__ = "0.1.0"
 __all__ = [
     "METHODS", "METRICS", "M2IB", "NIB", "AdaIB", "Attribution", "Attributor", "GradECLIP", "InputError", "Inputs",
-    "LeGrad", "ModelLoadError", "SplitCLIP", "UnsupportedModelError", "explain", "load_clip", "load_transforms", "metrics",
+    "InputIBA", "LeGrad", "ModelLoadError", "SplitCLIP", "UnsupportedModelError", "explain", "load_clip", "load_transforms", "metrics",
 ]
