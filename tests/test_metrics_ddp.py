@@ -1,7 +1,9 @@
 """Two CPU processes (gloo), each updating with part of the data, compute what one process computes.
 
-One test covers every eval metric of ``clipib.metrics.METRICS`` (two seeds each), ``MismatchAUROC`` and
-``Throughput``. The two ranks run this file as a script in fresh processes (forking a process whose OpenMP
+One test covers every eval metric of ``clipib.metrics.METRICS`` that scores a given map (two seeds each),
+``MismatchAUROC`` and ``Throughput``; another the metrics that re-run the method (model randomisation, other
+target, sensitivity, seed stability), each rank scoring its pairs with the pairs' own seeds, as the
+AttributionModule passes them. The two ranks run this file as a script in fresh processes (forking a process whose OpenMP
 pool is already running can deadlock). The split is uneven (5 + 3 samples) so concatenated states (AUROC)
 are gathered with padding too.
 """
@@ -10,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -24,6 +27,8 @@ SETTINGS = {"confidence": {"protocol": "m2ib"}, "localization": {}, "pointing_ga
             "insertion_deletion": {"steps": 2}, "text_topk": {"k": 2}, "mismatch_scalars": {}, "similarity": {},
             "perturbation": {"steps": 2, "road_iters": 3, "chunk": 5}, "complexity": {}, "relevance_localization": {},
             "faithfulness_correlation": {"n_subsets": 4, "fill": "road", "road_iters": 3, "chunk": 3}}
+RERUN = {"model_randomisation": {"fractions": [0.0, 1.0]}, "other_target": {}, "sensitivity": {"samples": 2},
+         "seed_stability": {"n_maps": 2}}
 
 
 def _clip():
@@ -71,19 +76,55 @@ def _run(sl):
                 if "text_entropy" in values:
                     auroc.update(values["text_entropy"], batch["matched"], seed_index=seed)
     speed.update(pairs=sl.stop - sl.start, seconds=0.25 * (sl.stop - sl.start), peak_mib=float(sl.stop))
-    out = {}
-    for name, metric in metrics.items():
-        for value, stats in metric.compute().items():
-            out.update({f"{name}/{value}/{k}": v.double() for k, v in stats.items()})
+    out = _computed(metrics)
     out.update({f"auroc/{k}": v.double() for k, v in auroc.compute().items()})
     out.update({f"speed/{k}": v.double() for k, v in speed.compute().items()})
     return out
 
 
-def _worker(rank, port, path):
+def _run_rerun(sl):
+    """The re-running metrics on saliency's and random's maps of the pairs in ``sl``."""
+    torch.set_num_threads(1)
+    clip = _clip()
+    images = torch.randn(N, 3, *clip.image_size, generator=torch.Generator().manual_seed(0))[sl]
+    ids, seeds = clip.tokenize(CAPTIONS)[sl], list(range(100, 100 + N))[sl]
+    batch = {"image": images, "ids": ids}
+    metrics = {name: M.METRICS[name](n_seeds=1, **s) for name, s in RERUN.items()}
+    for name in ("saliency", "random"):
+        method = clipib.METHODS[name](clip)
+        attr = method.attribute(images, ids, "both", seeds=seeds)
+        for metric in metrics.values():
+            for mod in ("image", "text"):
+                metric.update(clip, batch, attr, mod, method=method, seeds=seeds)
+    return _computed(metrics)
+
+
+def _computed(metrics):
+    return {f"{name}/{value}/{k}": v.double() for name, metric in metrics.items()
+            for value, stats in metric.compute().items() for k, v in stats.items()}
+
+
+RUNS = {"scored": _run, "rerun": _run_rerun}
+
+
+def _two_processes(tmp_path, run: str, rtol: float = 1e-5):
+    """``RUNS[run]`` on all pairs here, and on 5 + 3 pairs in two gloo processes; returns the single result."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, __file__, run, str(rank), port, str(tmp_path)]) for rank in (0, 1)]
+    single = RUNS[run](slice(0, N))
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    for rank in (0, 1):
+        multi = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert multi.keys() == single.keys()
+        for k, v in single.items():
+            assert torch.allclose(multi[k], v, rtol=rtol, atol=1e-9, equal_nan=True), (rank, k, multi[k], v)
+    return single
+
+
+def _worker(run, rank, port, path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        torch.save(_run(slice(0, 5) if rank == 0 else slice(5, N)), f"{path}/rank{rank}.pt")
+        torch.save(RUNS[run](slice(0, 5) if rank == 0 else slice(5, N)), f"{path}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -95,15 +136,7 @@ def _free_port():
 
 
 def test_two_processes_equal_one(tmp_path):
-    single = _run(slice(0, N))
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), port, str(tmp_path)]) for rank in (0, 1)]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    for rank in (0, 1):
-        multi = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert multi.keys() == single.keys()
-        for k, v in single.items():
-            assert torch.allclose(multi[k], v, atol=1e-9, equal_nan=True), (rank, k, multi[k], v)
+    single = _two_processes(tmp_path, "scored")
     assert single["ehr/ehr/skipped"].item() == 1 and single["ehr/ehr/n"].item() == N - 1
     assert single["text_topk/topk_hit/skipped"].item() == 1
     assert single["localization/iou/std_over_seeds"].item() == 1.0 and single["auroc/n"].item() == N
@@ -111,5 +144,11 @@ def test_two_processes_equal_one(tmp_path):
     assert single["faithfulness_correlation/image_faith_corr/n"].item() == N  # ROAD noise seeded by key
 
 
+@pytest.mark.slow  # three processes re-running two methods, ~30 s on the shared 2-core machine
+def test_two_processes_equal_one_for_metrics_that_rerun_the_method(tmp_path):
+    single = _two_processes(tmp_path, "rerun", rtol=1e-6)
+    assert single["sensitivity/image_max_sens/n"].item() == 2 * N  # two methods, every pair scored
+
+
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

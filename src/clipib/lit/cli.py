@@ -58,14 +58,15 @@ class EvalCLI(LightningCLI):
                 init_args=Namespace(save_dir=root, name="tensorboard", default_hp_metric=False))
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer; a RecordWriter listed in ``trainer.callbacks`` (older configs) replaces the default one."""
-        listed = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-        if any(isinstance(c, RecordWriter) for c in (listed if isinstance(listed, list) else [listed])):
-            extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        """The trainer with the default callbacks; a RecordWriter listed in ``trainer.callbacks`` (older configs)
+        replaces the default one, so records are written once."""
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        if any(isinstance(c, RecordWriter) for c in listed):
             extra = [c for c in extra if not isinstance(c, RecordWriter)]
-            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-            return self._instantiate_trainer(trainer_config, extra)
-        return super().instantiate_trainer(**kwargs)
+        return self._instantiate_trainer(config, extra)
 
 
 def eval_cli(**kwargs) -> LightningCLI:
