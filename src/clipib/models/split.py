@@ -28,6 +28,8 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 from torch import Tensor, nn
 
+from clipib.models.passes import active_cache
+
 AttnHook = Callable[[int, Tensor], Tensor]
 """``hook(block_index, attn_probs [B, heads, T, T]) -> attn_probs`` used by :meth:`Tower.suffix`."""
 QKHook = Callable[[int, Tensor, Tensor], None]
@@ -139,8 +141,11 @@ class Tower(nn.Module):
         raise NotImplementedError
 
     def prefix(self, x: Tensor, k: int) -> Tensor:
-        """Residual stream after ``k`` blocks, ``[B, T, D]``."""
+        """Residual stream after ``k`` blocks, ``[B, T, D]`` (shared inside a :class:`~clipib.models.passes.PassCache`)."""
         self._check_k(k)
+        cache = active_cache()
+        if cache is not None:
+            return cache.prefix(self, x, k)
         return self._blocks(self.embed(x), 0, k)
 
     def pooled_rows(self, x: Tensor) -> Optional[Tensor]:
@@ -170,7 +175,10 @@ class Tower(nn.Module):
         return self.head_pooled(_pooled_row_block(last, h, rows, self._mask(h.shape[1])), x)
 
     def encode(self, x: Tensor) -> Tensor:
-        """L2-normalised embedding ``[B, E]``."""
+        """L2-normalised embedding ``[B, E]`` (shared inside a :class:`~clipib.models.passes.PassCache`)."""
+        cache = active_cache()
+        if cache is not None:
+            return cache.encode(self, x)
         return self.head(self._blocks(self.embed(x), 0, self.n_layers), x)
 
 

@@ -1,0 +1,87 @@
+"""Issue 20: clean passes and prefixes shared within a batch (PassCache) leave every result unchanged."""
+
+import pytest
+import torch
+
+import clipib
+from clipib.models.passes import PassCache, active_cache
+
+SEEDS = [5, 6, 7, 8]
+FAST = dict(steps=3, copies=3)
+
+
+def _methods(clip):
+    """Several methods, three of them cutting at the same layer (2) of both towers, one at the default."""
+    return {"m2ib": clipib.M2IB(clip, layer=2, **FAST), "adaib": clipib.AdaIB(clip, layer=2, **FAST),
+            "nib": clipib.NIB(clip, layer=2), "m2ib_default": clipib.M2IB(clip, **FAST),
+            "adaib_mlp": clipib.AdaIB(clip, layer=2, compression="mlp", mlp_warmup=2, **FAST),
+            "saliency": clipib.METHODS["saliency"](clip), "grad_cam": clipib.METHODS["grad_cam"](clip)}
+
+
+def _same(a: clipib.Attribution, b: clipib.Attribution, name: str) -> None:
+    for field in ("image", "image_grid", "text", "text_raw"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert (x is None) == (y is None), (name, field)
+        if x is not None:
+            assert torch.equal(x, y), (name, field, float((x - y).abs().max()))
+    assert a.scalars.keys() == b.scalars.keys(), name
+    for key in a.scalars:
+        assert torch.equal(a.scalars[key], b.scalars[key]), (name, key)
+
+
+def test_pass_cache_same_maps_and_scalars(tiny_clip, pairs):
+    """Each method's maps and scalars are bit-identical with and without sharing; the sharing happened."""
+    images, ids = pairs
+    alone = {n: m.attribute(images, ids, seeds=SEEDS) for n, m in _methods(tiny_clip).items()}
+    cache = PassCache({tiny_clip.image: {2}, tiny_clip.text: {2}})
+    with cache:
+        assert active_cache() is cache
+        with torch.no_grad():
+            e_img, e_txt = tiny_clip.image.encode(images), tiny_clip.text.encode(ids)
+        shared = {n: m.attribute(images, ids, seeds=SEEDS) for n, m in _methods(tiny_clip).items()}
+        assert len(cache) >= 2
+    for name in alone:
+        _same(shared[name], alone[name], name)
+    with torch.no_grad():
+        assert torch.equal(e_img, tiny_clip.image.encode(images)) and torch.equal(e_txt, tiny_clip.text.encode(ids))
+    enc_hits, enc_misses = cache.stats["encode"]
+    pre_hits, pre_misses = cache.stats["prefix"]
+    assert enc_misses == 2 and enc_hits >= 2 * 7 - 1  # one clean pass per tower; every method (and AdaIB's f) hits
+    # layer 2 comes from the clean pass; the default layer (2 of 3 blocks on this tower? else its own miss) at most
+    # once per tower: every bottleneck / integration prefix after the first is shared
+    assert pre_hits >= 8 and pre_misses <= 2
+    assert active_cache() is None and len(cache) == 0  # nothing outlives the batch
+
+
+def test_pass_cache_bypass_and_invalidation(tiny_clip, pairs):
+    """Not shared: a different tensor with equal values, an input modified in place, grads to the input."""
+    images, ids = pairs
+    with torch.no_grad():
+        ref = tiny_clip.image.prefix(images, 1)
+    with PassCache() as cache, torch.no_grad():
+        a = tiny_clip.image.prefix(images, 1)
+        assert tiny_clip.image.prefix(images, 1) is a
+        assert tiny_clip.image.prefix(images.clone(), 1) is not a  # equal values, another tensor: recomputed
+        x = images.clone()
+        first = tiny_clip.image.encode(x)
+        x.mul_(2)  # in place: the stored pass is stale
+        second = tiny_clip.image.encode(x)
+        assert not torch.equal(first, second)
+        a.add_(1)  # a stored output modified in place is recomputed
+        assert torch.equal(tiny_clip.image.prefix(images, 1), ref)
+    torch.testing.assert_close(a - 1, ref)  # the caller still owns what it modified
+    x = images.clone().requires_grad_(True)
+    with PassCache() as cache:
+        emb = tiny_clip.image.encode(x)
+        (g,) = torch.autograd.grad(emb.sum(), x)  # a graph to the input: computed, never stored
+        assert g.abs().sum() > 0 and cache.stats["encode"] == [0, 0]
+    with torch.autocast("cpu", dtype=torch.bfloat16), PassCache() as cache, torch.no_grad():
+        low = tiny_clip.image.prefix(images, 1)
+    assert low.dtype == torch.bfloat16 or not torch.equal(low, ref)
+
+
+def test_pass_cache_one_per_batch(tiny_clip):
+    cache = PassCache()
+    with cache:
+        with pytest.raises(RuntimeError, match="already active"):
+            cache.__enter__()
