@@ -84,10 +84,11 @@ def baseline(tmp_path_factory, csv_data) -> Path:
 
 def test_outputs(baseline):
     summary = json.loads((baseline / "summary.json").read_text())
-    assert set(summary) == {"m2ib", "nib", "skipped"}
+    assert set(summary) == {"m2ib", "nib", "skipped", "stages"}
     for method in ("m2ib", "nib"):
         assert summary[method]["cos"]["n"] == 7
         assert summary[method]["pairs_per_s"]["mean"] > 0
+    _check_stages(summary)
     assert (baseline / "summary.md").read_text().startswith("| method |")
     assert "methods" in (baseline / "config.yaml").read_text()
     records = _records(baseline)
@@ -95,6 +96,22 @@ def test_outputs(baseline):
     maps = list(iter_attributions(baseline))
     assert len(maps) == 7 * 2 * 2 and maps[0]["image"].shape == (32, 32) and maps[0]["text"].shape == (77,)
     assert (baseline / "gallery_m2ib.png").is_file()
+
+
+def _check_stages(summary: dict) -> None:
+    """The per-stage breakdown (issue 20): every stage present, non-negative, adding up to the total."""
+    stages = summary["stages"]
+    secs = stages["seconds"]
+    methods = [m for m in summary if m not in ("skipped", "stages")]
+    assert set(secs) == {"data_wait", "clean", "write", "total", "other",
+                         *(f"{s}/{m}" for s in ("attribute", "metrics") for m in methods)}
+    assert all(v >= 0 for k, v in secs.items() if k != "other") and secs["other"] >= -1e-9
+    assert secs["clean"] > 0 and all(secs[f"attribute/{m}"] > 0 for m in methods)
+    assert sum(v for k, v in secs.items() if k != "total") == pytest.approx(secs["total"], rel=1e-9)
+    assert sum(stages["share"].values()) == pytest.approx(1.0)
+    assert stages["pairs"] == 7 and stages["pairs_per_s"] == pytest.approx(7 / secs["total"])
+    for m in methods:  # the per-method rate is the attribute stage's (pairs x seeds over its seconds)
+        assert summary[m]["pairs_per_s"]["mean"] == pytest.approx(7 * 2 / secs[f"attribute/{m}"], rel=1e-6)
 
 
 def _events(run_dir: Path):
@@ -128,6 +145,10 @@ def test_tensorboard_events(baseline):
     assert {"gallery/m2ib", "gallery/nib"} <= set(tags["images"])
     assert "hp_metric" not in tags["scalars"] and not any(t.startswith(("m2ib/", "nib/")) for t in tags["scalars"])
     assert "summary/text_summary" in tags["tensors"]
+    stages = json.loads((baseline / "summary.json").read_text())["stages"]
+    for name, secs in stages["seconds"].items():
+        assert root.Scalars(f"stages/{name}_s")[-1].value == pytest.approx(secs, rel=1e-5)
+    assert root.Scalars("stages/pairs_per_s")[-1].value == pytest.approx(stages["pairs_per_s"], rel=1e-5)
     text = root.Tensors("summary/text_summary")[0].tensor_proto.string_val[0].decode()
     assert text.startswith("| method |") and "| m2ib |" in text and "| nib |" in text
     experiment = _hparams(root)["experiment"]

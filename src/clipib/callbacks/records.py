@@ -198,6 +198,7 @@ class RecordWriter(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Close this attempt's files; rank 0 writes ``summary.json`` / ``summary.md`` and prints the table."""
         summary = pl_module.summary()  # every process: the metrics sync here
+        stages = pl_module.stage_times() if hasattr(pl_module, "stage_times") else None  # every process too
         if self._records is not None:
             self._records.close()
         if self._tar is not None:
@@ -206,7 +207,8 @@ class RecordWriter(Callback):
         if trainer.global_rank == 0:
             run = self.run_dir(trainer)
             skipped = read_skips(run)
-            write_summary(run, summary, {"skipped": {"n": len(skipped), "samples": skipped}})
+            extra = {"skipped": {"n": len(skipped), "samples": skipped}, **({"stages": stages} if stages else {})}
+            write_summary(run, summary, extra)
             print((run / "summary.md").read_text())
             if self.resumed:
                 print(f"resumed: {self.resumed} pairs were already finished in {run} and were not recomputed")

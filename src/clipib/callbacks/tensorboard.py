@@ -10,7 +10,9 @@ Layout under the TensorBoard logger's folder (``<run>/tensorboard/version_<n>/``
                 diagnostics stay in the records
     .           the logger's own run: the HPARAMS experiment (methods × settings × final metrics), TEXT
                 ``summary`` (the summary table, escaped), IMAGES ``roc/<value>`` (matched-vs-mismatched ROC
-                curves of every method) and the galleries (:class:`~clipib.callbacks.gallery.Gallery`)
+                curves of every method), the galleries (:class:`~clipib.callbacks.gallery.Gallery`) and
+                SCALARS ``stages/<stage>_s`` / ``stages/pairs_per_s`` (where this attempt's time went,
+                ``AttributionModule.stage_times``)
 
 Running means use the records process 0 computes (a shard of the data under DDP); the final scalars,
 histograms, ROC curves and hparams use every record of the run (all processes, resumed attempts included),
@@ -96,6 +98,16 @@ class TensorBoardViews(Callback):
         self._pairs: Dict[str, int] = {}
         self._unlogged = False  # batches since the last running point
         self._summary: Optional[Dict[str, Any]] = None
+        self._stages: Optional[Dict[str, Any]] = None
+
+    def _log_stages(self, experiment: Any) -> None:
+        """``stages/<stage>_s`` (seconds of this attempt) and ``stages/pairs_per_s`` (end to end), step 0."""
+        stages = self._stages
+        if not stages:
+            return
+        for name, secs in stages["seconds"].items():
+            experiment.add_scalar(f"stages/{name}_s", secs, 0)
+        experiment.add_scalar("stages/pairs_per_s", stages["pairs_per_s"], 0)
 
     @staticmethod
     def _root(trainer: Trainer) -> Optional[Path]:
@@ -141,6 +153,7 @@ class TensorBoardViews(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The synced summary (every process calls it) and the last running point."""
         self._summary = pl_module.summary()
+        self._stages = pl_module.stage_times() if hasattr(pl_module, "stage_times") else None
         if self.writers and self._unlogged:
             self._log_running()
 
@@ -169,6 +182,7 @@ class TensorBoardViews(Callback):
             writer.close()
         escaped = {html.escape(m): {html.escape(k): v for k, v in values.items()} for m, values in summary.items()}
         experiment.add_text("summary", summary_table(escaped), 0)
+        self._log_stages(experiment)
         self._roc(experiment, pl_module, records)
         experiment.flush()
         self.writers = {}

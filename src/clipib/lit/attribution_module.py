@@ -9,12 +9,19 @@ which do every disk and image write. A resumed run feeds the records of finished
 
 Seeds: a pair's seed is derived from its sample key and the run seed (:func:`sample_seed`), so records do not
 depend on batch size, worker count or number of processes.
+
+Shared work (issue 20): each batch runs inside a :class:`~clipib.models.passes.PassCache`: the clean embeddings
+of both towers are computed once (stage ``clean``), together with the residual streams at every layer a
+configured method cuts at; every method's ``attribute``, AdaIB's clean relevance and the metrics that encode the
+clean pair read them instead of recomputing (identical results, ``tests/test_shared_passes.py``). Where the
+time goes is in :meth:`AttributionModule.stage_times` (summary.json ``stages``, TensorBoard ``stages/``).
 """
 
 from __future__ import annotations
 
+import time
 import zlib
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 import torch
 from lightning.pytorch import LightningModule
@@ -23,7 +30,10 @@ from torch import Tensor, nn
 from clipib.attribution import METHODS, Attribution, Attributor
 from clipib.bench.timing import start_timer, stop_timer
 from clipib.metrics import METRICS, MismatchAUROC, Throughput
+from clipib.metrics.stage_times import StageTimes
 from clipib.models.loading import DEFAULT, load_clip
+from clipib.models.passes import PassCache
+from clipib.models.split import Tower
 
 Record = Dict[str, Any]
 """One per-sample record: ``{"key", "method", "seed", <value name>: float | bool | None, ...}``."""
@@ -90,6 +100,10 @@ class AttributionModule(LightningModule):
             for m in self.methods
         })
         self.speed = nn.ModuleDict({m: Throughput() for m in self.methods})
+        self.stages = StageTimes(["data_wait", "clean", *[f"attribute/{m}" for m in self.methods],
+                                  *[f"metrics/{m}" for m in self.methods], "write", "total"])
+        self._mark: Optional[float] = None  # end of the previous batch (or start of the epoch)
+        self._step_end: Optional[float] = None
 
     def setup(self, stage: str) -> None:
         """Hand the loaded model's preprocess, tokenizer and pair scorer to the data (``use_model``)."""
@@ -115,32 +129,102 @@ class AttributionModule(LightningModule):
         with torch.enable_grad():
             return self.methods[method].attribute_batch(batch, self.modality(method), seeds=seeds)
 
+    def shared_layers(self) -> Dict[Tower, Set[int]]:
+        """Per tower, the layers the configured methods cut at (the streams the clean pass keeps for them)."""
+        layers: Dict[Tower, Set[int]] = {self.clip.image: set(), self.clip.text: set()}
+        for name, method in self.methods.items():
+            for mod in self._modalities(name):
+                tower = self.clip.image if mod == "image" else self.clip.text
+                try:
+                    layers[tower].add(method.layer_for(tower))
+                except (ValueError, TypeError):  # a method without a layer
+                    continue
+        return layers
+
+    def _clean_passes(self, batch: Dict[str, Any]) -> None:
+        """Both towers' clean embeddings of the batch (and the shared prefixes), into the active PassCache."""
+        with torch.no_grad():
+            self.clip.image.encode(batch["image"])
+            self.clip.text.encode(batch["ids"])
+
+    def _timed(self, stage: str, start: float) -> float:
+        secs, _ = stop_timer(self.device, start)
+        self.stages.update(stage, secs)
+        return secs
+
     def test_step(self, batch: Dict[str, Any], batch_idx: int) -> Dict[str, Any]:
         """Explain, score and return ``{"records", "maps": {(method, seed): Attribution}, "batch", "skipped"}``.
 
         ``skipped`` lists the samples the data pipeline could not read (``{"key", "reason"}``); ``batch`` is
-        None when every sample of the batch was skipped.
+        None when every sample of the batch was skipped. The batch runs inside one
+        :class:`~clipib.models.passes.PassCache` (module docstring).
         """
         skipped = list(batch.get("skipped", []))
         if not len(batch["key"]):
+            self._step_end = time.perf_counter()
             return {"records": [], "maps": {}, "batch": None, "skipped": skipped}
         records: List[Record] = []
         maps: Dict[tuple, Attribution] = {}
-        for method in self.methods:
-            if self.modality(method) is None:
-                continue
-            for s_idx, seed in enumerate(self.seeds):
-                seeds = [sample_seed(k, seed) for k in batch["key"]]
-                start = start_timer(self.device)
-                attr = self._attribute(method, batch, seeds)
-                self.speed[method].update(len(batch["key"]), *stop_timer(self.device, start))
-                values = self._score(method, batch, attr, s_idx, seeds)
-                extra = {**attr.scalars, **({"matched": batch["matched"]} if "matched" in batch else {})}
-                self._update_auroc(method, {**values, **extra}, batch.get("matched"), s_idx)
-                records += _records(batch["key"], method, seed, {**values, **extra})
-                if self.hparams.keep_maps:
-                    maps[(method, seed)] = attr
+        with PassCache(self.shared_layers()):
+            start = start_timer(self.device)
+            self._clean_passes(batch)
+            self._timed("clean", start)
+            for method in self.methods:
+                if self.modality(method) is None:
+                    continue
+                for s_idx, seed in enumerate(self.seeds):
+                    seeds = [sample_seed(k, seed) for k in batch["key"]]
+                    start = start_timer(self.device)
+                    attr = self._attribute(method, batch, seeds)
+                    secs, peak = stop_timer(self.device, start)
+                    self.speed[method].update(len(batch["key"]), secs, peak)
+                    self.stages.update(f"attribute/{method}", secs)
+                    start = start_timer(self.device)
+                    values = self._score(method, batch, attr, s_idx, seeds)
+                    extra = {**attr.scalars, **({"matched": batch["matched"]} if "matched" in batch else {})}
+                    self._update_auroc(method, {**values, **extra}, batch.get("matched"), s_idx)
+                    self._timed(f"metrics/{method}", start)
+                    records += _records(batch["key"], method, seed, {**values, **extra})
+                    if self.hparams.keep_maps:
+                        maps[(method, seed)] = attr
+        self.stages.add_pairs(len(batch["key"]))
+        self._step_end = time.perf_counter()
         return {"records": records, "maps": maps, "batch": batch, "skipped": skipped}
+
+    # --- where the time goes: data wait before a batch, the callbacks' writing after it ------------------
+    def on_test_epoch_start(self) -> None:
+        """Start the clock of the first batch's data wait."""
+        self._mark = time.perf_counter()
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Stage ``data_wait``: since the previous batch ended (the loader, collation, the device transfer)."""
+        if self._mark is not None:
+            self.stages.update("data_wait", time.perf_counter() - self._mark)
+
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Stage ``write``: the callbacks' work on this batch (Lightning runs them before this hook); ``total``."""
+        now = time.perf_counter()
+        if self._step_end is not None:
+            self.stages.update("write", now - self._step_end)
+        if self._mark is not None:
+            self.stages.update("total", now - self._mark)
+        self._mark, self._step_end = now, None
+
+    def stage_times(self) -> Dict[str, Any]:
+        """Where this attempt's test-loop time went, synced over processes (call it on every process).
+
+        ``{"seconds": {stage: s}, "share": {stage: fraction of total}, "pairs", "pairs_per_s"}``. Stages:
+        ``data_wait`` (waiting for the loader before each batch), ``clean`` (the shared clean passes),
+        ``attribute/<method>`` (all seeds; the clean passes excluded), ``metrics/<method>`` (metrics and
+        AUROC updates), ``write`` (every callback's per-batch work: records, maps, gallery, TensorBoard),
+        ``other`` (the loop's own bookkeeping) and ``total`` (first batch's wait to last batch's end; with
+        several processes, their sum). ``pairs_per_s`` = pairs / total: the run's end-to-end rate.
+        """
+        stats = {k: float(v) for k, v in self.stages.compute().items()}
+        pairs, rate = stats.pop("pairs"), stats.pop("pairs_per_s")
+        total = stats["total"]
+        share = {k: (v / total if total > 0 else 0.0) for k, v in stats.items() if k != "total"}
+        return {"seconds": stats, "share": share, "pairs": pairs, "pairs_per_s": rate}
 
     def _score(self, method: str, batch: Dict[str, Any], attr: Attribution, seed_index: int,
                seeds: List[int]) -> Dict[str, Tensor]:
