@@ -46,6 +46,7 @@ from torch import Tensor
 
 from clipib.attribution.base import Attributor, Scores
 from clipib.attribution.bottleneck import Bottleneck, BottleneckResult
+from clipib.attribution.compiled import check_compile
 from clipib.models.split import SplitCLIP, Tower
 
 RelevanceFn = Callable[[Tensor, Tensor], Tensor]
@@ -152,6 +153,8 @@ class AdaIB(Attributor):
         alpha_init: initial α (M2IB's reference: 5).
         mlp_hidden, mlp_lr, mlp_warmup, mlp_seed: the MLP's width (paper: 32), Adam step size, regression
             steps before the first bottleneck step, and initialisation seed.
+        compile: each bottleneck step's forward through ``torch.compile`` with static shapes (off by default;
+            :mod:`clipib.attribution.compiled`; equal to eager up to float rounding).
     """
 
     name = "adaib"
@@ -178,8 +181,11 @@ class AdaIB(Attributor):
         mlp_lr: float = 0.05,
         mlp_warmup: int = 50,
         mlp_seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__(clip, seed=seed, layer=layer)
+        if compile:
+            check_compile(clip.device)
         if not callable(compression) and compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS} or a callable, got {compression!r}")
         if relevance_from not in ("clean", "bottleneck"):
@@ -190,7 +196,8 @@ class AdaIB(Attributor):
         self.relevance_fn: RelevanceFn = relevance if callable(relevance) else make_relevance(relevance, eps_f, tau)
         self.eps_f, self.eps_g, self.tau = eps_f, eps_g, tau
         self.mlp_hidden, self.mlp_lr, self.mlp_warmup, self.mlp_seed = mlp_hidden, mlp_lr, mlp_warmup, mlp_seed
-        self.bottleneck = Bottleneck(steps=steps, lr=lr, copies=copies, alpha_init=alpha_init, clip_grad=clip_grad)
+        self.bottleneck = Bottleneck(steps=steps, lr=lr, copies=copies, alpha_init=alpha_init, clip_grad=clip_grad,
+                                     compile=compile)
 
     def _compression(self, batch: int, like: Tensor) -> Union[CompressionFn, PairMLPs]:
         if callable(self.compression):

@@ -26,17 +26,21 @@ compute of one unchunked pass, memory of one chunk).
 ``pooled_last_block`` (on by default) evaluates the tower's last block at the pooled row only
 (``Tower.suffix(..., pooled_only=True)``): exact up to float rounding (the head reads no other row), ~40 %
 fewer suffix FLOPs at M2IB's layer on ViT-B/32; ``False`` runs the full last block.
+``compile`` (off by default) runs each step's forward (``z``, the suffix, the KL) — or, chunked, each suffix
+pass — through ``torch.compile`` with static shapes (:mod:`clipib.attribution.compiled`); equal to eager up
+to float rounding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clipib.attribution.compiled import CompiledPasses, check_compile
 from clipib.models.split import Tower
 
 NOISE_STREAMS = ("official", "device")
@@ -90,6 +94,22 @@ def device_generators(generators: List[torch.Generator], device: torch.device) -
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
+def step_forward(tower: Tower, k: int, pooled_only: bool, alpha: Tensor, h: Tensor, eps: Tensor, xs: Tensor,
+                 weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """One bottleneck step's forward: ``(emb [B, C, E], kl_el [B, T, D], kl [B])`` for ``α`` ``[B, T, D]`` on
+    ``h`` ``[B, T, D]`` with noise ``eps`` ``[B, C, T, D]`` (what ``compile=True`` compiles)."""
+    b, c = eps.shape[:2]
+    z = torch.sigmoid(alpha)[:, None] * h[:, None] + torch.sigmoid(-alpha)[:, None] * eps  # [B, C, T, D]
+    emb = tower.suffix(z.flatten(0, 1), k, xs, pooled_only=pooled_only).view(b, c, -1)  # [B, C, E]
+    kl_el = kl_elementwise(alpha, h)  # [B, T, D]
+    kl = (kl_el.mean(-1) * weights).sum(-1)  # [B]
+    return emb, kl_el, kl
+
+
+def _suffix_pass(tower: Tower, k: int, pooled_only: bool, z: Tensor, x: Tensor) -> Tensor:
+    return tower.suffix(z, k, x, pooled_only=pooled_only)
+
+
 def _clip_per_sample(grad: Tensor, max_norm: float) -> Tensor:
     """Scale each pair's gradient ``[B, ...]`` to norm ≤ ``max_norm`` (torch's clip_grad_norm_ rule, per pair)."""
     norms = grad.flatten(1).norm(dim=1).view(-1, *[1] * (grad.ndim - 1))
@@ -101,7 +121,7 @@ class Bottleneck:
     """Settings of the optimisation (defaults: M2IB's reference code).
 
     ``noise`` (``"official"`` | ``"device"``), ``internal_batch_size`` (most rows per suffix pass, None =
-    all) and ``pooled_last_block`` are speed options described in the module docstring.
+    all), ``pooled_last_block`` and ``compile`` are speed options described in the module docstring.
     """
 
     steps: int = 10
@@ -112,6 +132,9 @@ class Bottleneck:
     noise: str = "official"
     internal_batch_size: Optional[int] = None
     pooled_last_block: bool = True
+    compile: bool = False
+    _step: CompiledPasses = field(default_factory=lambda: CompiledPasses(step_forward), repr=False, compare=False)
+    _pass: CompiledPasses = field(default_factory=lambda: CompiledPasses(_suffix_pass), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.noise not in NOISE_STREAMS:
@@ -137,6 +160,8 @@ class Bottleneck:
         """
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
+        if self.compile:
+            check_compile(x.device)
         with torch.no_grad():
             h = tower.prefix(x, k)  # [B, T, D]
         b, t, d = h.shape
@@ -156,10 +181,11 @@ class Bottleneck:
                 emb, kl_el, kl, loss, grad = self._chunked_step(tower, h, alpha, eps, k, xs, target, objective,
                                                                 weights, last)
             else:
-                z = torch.sigmoid(alpha)[:, None] * h[:, None] + torch.sigmoid(-alpha)[:, None] * eps
-                emb = self._suffix(tower, z.flatten(0, 1), k, xs).view(b, self.copies, -1)  # [B, C, E]
-                kl_el = kl_elementwise(alpha, h)  # [B, T, D]
-                kl = (kl_el.mean(-1) * weights).sum(-1)  # [B]
+                static = (tower, k, self.pooled_last_block)
+                if self.compile:
+                    emb, kl_el, kl = self._step(static, alpha, h, eps, xs, weights)
+                else:
+                    emb, kl_el, kl = step_forward(*static, alpha, h, eps, xs, weights)
                 loss = objective(emb, target, kl)  # [B]
                 if not last:
                     (grad,) = torch.autograd.grad(loss.sum(), alpha)
@@ -174,7 +200,8 @@ class Bottleneck:
                                 alpha=alpha.detach())
 
     def _suffix(self, tower: Tower, z: Tensor, k: int, x: Tensor) -> Tensor:
-        return tower.suffix(z, k, x, pooled_only=self.pooled_last_block)
+        static = (tower, k, self.pooled_last_block)
+        return self._pass(static, z, x) if self.compile else _suffix_pass(*static, z, x)
 
     def _chunked_step(
         self, tower: Tower, h: Tensor, alpha: Tensor, eps: Tensor, k: int, xs: Tensor, target: Tensor,

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from clipib.attribution.base import Attributor, Scores
 from clipib.attribution.bottleneck import Bottleneck, BottleneckResult
+from clipib.attribution.compiled import check_compile
 from clipib.attribution.precision import check_precision
 from clipib.models.split import SplitCLIP
 
@@ -41,6 +42,8 @@ class M2IB(Attributor):
         precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (:mod:`clipib.attribution.precision`).
         pooled_last_block: run the last block at the pooled row only (default; the same embedding up to float
             rounding, fewer FLOPs: the rows the head never reads are skipped). False = the full last block.
+        compile: each step's forward through ``torch.compile`` with static shapes (off by default;
+            :mod:`clipib.attribution.compiled`; equal to eager up to float rounding).
     """
 
     name = "m2ib"
@@ -61,12 +64,16 @@ class M2IB(Attributor):
         internal_batch_size: Optional[int] = None,
         precision: str = "fp32",
         pooled_last_block: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__(clip, seed=seed, layer=layer)
         self.beta = beta
         self.precision = check_precision(precision)
+        if compile:
+            check_compile(clip.device)
         self.bottleneck = Bottleneck(steps=steps, lr=lr, copies=copies, alpha_init=alpha_init, noise=noise,
-                                     internal_batch_size=internal_batch_size, pooled_last_block=pooled_last_block)
+                                     internal_batch_size=internal_batch_size, pooled_last_block=pooled_last_block,
+                                     compile=compile)
 
     def objective(self, emb: Tensor, target: Tensor, kl: Tensor) -> Tensor:
         """``β·KL − mean_copies cos(emb, target)`` per pair."""

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from clipib.attribution.base import Attributor, Scores
+from clipib.attribution.compiled import CompiledPasses, check_compile
 from clipib.attribution.precision import check_precision
 from clipib.models.split import SplitCLIP, Tower
 
@@ -47,6 +48,11 @@ def log_trapezoid_path(steps: int, log_min: float = -9.0) -> Tuple[Tensor, Tenso
     return lam, w
 
 
+def _cosine_rows(tower: Tower, k: int, pooled_only: bool, z: Tensor, x: Tensor, target: Tensor) -> Tensor:
+    """``cos(f(z), target)`` per row ``[r]``: the suffix pass NIB differentiates (what ``compile=True`` compiles)."""
+    return (tower.suffix(z, k, x, pooled_only=pooled_only) * target).sum(-1)
+
+
 class NIB(Attributor):
     """Integrated gradients of ``cos(f(λh), e_other)`` over the narrowing scalar λ ∈ (0, 1] on a hidden state.
 
@@ -61,6 +67,8 @@ class NIB(Attributor):
         precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"`` (:mod:`clipib.attribution.precision`).
         pooled_last_block: run the last block at the pooled row only (default; the same embedding up to float
             rounding, fewer FLOPs: the rows the head never reads are skipped). False = the full last block.
+        compile: run the suffix passes through ``torch.compile`` with static shapes (off by default;
+            :mod:`clipib.attribution.compiled`; equal to eager up to float rounding).
     """
 
     name = "nib"
@@ -78,10 +86,15 @@ class NIB(Attributor):
         seed: int = 0,
         precision: str = "fp32",
         pooled_last_block: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__(clip, seed=seed, layer=layer)
         self.precision = check_precision(precision)
         self.pooled_last_block = pooled_last_block
+        if compile:
+            check_compile(clip.device)
+        self.compile = compile
+        self._compiled = CompiledPasses(_cosine_rows)
         if path not in ("riemann", "log"):
             raise ValueError(f"path must be 'riemann' or 'log', got {path!r}")
         if steps < 1:
@@ -109,7 +122,9 @@ class NIB(Attributor):
             sl = slice(start, min(start + chunk, rows))
             pair = torch.arange(sl.start, sl.stop, device=h.device) // m
             z = (lam_rows[sl, None, None] * h[pair]).requires_grad_(True)  # [r, T, D]
-            cos = (tower.suffix(z, k, xs[sl], pooled_only=self.pooled_last_block) * tg[sl]).sum(-1)  # [r]
+            static = (tower, k, self.pooled_last_block)
+            args = (z, xs[sl], tg[sl])
+            cos = self._compiled(static, *args) if self.compile else _cosine_rows(*static, *args)  # [r]
             (g,) = torch.autograd.grad(cos.sum(), z)
             grad_sum.index_add_(0, pair, g * w_rows[sl, None, None])
         return (h * grad_sum).sum(-1)  # [B, T]
