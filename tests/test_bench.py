@@ -5,6 +5,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from clipib.cli import main
 from tests.conftest import TINY
 
@@ -99,3 +101,50 @@ def test_explain_does_not_import_bench(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "[]"
     helped = subprocess.run([sys.executable, "-m", "clipib", "bench", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--reference-pairs" in helped.stdout, helped.stderr
+
+
+def test_bench_variants_and_compile_fields(tmp_path, monkeypatch):
+    """A --settings entry naming its method runs as a variant beside it, with the reference's speed-up; a
+    compile=True variant is warmed up per batch size and reports its compilations (torch.compile stubbed here:
+    tests/test_compile.py compiles for real)."""
+    monkeypatch.setattr("torch.compile", lambda fn, **kwargs: fn)
+    out = tmp_path / "bench.json"
+    settings = '{"nib": {"steps": 2}, "nib_c": {"method": "nib", "steps": 2, "compile": true}}'
+    code = main(["bench", "--methods", "nib", "nib_c", "--batch-sizes", "2", "--model", TINY, "--threads", "1",
+                 "--settings", settings, "--no-warmup", "--no-flops", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    eager, compiled = result["rows"]
+    assert (eager["method"], compiled["method"]) == ("nib", "nib_c") and set(result["reference"]) == {"nib"}
+    assert compiled["speedup_vs_reference"] == result["reference"]["nib"]["s_per_pair"] / compiled["s_per_pair"]
+    assert "compile_s" not in eager and compiled["compile_s"] > 0
+    assert compiled["compile_graphs"] >= 0 and compiled["recompiles_timed"] == 0
+    assert {"graphs", "frames"} <= set(result["meta"]["compile_counts"])
+    assert "| nib_c |" in (tmp_path / "bench.md").read_text()
+    assert main(["bench", "--methods", "nope", "--model", TINY, "--settings", '{"nope": {"method": "x"}}']) == 2
+
+
+def test_pipeline_comparison(tmp_path):
+    """The run's s/pair against the isolated methods' sum (× seeds), per-stage s/pair; bad input: one line."""
+    from clipib.bench.pipeline import compare, main as pipeline_main
+
+    secs = {"data_wait": 1.0, "clean": 0.5, "attribute/a": 4.0, "attribute/b": 2.0, "metrics/a": 0.5,
+            "metrics/b": 0.5, "write": 1.0, "other": 0.5, "total": 10.0}
+    summary = {"a": {"pairs_per_s": {"mean": 1.0, "n": 8.0}}, "b": {"pairs_per_s": {"mean": 2.0, "n": 8.0}},
+               "skipped": {"n": 0}, "stages": {"seconds": secs, "pairs": 4.0, "pairs_per_s": 0.4}}
+    bench = {"meta": {}, "rows": [{"method": "a", "batch_size": 4, "s_per_pair": 0.5},
+                                  {"method": "b", "batch_size": 4, "s_per_pair": 0.25},
+                                  {"method": "b", "batch_size": 8, "skipped": "estimated"}]}
+    result = compare(summary, bench, batch_size=4)
+    assert result["isolated"]["a"]["seeds"] == 2 and result["isolated_sum_s_per_pair"] == (0.5 + 0.25) * 2
+    assert result["run_s_per_pair"] == 2.5 and result["ratio"] == 2.5 / 1.5
+    assert result["stages_s_per_pair"]["attribute/a"] == 1.0 and result["isolated"]["a"]["in_run_s_per_pair"] == 1.0
+    with pytest.raises(ValueError, match="no timed bench row for 'a' at batch 8"):
+        compare(summary, bench, batch_size=8)
+    with pytest.raises(ValueError, match="no 'stages'"):
+        compare({"a": summary["a"]}, bench)
+    (tmp_path / "s.json").write_text(json.dumps(summary))
+    (tmp_path / "b.json").write_text(json.dumps(bench))
+    pipeline_main(["--summary", str(tmp_path / "s.json"), "--bench", str(tmp_path / "b.json"),
+                   "--out", str(tmp_path / "p.json")])
+    assert "misses the target" in (tmp_path / "p.md").read_text()

@@ -7,6 +7,12 @@ For every method and batch size: pairs/s and peak memory of one ``method.attribu
 clipib's speed-up and the agreement of the maps: a stochastic loop (M2IB) by Spearman ρ next to the
 reference's own seed-to-seed ρ, a deterministic one (NIB) by the max abs difference of the normalised maps.
 :mod:`clipib.bench.flops` adds the FLOP floor. Used by ``clipib bench`` and ``benchmarks/throughput.py``.
+
+Variants: a ``--settings`` entry may name its registered method (``{"m2ib_compiled": {"method": "m2ib",
+"compile": true}}``, then ``--methods m2ib m2ib_compiled``), as eval configs do; a variant gets the speed-up
+over its registered method's reference loop when that ran. A ``compile=True`` variant is warmed up at each
+batch size (untimed: ``compile_s``) and its rows carry ``compile_graphs`` (graphs compiled while warming up)
+and ``recompiles_timed`` (graphs compiled during the timed call: 0 when one compilation serves the run).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clipib.attribution import METHODS, Attribution, Attributor, to_maps
+from clipib.attribution.compiled import compile_counts
 from clipib.bench.common import load_average, machine_info, synthetic_pairs
 from clipib.bench.flops import flop_report
 from clipib.bench.reference_loops import REFERENCE_LOOPS, ReferenceLoop, loop_weights
@@ -32,6 +39,16 @@ def _skipped_row(name: str, kwargs: Optional[dict], b: int, modality: str, estim
             "skipped": f"estimated {estimate_s:.0f} s > budget {max_seconds:.0f} s", "estimated_s": estimate_s}
 
 
+def resolve(name: str, kwargs: Optional[dict] = None) -> Tuple[str, Dict[str, Any]]:
+    """``(registered method, constructor settings)`` of a benchmark entry: ``kwargs["method"]`` names the
+    registered method of a variant (default: ``name`` itself)."""
+    settings = dict(kwargs or {})
+    registered = settings.pop("method", name)
+    if registered not in METHODS:
+        raise ValueError(f"unknown method {registered!r}; registered: {sorted(METHODS)}")
+    return registered, settings
+
+
 def bench_method(clip: SplitCLIP, name: str, batch_sizes: Sequence[int], kwargs: Optional[dict] = None,
                  warmup: bool = True, max_seconds: Optional[float] = None) -> List[Dict[str, Any]]:
     """One timed ``attribute`` call per batch size (default seed, so pair 0 uses seed 0).
@@ -39,8 +56,12 @@ def bench_method(clip: SplitCLIP, name: str, batch_sizes: Sequence[int], kwargs:
     ``max_seconds``: a batch size whose estimated time (the latest measured seconds per pair — the 1-pair
     warm-up's, then each timed batch's — × the batch size) exceeds it is not run; its row says so
     (``"skipped"``, ``"estimated_s"``) instead of carrying timings. None = run every batch size.
+    ``kwargs`` may name the registered method (``"method"``, :func:`resolve`); with ``compile=True`` each batch
+    size is first run untimed on the same shapes (module docstring).
     """
-    method = METHODS[name](clip, **(kwargs or {}))
+    registered, settings = resolve(name, kwargs)
+    method = METHODS[registered](clip, **settings)
+    compiled = bool(settings.get("compile"))
     modality = method.modality_for("both")
     per_pair: Optional[float] = None
     if warmup:
@@ -51,11 +72,19 @@ def bench_method(clip: SplitCLIP, name: str, batch_sizes: Sequence[int], kwargs:
             rows.append(_skipped_row(name, kwargs, b, modality, per_pair * b, max_seconds))
             continue
         images, ids = synthetic_pairs(clip, b)  # [b, 3, H, W], [b, ctx]
+        extra: Dict[str, Any] = {}
+        if compiled:
+            before = compile_counts()["graphs"]
+            extra["compile_s"] = seconds(lambda: method.attribute(images, ids, modality=modality), clip.device)
+            extra["compile_graphs"] = compile_counts()["graphs"] - before
+        before = compile_counts()["graphs"]
         with measure(clip.device) as rec:
             method.attribute(images, ids, modality=modality)
+        if compiled:
+            extra["recompiles_timed"] = compile_counts()["graphs"] - before
         per_pair = rec["wall_s"] / b
         rows.append({"method": name, "settings": kwargs or {}, "batch_size": b, "modality": modality,
-                     "pairs_per_s": b / rec["wall_s"], "s_per_pair": per_pair, **rec})
+                     "pairs_per_s": b / rec["wall_s"], "s_per_pair": per_pair, **rec, **extra})
     return rows
 
 
@@ -150,30 +179,40 @@ def run_benchmark(clip: SplitCLIP, methods: Optional[Sequence[str]] = None, batc
         max_seconds: per (method, batch size) budget; see :func:`bench_method`.
     """
     methods = list(methods) if methods else sorted(m for m, c in METHODS.items() if not c.NEEDS_BATCH)
-    unknown = [m for m in methods if m not in METHODS]
+    kwargs = method_kwargs or {}
+    unknown = [m for m in methods if kwargs.get(m, {}).get("method", m) not in METHODS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
-    batch_only = [m for m in methods if METHODS[m].NEEDS_BATCH]
+        raise ValueError(f"unknown methods {unknown}; registered: {sorted(METHODS)} (a variant names its "
+                         'method in --settings: {"variant": {"method": "m2ib", ...}})')
+    registered = {m: resolve(m, kwargs.get(m))[0] for m in methods}
+    batch_only = [m for m in methods if METHODS[registered[m]].NEEDS_BATCH]
     if batch_only:
         raise ValueError(f"{batch_only} need an eval batch (ground truth) and have no throughput of their own")
-    kwargs = method_kwargs or {}
     out: Dict[str, Any] = {"meta": machine_info(clip.device), "rows": [], "reference": {}, "flops": {}}
     out["meta"]["model"] = clip.name
     out["meta"]["max_seconds"] = max_seconds
     for name in tqdm(methods, desc="clipib bench", unit="method", file=sys.stderr):
         out["rows"] += bench_method(clip, name, batch_sizes, kwargs.get(name), warmup, max_seconds)
-        if name in REFERENCE_LOOPS and reference_pairs > 0:
-            ref = bench_reference(clip, name, reference_pairs, kwargs.get(name))
+        if name in REFERENCE_LOOPS and name == registered[name] and reference_pairs > 0:
+            settings = resolve(name, kwargs.get(name))[1]
+            ref = bench_reference(clip, name, reference_pairs, settings)
             out["reference"][name] = ref
-            for row in out["rows"]:
-                if row["method"] == name and "skipped" not in row:
-                    row["speedup_vs_reference"] = ref["s_per_pair"] / row["s_per_pair"]
             if flops:
-                out["flops"][name] = flop_report(clip, name, kwargs.get(name), out["rows"], ref)
+                out["flops"][name] = flop_report(clip, name, settings, out["rows"], ref)
+        _speedups(out, registered)
         if on_method is not None:
             on_method(out)
     out["meta"]["load_average_after"] = load_average()
+    out["meta"]["compile_counts"] = compile_counts()
     return out
+
+
+def _speedups(out: Dict[str, Any], registered: Dict[str, str]) -> None:
+    """``speedup_vs_reference`` of every timed row whose registered method's reference loop has run."""
+    for row in out["rows"]:
+        ref = out["reference"].get(registered.get(row["method"], row["method"]))
+        if ref is not None and "skipped" not in row:
+            row["speedup_vs_reference"] = ref["s_per_pair"] / row["s_per_pair"]
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -192,15 +231,17 @@ def _table(caption: Optional[str], columns: Sequence[str]) -> List[str]:
 
 def _throughput_lines(rows: List[Dict[str, Any]]) -> List[str]:
     lines = _table(None, ["method", "settings", "batch", "modality", "pairs/s", "s/pair", "CPU s/pair", "peak MiB",
-                          "speed-up vs reference"])
+                          "speed-up vs reference", "compile s / graphs / recompiles timed"])
     for r in rows:
         row = f"| {r['method']} | {r['settings'] or ''} | {r['batch_size']} | {r['modality']} | "
         if "skipped" in r:
-            lines.append(row + f"not run: {r['skipped']} | | | | |")
+            lines.append(row + f"not run: {r['skipped']} | | | | | |")
             continue
+        comp = (f"{_fmt(r['compile_s'])} / {r['compile_graphs']} / {r['recompiles_timed']}"
+                if "compile_s" in r else "–")
         lines.append(row + f"{_fmt(r['pairs_per_s'])} | {_fmt(r['s_per_pair'])} | "
                      f"{_fmt(r['cpu_s'] / r['batch_size'])} | {r['peak_mb']:.0f} | "
-                     f"{_fmt(r.get('speedup_vs_reference', '–'))} |")
+                     f"{_fmt(r.get('speedup_vs_reference', '–'))} | {comp} |")
     return lines
 
 
