@@ -1,9 +1,12 @@
 """Issue 20: clean passes and prefixes shared within a batch (PassCache) leave every result unchanged."""
 
+import contextlib
+
 import pytest
 import torch
 
 import clipib
+from clipib.attribution import Attributor
 from clipib.models.passes import PassCache, active_cache
 
 SEEDS = [5, 6, 7, 8]
@@ -29,10 +32,15 @@ def _same(a: clipib.Attribution, b: clipib.Attribution, name: str) -> None:
         assert torch.equal(a.scalars[key], b.scalars[key]), (name, key)
 
 
-def test_pass_cache_same_maps_and_scalars(tiny_clip, pairs):
-    """Each method's maps and scalars are bit-identical with and without sharing; the sharing happened."""
+def test_pass_cache_same_maps_and_scalars(tiny_clip, pairs, monkeypatch):
+    """Each method's maps and scalars are bit-identical without sharing, sharing within its own call (the
+    default: the clean encode yields its prefix) and sharing across methods (an eval batch); the sharing
+    happened."""
     images, ids = pairs
-    alone = {n: m.attribute(images, ids, seeds=SEEDS) for n, m in _methods(tiny_clip).items()}
+    with monkeypatch.context() as m:
+        m.setattr(Attributor, "pass_cache", lambda self: contextlib.nullcontext())
+        alone = {n: m.attribute(images, ids, seeds=SEEDS) for n, m in _methods(tiny_clip).items()}
+    own = {n: m.attribute(images, ids, seeds=SEEDS) for n, m in _methods(tiny_clip).items()}
     cache = PassCache({tiny_clip.image: {2}, tiny_clip.text: {2}})
     with cache:
         assert active_cache() is cache
@@ -42,6 +50,7 @@ def test_pass_cache_same_maps_and_scalars(tiny_clip, pairs):
         assert len(cache) >= 2
     for name in alone:
         _same(shared[name], alone[name], name)
+        _same(own[name], alone[name], name)
     with torch.no_grad():
         assert torch.equal(e_img, tiny_clip.image.encode(images)) and torch.equal(e_txt, tiny_clip.text.encode(ids))
     enc_hits, enc_misses = cache.stats["encode"]
@@ -85,3 +94,17 @@ def test_pass_cache_one_per_batch(tiny_clip):
     with cache:
         with pytest.raises(RuntimeError, match="already active"):
             cache.__enter__()
+
+
+def test_attribute_reads_its_prefix_off_the_clean_pass(tiny_clip, pairs):
+    """One ``attribute`` call: block 0 of the attributed tower runs once (the clean encode), not twice."""
+    images, ids = pairs
+    calls = []
+    handle = tiny_clip.image.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        clipib.NIB(tiny_clip).attribute(images, ids, modality="image")
+        assert len(calls) == 1
+        clipib.M2IB(tiny_clip, precision="bf16", steps=1, copies=1).attribute(images, ids, modality="image")
+        assert len(calls) == 3  # bf16: the fp32 clean pass is not reused for the autocast prefix
+    finally:
+        handle.remove()

@@ -10,6 +10,7 @@ resizing, masking outside SOT..EOT) — public, so reference loops and other cal
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clipib.attribution.precision import precision_context
+from clipib.models.passes import PassCache, active_cache
 from clipib.models.split import SplitCLIP, Tower
 
 Modality = Literal["image", "text", "both"]
@@ -241,20 +243,35 @@ class Attributor:
             ValueError: wrong shapes or sizes, a different device than the model, a modality the method lacks.
         """
         gens = sample_generators(self._check(images, ids, modality, seeds))
-        with torch.no_grad():
-            e_img = self.clip.image.encode(images)  # [B, E]
-            e_txt = self.clip.text.encode(ids)  # [B, E]
-        image = text = None
-        scalars: Scalars = {}
-        if modality in ("image", "both"):
-            with torch.enable_grad(), precision_context(self.precision, images.device):
-                image, extra = self.image_scores(images, ids, e_txt, gens)
-            scalars.update(extra)
-        if modality in ("text", "both"):
-            with torch.enable_grad(), precision_context(self.precision, images.device):
-                text, extra = self.text_scores(images, ids, e_img, gens)
-            scalars.update(extra)
+        with self.pass_cache():
+            with torch.no_grad():
+                e_img = self.clip.image.encode(images)  # [B, E]
+                e_txt = self.clip.text.encode(ids)  # [B, E]
+            image = text = None
+            scalars: Scalars = {}
+            if modality in ("image", "both"):
+                with torch.enable_grad(), precision_context(self.precision, images.device):
+                    image, extra = self.image_scores(images, ids, e_txt, gens)
+                scalars.update(extra)
+            if modality in ("text", "both"):
+                with torch.enable_grad(), precision_context(self.precision, images.device):
+                    text, extra = self.text_scores(images, ids, e_img, gens)
+                scalars.update(extra)
         return to_maps(self.clip, ids, image=image, text=text, scalars=scalars)
+
+    def pass_cache(self) -> Union[PassCache, "contextlib.nullcontext[None]"]:
+        """The :class:`~clipib.models.passes.PassCache` of one ``attribute`` call, or nothing when one is active
+        (an eval batch's): the clean encode of each tower then also yields this method's prefix (identical
+        results, one pass less; ``tests/test_shared_passes.py``)."""
+        if active_cache() is not None:
+            return contextlib.nullcontext()
+        layers = {}
+        for tower in (self.clip.image, self.clip.text):
+            try:
+                layers[tower] = {self.layer_for(tower)}
+            except (ValueError, TypeError):  # a method without a layer
+                continue
+        return PassCache(layers)
 
     def attribute_batch(
         self, batch: Mapping[str, Any], modality: Modality = "both", seeds: Optional[Sequence[int]] = None
