@@ -64,7 +64,7 @@ def bench_method(clip: SplitCLIP, name: str, batch_sizes: Sequence[int], kwargs:
     compiled = bool(settings.get("compile"))
     modality = method.modality_for("both")
     per_pair: Optional[float] = None
-    if warmup:
+    if warmup and not compiled:  # a compiled variant warms up at each batch size's own shapes instead
         per_pair = seconds(lambda: method.attribute(*synthetic_pairs(clip, 1), modality=modality), clip.device)
     rows = []
     for b in batch_sizes:
