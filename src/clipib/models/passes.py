@@ -25,13 +25,14 @@ from __future__ import annotations
 import contextvars
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from clipib.models.split import Tower
+TowerLike = nn.Module
+"""A :class:`clipib.models.split.Tower` (``embed``, ``run``, ``head``, ``n_layers``); not imported here, since
+``split`` imports this module."""
 
 _ACTIVE: contextvars.ContextVar[Optional["PassCache"]] = contextvars.ContextVar("clipib_pass_cache", default=None)
 
@@ -50,7 +51,7 @@ def _numerics(device: torch.device) -> Tuple[Any, ...]:
             torch.get_float32_matmul_precision())
 
 
-def _weights_version(tower: "Tower") -> int:
+def _weights_version(tower: TowerLike) -> int:
     """Sum of the tower's parameters' in-place version counters (changes when a weight is written in place)."""
     return sum(p._version for p in tower.parameters())
 
@@ -59,7 +60,7 @@ def _weights_version(tower: "Tower") -> int:
 class _Entry:
     """What is stored for one (tower, input, numerics): residual streams by layer and the embedding."""
 
-    tower: "weakref.ReferenceType[Tower]"
+    tower: "weakref.ReferenceType"
     x: "weakref.ReferenceType[Tensor]"
     versions: Tuple[int, int]
     states: Dict[int, Tuple[Tensor, int]] = field(default_factory=dict)
@@ -84,7 +85,7 @@ class PassCache:
     ``{"encode": [hits, misses], "prefix": [hits, misses]}`` (bypassed calls are not counted).
     """
 
-    def __init__(self, layers: Optional[Mapping["Tower", Iterable[int]]] = None) -> None:
+    def __init__(self, layers: Optional[Mapping[TowerLike, Iterable[int]]] = None) -> None:
         self._layers: Dict[int, Tuple[Any, frozenset]] = {
             id(t): (weakref.ref(t), frozenset(int(k) for k in ks)) for t, ks in (layers or {}).items()}
         self._entries: Dict[Tuple[Any, ...], _Entry] = {}
@@ -109,11 +110,11 @@ class PassCache:
         """Drop every stored pass."""
         self._entries.clear()
 
-    def _wanted(self, tower: "Tower") -> frozenset:
+    def _wanted(self, tower: TowerLike) -> frozenset:
         ref, layers = self._layers.get(id(tower), (None, frozenset()))
         return layers if ref is not None and ref() is tower else frozenset()
 
-    def _entry(self, tower: "Tower", x: Tensor) -> Optional[_Entry]:
+    def _entry(self, tower: TowerLike, x: Tensor) -> Optional[_Entry]:
         """The entry of ``(tower, x)`` under the current numerics (created if needed), or None to bypass."""
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in tower.parameters())):
             return None
@@ -128,7 +129,7 @@ class PassCache:
         entries[key] = entry
         return entry
 
-    def _run(self, tower: "Tower", entry: _Entry, x: Tensor, stop: int, keep: frozenset) -> Tensor:
+    def _run(self, tower: TowerLike, entry: _Entry, x: Tensor, stop: int, keep: frozenset) -> Tensor:
         """The residual stream after ``stop`` blocks, from the deepest fresh stored state at a layer <= ``stop``;
         stores the streams at the layers of ``keep`` it passes."""
         start = max((k for k, s in entry.states.items() if k <= stop and _fresh(s) is not None), default=None)
@@ -144,7 +145,7 @@ class PassCache:
                 start = cut
         return h
 
-    def prefix(self, tower: "Tower", x: Tensor, k: int) -> Tensor:
+    def prefix(self, tower: TowerLike, x: Tensor, k: int) -> Tensor:
         """``tower.prefix(x, k)``, shared (module docstring)."""
         entry = self._entry(tower, x)
         if entry is None:
@@ -158,7 +159,7 @@ class PassCache:
         entry.states[k] = (h, h._version)
         return h
 
-    def encode(self, tower: "Tower", x: Tensor) -> Tensor:
+    def encode(self, tower: TowerLike, x: Tensor) -> Tensor:
         """``tower.encode(x)``, shared; a clean encode also stores the streams at the tower's ``layers``."""
         entry = self._entry(tower, x)
         n = tower.n_layers
