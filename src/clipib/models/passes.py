@@ -14,7 +14,8 @@ When a call is *not* shared (computed as without the cache): outside a ``with`` 
 reach the tower's weights or the input (grad enabled and the input or a weight requires grad); for a different
 input tensor, even one with equal values. An entry is keyed by the input's identity, checked against a weak
 reference (a freed tensor's id reused by another never hits) and the input's and weights' in-place version
-counters; numerics (autocast on the input's device and its dtype, TF32 flags, float32 matmul precision) are
+counters (writes through ``.data``, which bypass the counters, are not seen: change weights under
+``torch.no_grad()`` as :mod:`clipib.metrics.randomisation` does, or outside the ``with`` block); numerics (autocast on the input's device and its dtype, TF32 flags, float32 matmul precision) are
 part of the key, so a ``precision="bf16"`` method never reads an fp32 prefix. Stored outputs are returned as
 they are; one modified in place is recomputed. Entries die with their input tensor and all of them when the
 ``with`` block exits: nothing outlives the batch.
