@@ -56,9 +56,11 @@ def test_pass_cache_same_maps_and_scalars(tiny_clip, pairs, monkeypatch):
     enc_hits, enc_misses = cache.stats["encode"]
     pre_hits, pre_misses = cache.stats["prefix"]
     assert enc_misses == 2 and enc_hits >= 2 * 7 - 1  # one clean pass per tower; every method (and AdaIB's f) hits
-    # layer 2 comes from the clean pass; the default layer (2 of 3 blocks on this tower? else its own miss) at most
-    # once per tower: every bottleneck / integration prefix after the first is shared
-    assert pre_hits >= 8 and pre_misses <= 2
+    # every cut is at layer 2 (the default scales to 2 of these 3 blocks too), stored by the clean pass: each
+    # bottleneck / integration prefix (5 layered methods x 2 towers, and Grad-CAM's at its layer) is read, none
+    # recomputed
+    assert tiny_clip.image.n_layers == 3 and clipib.M2IB(tiny_clip).layer_for(tiny_clip.image) == 2
+    assert pre_hits >= 10 and pre_misses == 0
     assert active_cache() is None and len(cache) == 0  # nothing outlives the batch
 
 
