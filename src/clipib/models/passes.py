@@ -24,6 +24,8 @@ they are; one modified in place is recomputed. Entries die with their input tens
 from __future__ import annotations
 
 import contextvars
+import functools
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
@@ -50,6 +52,17 @@ def _numerics(device: torch.device) -> Tuple[Any, ...]:
     return (autocast, torch.get_autocast_dtype(kind) if autocast else None,
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
             torch.get_float32_matmul_precision())
+
+
+@functools.lru_cache(maxsize=None)
+def _run_takes_input(cls: type) -> bool:
+    """Whether ``cls.run`` takes the tower's input rows as ``x=`` (towers that mask padding need them)."""
+    return "x" in inspect.signature(cls.run).parameters
+
+
+def _blocks(tower: TowerLike, h: Tensor, start: int, stop: int, x: Tensor) -> Tensor:
+    """``tower.run(h, start, stop)``, handing it the input rows where its ``run`` takes them."""
+    return tower.run(h, start, stop, x=x) if _run_takes_input(type(tower)) else tower.run(h, start, stop)
 
 
 def _weights_version(tower: TowerLike) -> int:
@@ -140,7 +153,7 @@ class PassCache:
             entry.states[0] = (h, h._version)
         for cut in sorted(k for k in keep if start < k < stop) + [stop]:
             if cut > start:
-                h = tower.run(h, start, cut)
+                h = _blocks(tower, h, start, cut, x)
                 if (cut in keep or cut == stop) and _fresh(entry.states.get(cut)) is None:
                     entry.states[cut] = (h, h._version)
                 start = cut
@@ -150,7 +163,7 @@ class PassCache:
         """``tower.prefix(x, k)``, shared (module docstring)."""
         entry = self._entry(tower, x)
         if entry is None:
-            return tower.run(tower.embed(x), 0, k)
+            return _blocks(tower, tower.embed(x), 0, k, x)
         hit = _fresh(entry.states.get(k))
         self.stats["prefix"][0 if hit is not None else 1] += 1
         if hit is not None:
@@ -165,7 +178,7 @@ class PassCache:
         entry = self._entry(tower, x)
         n = tower.n_layers
         if entry is None:
-            return tower.head(tower.run(tower.embed(x), 0, n), x)
+            return tower.head(_blocks(tower, tower.embed(x), 0, n, x), x)
         hit = _fresh(entry.embedding)
         self.stats["encode"][0 if hit is not None else 1] += 1
         if hit is not None:
