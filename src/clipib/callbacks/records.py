@@ -4,7 +4,9 @@ Layout of a run directory (``trainer.default_root_dir`` unless ``out_dir`` is gi
 
     records/rank{r}-{attempt}.jsonl      one JSON line per (sample key, method, seed), flushed per batch
     attributions/rank{r}-{attempt}.tar   the maps, a webdataset tar (<id>.json, <id>.image.npy, <id>.text.npy)
-    summary.json, summary.md             {method: {metric: {"mean", "std", "n", ...}}}, written by rank 0
+    summary.json, summary.md             {method: {metric: {"mean", "std", "n", ...}}}, written by rank 0, plus
+                                         "skipped" (count, count by reason, the first keys) and
+                                         "truncated_captions" (count) of the whole run (:func:`data_summary`)
 
 The callback writes and reads files only; the numbers come from the LightningModule's public API. Re-running
 the same command resumes: at ``setup`` the keys with a record for every (method, seed) are handed to the data
@@ -225,6 +227,9 @@ def _flush_tar(writer: wds.TarWriter) -> None:
     writer.stream.flush()
     os.fsync(writer.stream.fileno())
 
+
+DATA_KEYS = ("skipped", "truncated_captions")
+"""The keys of ``summary.json`` that are not method names (what the data did: :func:`data_summary`)."""
 
 SKIPS_LISTED = 1000
 """At most this many skipped samples are listed by key in ``summary.json`` (all are counted; every one is in
