@@ -5,6 +5,9 @@ config, or ``"clipib-shapes"`` (the small CLIP clipib ships, trained on its synt
 ``pretrained`` is an open_clip tag (``"openai"``), a local checkpoint (``.safetensors`` or a torch state
 dict, read with ``weights_only=True``), ``None`` for random weights, or ``"default"``: the shipped weights
 for ``clipib-shapes``, ``"openai"`` for every other model.
+
+Checkpoints are never unpickled: every ``torch.load`` during loading is weights-only whatever the caller or the
+environment says (:func:`_weights_only`), and a file that needs more is refused with one line (no opt-out).
 """
 
 from __future__ import annotations
