@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from clipib.callbacks.records import iter_attributions, read_records
+from clipib.callbacks.records import DATA_KEYS, iter_attributions, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "data" / "tiny-clip.json")
@@ -84,7 +84,8 @@ def baseline(tmp_path_factory, csv_data) -> Path:
 
 def test_outputs(baseline):
     summary = json.loads((baseline / "summary.json").read_text())
-    assert set(summary) == {"m2ib", "nib", "skipped"}
+    assert set(summary) == {"m2ib", "nib", "skipped", "truncated_captions"}
+    assert summary["skipped"] == {"n": 0, "by_reason": {}, "samples": []} and summary["truncated_captions"] == {"n": 0}
     for method in ("m2ib", "nib"):
         assert summary[method]["cos"]["n"] == 7
         assert summary[method]["pairs_per_s"]["mean"] > 0
@@ -254,4 +255,4 @@ def test_shipped_demo_config_runs(tmp_path):
 
 
 def summary_methods(summary: dict) -> list:
-    return [m for m in summary if m != "skipped"]
+    return [m for m in summary if m not in DATA_KEYS]

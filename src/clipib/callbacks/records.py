@@ -4,7 +4,9 @@ Layout of a run directory (``trainer.default_root_dir`` unless ``out_dir`` is gi
 
     records/rank{r}-{attempt}.jsonl      one JSON line per (sample key, method, seed), flushed per batch
     attributions/rank{r}-{attempt}.tar   the maps, a webdataset tar (<id>.json, <id>.image.npy, <id>.text.npy)
-    summary.json, summary.md             {method: {metric: {"mean", "std", "n", ...}}}, written by rank 0
+    summary.json, summary.md             {method: {metric: {"mean", "std", "n", ...}}}, written by rank 0, plus
+                                         "skipped" (count, count by reason, the first keys) and
+                                         "truncated_captions" (count) of the whole run (:func:`data_summary`)
 
 The callback writes and reads files only; the numbers come from the LightningModule's public API. Re-running
 the same command resumes: at ``setup`` the keys with a record for every (method, seed) are handed to the data
@@ -40,7 +42,7 @@ def _json_lines(path: Path) -> Iterator[Dict[str, Any]]:
             continue
 
 
-NOT_VALUES = frozenset({"key", "method", "seed", "matched"})
+NOT_VALUES = frozenset({"key", "method", "seed", "matched", "caption_truncated"})
 """Record fields that are not per-sample values."""
 
 
@@ -205,8 +207,7 @@ class RecordWriter(Callback):
         trainer.strategy.barrier()
         if trainer.global_rank == 0:
             run = self.run_dir(trainer)
-            skipped = read_skips(run)
-            write_summary(run, summary, {"skipped": {"n": len(skipped), "samples": skipped}})
+            write_summary(run, summary, data_summary(run))
             print((run / "summary.md").read_text())
             if self.resumed:
                 print(f"resumed: {self.resumed} pairs were already finished in {run} and were not recomputed")
@@ -225,6 +226,31 @@ def _flush_tar(writer: wds.TarWriter) -> None:
         stream.buf = b""
     writer.stream.flush()
     os.fsync(writer.stream.fileno())
+
+
+DATA_KEYS = ("skipped", "truncated_captions")
+"""The keys of ``summary.json`` that are not method names (what the data did: :func:`data_summary`)."""
+
+SKIPS_LISTED = 1000
+"""At most this many skipped samples are listed by key in ``summary.json`` (all are counted; every one is in
+the records files, :func:`read_skips`)."""
+
+
+def data_summary(run_dir: Path) -> Dict[str, Any]:
+    """What the data did to a run, for ``summary.json``: ``{"skipped": {"n", "by_reason": {reason name: count},
+    "samples": [{"key", "reason"}] (the first :data:`SKIPS_LISTED` by key)}, "truncated_captions": {"n"}}``
+    (``n``: distinct samples whose caption was cut to the context; every attempt of the run counted once)."""
+    from clipib.data.common import skip_reason
+
+    skipped = read_skips(run_dir)
+    by_reason: Dict[str, int] = {}
+    for s in skipped:
+        name = skip_reason(s["reason"])
+        by_reason[name] = by_reason.get(name, 0) + 1
+    truncated = {r["key"] for r in read_records(run_dir) if r.get("caption_truncated")}
+    return {"skipped": {"n": len(skipped), "by_reason": dict(sorted(by_reason.items())),
+                        "samples": skipped[:SKIPS_LISTED]},
+            "truncated_captions": {"n": len(truncated)}}
 
 
 def write_summary(run_dir: Path, summary: Dict[str, Dict[str, Dict[str, float]]], extra: Dict[str, Any]) -> None:
@@ -249,5 +275,7 @@ def summary_table(summary: Dict[str, Dict[str, Dict[str, float]]], extra: Option
     lines.append(f"\nn = {int(n)} pairs per method and seed; ± is the std over seeds when there are several, "
                  "else over samples.")
     for key, value in (extra or {}).items():
+        if isinstance(value, dict) and "samples" in value:  # the per-key list stays in summary.json
+            value = {k: v for k, v in value.items() if k != "samples"}
         lines.append(f"\n{key}: {json.dumps(value)}")
     return "\n".join(lines) + "\n"

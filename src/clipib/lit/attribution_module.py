@@ -118,6 +118,8 @@ class AttributionModule(LightningModule):
     def test_step(self, batch: Dict[str, Any], batch_idx: int) -> Dict[str, Any]:
         """Explain, score and return ``{"records", "maps": {(method, seed): Attribution}, "batch", "skipped"}``.
 
+        A record whose caption the data cut to the tokenizer's context carries ``"caption_truncated": true``.
+
         ``skipped`` lists the samples the data pipeline could not read (``{"key", "reason"}``); ``batch`` is
         None when every sample of the batch was skipped.
         """
@@ -140,6 +142,10 @@ class AttributionModule(LightningModule):
                 records += _records(batch["key"], method, seed, {**values, **extra})
                 if self.hparams.keep_maps:
                     maps[(method, seed)] = attr
+        cut = {k for k, c in zip(batch["key"], batch.get("caption_truncated", [])) if bool(c)}
+        for r in records:  # marked on the record only when true: the summary counts truncated captions from them
+            if r["key"] in cut:
+                r["caption_truncated"] = True
         return {"records": records, "maps": maps, "batch": batch, "skipped": skipped}
 
     def _score(self, method: str, batch: Dict[str, Any], attr: Attribution, seed_index: int,

@@ -20,10 +20,12 @@ slot ``s = rank * num_workers + worker``.
 Both are deterministic and exact: no sample twice, none missing, and every rank ends by itself (no
 padding, no collective calls), so a rank with fewer samples just finishes earlier.
 
-Corrupt data never raises: a sample with an undecodable or truncated image, a missing image, a
-missing, empty or non-UTF-8 caption becomes a skip marker (key + reason, see
-:mod:`clipib.data.common`); a shard that cannot be opened or a truncated tar becomes a skip marker
-keyed by the shard name. Skips travel in the batches' ``"skipped"`` list.
+Corrupt data never raises: a sample with an undecodable, truncated, empty or oversized image, a missing
+image, a missing, empty or non-UTF-8 caption, or an unsafe key (a member named ``../../evil.jpg``, an
+absolute path, a NUL; :func:`clipib.untrusted.key_problem`) becomes a skip marker (key + reason, see
+:mod:`clipib.data.common`); a shard that cannot be opened, a truncated tar or a file of random bytes becomes
+a skip marker keyed by the shard name. Skips travel in the batches' ``"skipped"`` list. Members are read
+into memory by webdataset's tar reader, never extracted: no member name becomes a path.
 
 Excluded keys (a resumed run, :meth:`ShardDataset.exclude`) are dropped on the raw sample's key, before
 its image or caption is decoded. YAML::
@@ -43,7 +45,8 @@ from typing import Any, Iterable, Iterator, List, Literal, Optional, Sequence, T
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
-from clipib.data.common import IMAGE_ERRORS, Item, decode_caption, decode_image, image_error, skip_item
+import clipib.untrusted as untrusted
+from clipib.data.common import IMAGE_ERRORS, Item, decode_image, image_error, skip_item
 from clipib.data.sources.base import Source
 
 ShardSpec = Union[str, Sequence[str]]
@@ -175,7 +178,7 @@ class ShardDataset(Source, IterableDataset):
             msg = exn.strerror
         else:
             msg = str(exn.args[0]).split(" @ ")[0] if exn.args else ""
-        return skip_item(key, f"unreadable shard ({type(exn).__name__}: {msg})")
+        return skip_item(key, "unreadable shard", f"{type(exn).__name__}: {untrusted.printable(msg)}")
 
     @staticmethod
     def raw_key(raw: dict) -> str:
@@ -185,16 +188,20 @@ class ShardDataset(Source, IterableDataset):
     def decode(self, raw: dict, preprocess: Any) -> Item:
         """Raw webdataset sample (member bytes by extension) -> clipib item or skip marker."""
         key = self.raw_key(raw)
+        problem = untrusted.key_problem(str(raw["__key__"]))
+        if problem:  # a member named ../../evil.jpg, /etc/x.jpg, or with a NUL: refused, never decoded
+            return skip_item(key, "unsafe key", problem)
         image_ext = next((e for e in self.image_exts if e in raw), None)
         if image_ext is None:
             return skip_item(key, "missing image")
         caption_ext = next((e for e in self.caption_exts if e in raw), None)
         try:
-            caption = decode_caption(raw[caption_ext] if caption_ext else None)
-        except ValueError as exn:
-            return skip_item(key, str(exn))
+            caption, cut = untrusted.decode_caption(raw[caption_ext] if caption_ext else None)
+        except untrusted.Rejected as exn:
+            return skip_item(key, exn.reason, exn.detail)
         try:
             image = decode_image(raw[image_ext])
         except IMAGE_ERRORS as exn:
-            return skip_item(key, image_error(exn))
-        return {"key": key, "image": preprocess(image), "caption": caption, "matched": True}
+            return {"key": key, "skip": image_error(exn)}
+        item = {"key": key, "image": preprocess(image), "caption": caption, "matched": True}
+        return {**item, "caption_truncated": True} if cut else item
