@@ -84,7 +84,8 @@ def baseline(tmp_path_factory, csv_data) -> Path:
 
 def test_outputs(baseline):
     summary = json.loads((baseline / "summary.json").read_text())
-    assert set(summary) == {"m2ib", "nib", "skipped"}
+    assert set(summary) == {"m2ib", "nib", "skipped", "std_over"}
+    assert summary["std_over"].startswith("method noise only") and "same pairs" in summary["std_over"]
     for method in ("m2ib", "nib"):
         assert summary[method]["cos"]["n"] == 7
         assert summary[method]["pairs_per_s"]["mean"] > 0
@@ -254,4 +255,4 @@ def test_shipped_demo_config_runs(tmp_path):
 
 
 def summary_methods(summary: dict) -> list:
-    return [m for m in summary if m != "skipped"]
+    return [m for m in summary if m not in ("skipped", "std_over")]
