@@ -73,9 +73,13 @@ def spec_hash(spec: Any) -> str:
 def scorer_fingerprint(score: Score, image_size: Sequence[int]) -> str:
     """A short fingerprint of a pair scorer (the model): its score of a fixed grey image with a fixed caption.
 
-    Scores saved by one model are then never reused for another.
+    Scores saved by one model are then never reused for another. Under DDP rank 0's fingerprint is broadcast,
+    so every process names the parts alike even if devices round differently.
     """
     probe = torch.full((1, 3, *image_size), 0.25)
     with torch.no_grad():
         value = float(score(probe, ["a photo of a grey square"]).flatten()[0])
-    return f"{value:.6e}"
+    box = [f"{value:.6e}"]
+    if distributed():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
