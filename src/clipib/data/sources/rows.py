@@ -2,8 +2,9 @@
 selection options.
 
 A row source reads its rows in :meth:`RowSource.prepare`, applies the :class:`Selection` options in the
-order read -> ``sample`` -> caption choice (Flickr8k) -> ``mismatched`` -> ``partition``, then drops the
-excluded keys; only then is any item decoded. The caption choice and ``partition`` score rows with the
+order read -> ``sample`` (one per run seed with ``resample``) -> caption choice (Flickr8k) -> ``mismatched`` ->
+``partition``, then drops the excluded keys; only then is any item decoded. With per-run samples the rows are
+the union of the samples, each once, with ``"run_seeds"`` (:func:`clipib.data.selection.merge_draws`). The caption choice and ``partition`` score rows with the
 model's pair scorer (``ModelTransforms.score``): every row is scored (a row's selection depends on the
 others' scores), on rank 0, whose scores are broadcast so that every rank selects the same rows.
 """
