@@ -161,8 +161,9 @@ def test_shard_manifest_image_missing_from_its_shard_is_a_skip(tmp_path: Path) -
         for i in range(3):
             sink.write({"__key__": f"m{i}", "png": _png(17 * (10 + i) % 256), "txt": f"pair {10 + i}"})
     source = ShardDataset(pattern, selection=opts, manifest=str(tmp_path / "manifest"))
-    source.rows = json.loads("[" + ",".join((tmp_path / "manifest").glob("selection-*.jsonl").__next__()
-                                            .read_text().splitlines()) + "]")
+    from clipib.data.manifest import read_lines
+
+    source.rows = list(read_lines(next((tmp_path / "manifest").glob("selection-*.jsonl"))))  # the earlier manifest
     source.use_transforms(ModelTransforms.of(PRE, TOK))
     source.rank, source.world_size = 0, 1
     skips = [it for it in source if "skip" in it]
