@@ -73,9 +73,10 @@ def clipib_tiny_pe(pretrained: bool = False, **kwargs) -> Eva:
     return Eva(**dict(args, **_clean(kwargs)))
 
 
-FAMILIES = {name: str(DATA / f"tiny-{name}.json") for name in ("siglip", "eva", "pe")}
+FAMILIES = {name: str(DATA / f"tiny-{name}.json") for name in ("siglip", "eva", "pe", "coca")}
 """One tiny JSON config per tower family: timm ViT + MAP head with a bidirectional last-pooled text tower
-(SigLIP), EVA-02 (RoPE, token pooling), PE-Core (RoPE, norm_pre, MAP)."""
+(SigLIP), EVA-02 (RoPE, token pooling), PE-Core (RoPE, norm_pre, MAP), CoCa (open_clip ViT with an attentional
+pooler; causal text tower with a padding mask that pools a class token appended after the context)."""
 
 
 def siglip_ids(lengths, context: int, vocab: int, seed: int = 2) -> torch.Tensor:

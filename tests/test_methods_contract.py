@@ -96,6 +96,18 @@ def family_results(tiny_family, family_pairs) -> _Results:
     return _Results(clip, family_pairs(clip))
 
 
+COCA = "coca"
+"""CoCa's contrastive towers: an attentional pooler on the image side, a causal text tower that masks padding
+and pools a class token appended after the context (the stream is one row longer than the ids)."""
+
+
+@pytest.fixture(scope="module")
+def coca_results(tiny_family, family_pairs) -> _Results:
+    """:class:`_Results` on the tiny CoCa model."""
+    clip = tiny_family(COCA)
+    return _Results(clip, family_pairs(clip))
+
+
 def test_registry_names():
     assert {"m2ib", "nib", "adaib"} <= set(NAMES)
     for name in sorted(clipib.METHODS):
@@ -109,16 +121,17 @@ def test_default_constructor(tiny_clip, name):
     assert isinstance(method, clipib.Attributor) and method.clip is tiny_clip
 
 
-def _which(model, tiny_clip, pairs, results, family_results):
+def _which(model, tiny_clip, pairs, results, family_results, coca_results=None):
     if model == "tiny":
         return tiny_clip, pairs, results
-    return family_results.clip, family_results.pairs, family_results
+    other = coca_results if model == COCA else family_results
+    return other.clip, other.pairs, other
 
 
-@pytest.mark.parametrize("model", ["tiny", FAMILY])
+@pytest.mark.parametrize("model", ["tiny", FAMILY, COCA])
 @pytest.mark.parametrize("name", NAMES)
-def test_shapes_ranges_and_masking(tiny_clip, pairs, results, family_results, name, model):
-    tiny_clip, pairs, results = _which(model, tiny_clip, pairs, results, family_results)
+def test_shapes_ranges_and_masking(tiny_clip, pairs, results, family_results, coca_results, name, model):
+    tiny_clip, pairs, results = _which(model, tiny_clip, pairs, results, family_results, coca_results)
     images, ids = pairs
     method, attr, seconds = results[name]
     b, size, grid = images.shape[0], tiny_clip.image_size, tiny_clip.grid
@@ -165,10 +178,10 @@ def test_same_seed_same_result(pairs, results, name):
         _close(a, b, 1e-5)
 
 
-@pytest.mark.parametrize("model", ["tiny", FAMILY])
+@pytest.mark.parametrize("model", ["tiny", FAMILY, COCA])
 @pytest.mark.parametrize("name", NAMES)
-def test_batch_equals_single_calls(tiny_clip, pairs, results, family_results, name, model):
-    _, pairs, results = _which(model, tiny_clip, pairs, results, family_results)
+def test_batch_equals_single_calls(tiny_clip, pairs, results, family_results, coca_results, name, model):
+    _, pairs, results = _which(model, tiny_clip, pairs, results, family_results, coca_results)
     rel = BATCH_REL if model == "tiny" else FAMILY_REL
     images, ids = pairs
     method, attr, _ = results[name]

@@ -14,8 +14,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
+
+import clipib.untrusted as untrusted
 
 from clipib.attribution import METHODS, Attribution, Attributor, Inputs
 from clipib.models.loading import DEFAULT, load_clip
@@ -31,25 +33,33 @@ class InputError(ValueError):
 
 
 def read_image(path: Union[str, Path]) -> Image.Image:
-    """Open an image as 8-bit RGB: grayscale, palette, 16-bit and float images are rescaled, alpha is
-    composited over white."""
+    """Open an image file as 8-bit RGB within bounds (:func:`clipib.untrusted.decode_image`: first frame, EXIF
+    orientation, 16-bit rescaled, alpha over white, size and aspect bounded); anything it refuses — an empty,
+    truncated, oversized or undecodable file — is an :class:`InputError` of one line naming the reason."""
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"image not found: {path}")
+        raise InputError(f"image not found: {untrusted.printable(str(path))}")
     try:
-        img = Image.open(p)
-        img.load()
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"cannot read {path} as an image ({type(err).__name__})") from err
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray((arr.clip(0, top) / top * 255).round().astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, img)
-    return img.convert("RGB")
+        return untrusted.decode_image(p)
+    except untrusted.Rejected as err:
+        raise InputError(f"cannot use {untrusted.printable(str(path))} as an image: {err}") from None
+    except OSError as err:  # unreadable file (permissions, I/O error)
+        raise InputError(f"cannot read {untrusted.printable(str(path))}: {err.strerror or type(err).__name__}") from None
+
+
+def clean_captions(texts: Sequence[str]) -> List[str]:
+    """Captions as :func:`clipib.untrusted.clean_caption` leaves them (control characters as spaces, whitespace
+    collapsed); an empty one, or one that is not valid Unicode, is an :class:`InputError`."""
+    out = []
+    for text in texts:
+        try:
+            caption = untrusted.clean_caption(text)[0]
+        except untrusted.Rejected as err:
+            raise InputError(f"a caption is not valid text: {err}") from None
+        if not caption:
+            raise InputError("a caption is empty (nothing but whitespace or control characters)")
+        out.append(caption)
+    return out
 
 
 def method_settings(method: Attributor) -> Dict[str, Any]:
@@ -77,7 +87,11 @@ def prepare_image(image: ImageLike, clip: SplitCLIP) -> Tensor:
             raise InputError(f"a uint8 image tensor must be [3, H, W] pixels, got {list(image.shape)}")
         image = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     if isinstance(image, Image.Image):
-        return clip.preprocess(image.convert("RGB")).to(clip.device, clip.dtype)  # [3, H, W]
+        try:
+            image = untrusted.crop_aspect(untrusted.to_rgb(image))  # as read_image leaves a file
+        except untrusted.Rejected as err:
+            raise InputError(f"cannot use this image: {err}") from None
+        return clip.preprocess(image).to(clip.device, clip.dtype)  # [3, H, W]
     if isinstance(image, Tensor) and image.is_floating_point():
         if tuple(image.shape) != (3, *clip.image_size):
             raise InputError(f"a float image tensor is taken as preprocessed and must be [3, {clip.image_size[0]}, "
@@ -143,8 +157,7 @@ def explain(
     captions = _as_list(texts, "texts")
     if not all(isinstance(t, str) for t in captions):
         raise TypeError(f"texts must be strings, got {sorted({type(t).__name__ for t in captions})}")
-    if any(not t.strip() for t in captions):
-        raise InputError("a caption is empty")
+    captions = clean_captions(captions)
     if len(pixels) != len(captions) and 1 not in (len(pixels), len(captions)):
         raise InputError(f"{len(pixels)} images and {len(captions)} texts: give as many of each, or one of either")
     n = max(len(pixels), len(captions))

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from PIL import Image
 
-from clipib.api import InputError, explain as api_explain, method_settings, read_image
+from clipib.api import InputError, clean_captions, explain as api_explain, method_settings, read_image
 from clipib.attribution import METHODS
 from clipib.models.loading import DEFAULT, ModelLoadError, load_clip
 from clipib.models.split import SplitCLIP, UnsupportedModelError
@@ -57,8 +57,7 @@ def _parser(bench_options: bool = True) -> argparse.ArgumentParser:
 
 def _run_explain(args: argparse.Namespace) -> None:
     image = read_image(args.image)
-    if not args.text.strip():
-        raise InputError("the caption is empty")
+    clean_captions([args.text])  # an empty caption fails before the model loads
     clip = load_clip(args.model, pretrained=args.pretrained, device=args.device)
     record = explain(clip, image, args.text, args.method, Path(args.out))
     print(f"{args.method}: cos {record['similarity']:.3f}; wrote {Path(args.out) / 'explanation.png'}, .json and .html")

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clipib.attribution.compiled import CompiledPasses, check_compile
-from clipib.models.split import Tower
+from clipib.models.split import Tower, fit_rows
 
 NOISE_STREAMS = ("official", "device")
 Objective = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -165,7 +165,7 @@ class Bottleneck:
         with torch.no_grad():
             h = tower.prefix(x, k)  # [B, T, D]
         b, t, d = h.shape
-        valid = torch.ones(b, t, dtype=torch.bool, device=h.device) if valid is None else valid[:, :t]
+        valid = torch.ones(b, t, dtype=torch.bool, device=h.device) if valid is None else fit_rows(valid, t)
         lengths = valid.sum(1).tolist()
         weights = valid.to(h.dtype) / valid.sum(1, keepdim=True)  # [B, T], mean over valid tokens
         alpha = torch.full_like(h, self.alpha_init, requires_grad=True)

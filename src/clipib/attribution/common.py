@@ -115,6 +115,6 @@ def text_cosine(clip: SplitCLIP, ids: Tensor, target: Tensor) -> TextInput:
         emb = clip.text.token_embeddings(ids[:, :length])  # [B, L, D]
 
     def score(embeddings: Tensor) -> Tensor:
-        return cosine(clip.text.encode_embeddings(embeddings, pool_at), target)
+        return cosine(clip.text.encode_embeddings(embeddings, pool_at, ids[:, :length]), target)
 
     return TextInput(emb, score)

@@ -32,7 +32,7 @@ from torch import Tensor
 from clipib.attribution.base import Attributor, Scores
 from clipib.attribution.bottleneck import Bottleneck
 from clipib.attribution.input_prior import InputSpace, PriorFit, input_kl, normals
-from clipib.models.split import SplitCLIP
+from clipib.models.split import SplitCLIP, fit_rows
 
 
 class InputIBA(Attributor):
@@ -124,27 +124,29 @@ class InputIBA(Attributor):
     def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         tower, k = self.clip.text, self.layer_for(self.clip.text)
         length = tower.valid_length(ids)
-        valid = tower.span_mask(ids)[:, :length]  # [B, L]
-        res = self.bottleneck.run(tower, ids, k, target, generators, self._feature_objective, valid)
-        u = tower.token_embeddings(ids[:, :length]).detach()  # [B, L, D]
-        pos = tower.positional_embedding[:length]
+        ids = ids[:, :length]
+        valid = tower.span_mask(ids)  # [B, L]: the input space's tokens
+        with torch.no_grad():
+            h = tower.prefix(ids, k)  # [B, T, D]: T = L, or L + 1 (CoCa's class token)
+        rows_valid = fit_rows(valid, h.shape[1])  # [B, T]
+        res = self.bottleneck.run(tower, ids, k, target, generators, self._feature_objective, rows_valid)
+        u = tower.token_embeddings(ids).detach()  # [B, L, D]
         w = valid.to(u.dtype)[..., None] / valid.sum(1)[:, None, None]  # [B, L, 1]
         mu = (u * w).sum(1, keepdim=True)  # [B, 1, D]
         sigma = (((u - mu) ** 2 * w).sum(1, keepdim=True)).sqrt().clamp_min(1e-6)
-        lam_tok = torch.sigmoid(res.alpha).mean(-1)[..., None]  # [B, L, 1]
+        lam_tok = torch.sigmoid(res.alpha[:, : ids.shape[1]]).mean(-1)[..., None]  # [B, L, 1]
 
-        def features(z: Tensor) -> Tensor:  # [B, n, L, D] -> [B, n, L, D]
-            return tower.run(z.flatten(0, 1) + pos, 0, k).unflatten(0, z.shape[:2])
+        def features(z: Tensor) -> Tensor:  # [B, n, L, D] -> [B, n, T, D]
+            rows = ids.repeat_interleave(z.shape[1], 0)
+            return tower.run(tower.stream(z.flatten(0, 1)), 0, k, x=rows).unflatten(0, z.shape[:2])
 
         def embed(z: Tensor) -> Tensor:  # [B, n, L, D] -> [B, n, E]
             rows = ids.repeat_interleave(z.shape[1], 0)
-            return tower.suffix(z.flatten(0, 1) + pos, 0, rows, pooled_only=True).unflatten(0, z.shape[:2])
+            return tower.suffix(tower.stream(z.flatten(0, 1)), 0, rows, pooled_only=True).unflatten(0, z.shape[:2])
 
         space = InputSpace(u=u, alpha_g=torch.logit(lam_tok.clamp(1e-4, 1 - 1e-4)), mu=mu, sigma=sigma,
                            lengths=valid.sum(1).tolist(), weights=w, features=features, embed=embed)
-        with torch.no_grad():
-            h = tower.prefix(ids, k)  # [B, L, D]
-        mask, scalars = self._input_step(space, h, res.alpha, valid, target, generators, self.text_setting)
+        mask, scalars = self._input_step(space, h, res.alpha, rows_valid, target, generators, self.text_setting)
         return mask[..., 0].masked_fill(~valid, 0), {f"text_{key}": v for key, v in scalars.items()}  # [B, L]
 
     def _input_step(self, space: InputSpace, h: Tensor, alpha_f: Tensor, valid: Tensor, target: Tensor,

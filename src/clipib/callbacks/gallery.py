@@ -1,5 +1,6 @@
 """TensorBoard gallery: per method, the first pairs of rank 0 with their heat overlay and shaded tokens, each
-tile marked matched / mismatched (when the data says) and showing the pair's metric values."""
+tile marked matched / mismatched (when the data says) and showing the pair's metric values; their captions as
+a TEXT table (escaped: captions are untrusted, :func:`clipib.untrusted.markdown_text`)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
-from clipib.callbacks.records import record_values
+from clipib.callbacks.records import map_batch, record_values
+from clipib.untrusted import markdown_text, printable, safe_name
 from clipib.viz import explanation_figure, stack, to_uint8
 
 
 class Gallery(Callback):
     """Render the first ``n`` pairs per method (first seed) and log them to TensorBoard as images.
 
-    Also saves ``gallery_<method>.png`` in the run directory (``out_dir`` or ``trainer.default_root_dir``).
+    Also saves ``gallery_<method>.png`` in the run directory (``out_dir`` or ``trainer.default_root_dir``; the
+    method name made file-safe) and logs the tiles' keys and captions as TEXT ``gallery/<method>``.
     A mismatched pair (``matched`` false in the batch: its caption names something absent) gets a red frame and
     title, a matched one green ones; below the title, the pair's metric values (and the values its
     matched-vs-mismatched AUROCs read) from its record.
@@ -27,17 +30,18 @@ class Gallery(Callback):
         self.n = n
         self.out_dir = out_dir
         self.figures: Dict[str, List[Image.Image]] = {}
+        self.captions: Dict[str, List[Tuple[str, str, str]]] = {}  # method -> [(key, caption, matched)]
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.global_rank != 0 or not outputs or not outputs.get("maps"):
             return
         clip, first_seed = pl_module.clip, pl_module.seeds[0]
-        b = outputs["batch"]
         values = {(r["key"], r["method"], r["seed"]): r for r in outputs.get("records", [])}
         for (method, seed), attr in outputs["maps"].items():
             figs = self.figures.setdefault(method, [])
             if seed != first_seed or len(figs) >= self.n:
                 continue
+            b = map_batch(outputs, seed)
             for i in range(min(self.n - len(figs), len(b["key"]))):
                 tokens = clip.token_strings(b["ids"][i])
                 scores = attr.text[i, : len(tokens)].tolist() if attr.text is not None else None
@@ -47,6 +51,8 @@ class Gallery(Callback):
                 subtitle = value_lines({k: record[k] for k in pl_module.value_names(method) if k in record})
                 figs.append(explanation_figure(to_uint8(b["image"][i], clip.normalization), heat, tokens, scores,
                                                title, subtitle=subtitle, frame=frame))
+                matched = "" if "matched" not in b else "matched" if bool(b["matched"][i]) else "MISMATCHED"
+                self.captions.setdefault(method, []).append((b["key"][i], b["caption"][i], matched))
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_rank != 0:
@@ -58,16 +64,18 @@ class Gallery(Callback):
             if not figs:
                 continue
             sheet = stack(figs)
-            sheet.save(run / f"gallery_{method}.png")
+            sheet.save(run / f"gallery_{safe_name(method)}.png")
             if experiment is not None and hasattr(experiment, "add_image"):
                 experiment.add_image(f"gallery/{method}", np.asarray(sheet), 0, dataformats="HWC")
+            if experiment is not None and hasattr(experiment, "add_text"):
+                experiment.add_text(f"gallery/{method}", caption_table(self.captions.get(method, [])), 0)
         if hasattr(experiment, "flush"):
             experiment.flush()
 
 
 def tile_title(method: str, batch: Dict[str, Any], i: int) -> Tuple[str, Optional[str]]:
     """``(title, colour)`` of pair ``i``: method, key and matched / MISMATCHED (green / red; None if unknown)."""
-    title = f"{method} · {batch['key'][i]}"
+    title = f"{printable(method, 40)} · {printable(str(batch['key'][i]), 60)}"
     if "matched" not in batch:
         return title, None
     matched = bool(batch["matched"][i])
@@ -85,3 +93,10 @@ def value_lines(record: Dict[str, Any], width: int = 68) -> str:
             lines.append(item)
     return "\n".join(lines)
 
+
+def caption_table(rows: List[Tuple[str, str, str]]) -> str:
+    """A markdown table ``| tile | key | caption | pair |``, every cell escaped (:func:`markdown_text`)."""
+    lines = ["| tile | key | caption | pair |", "|---|---|---|---|"]
+    for n, (key, caption, matched) in enumerate(rows, 1):
+        lines.append(f"| {n} | {markdown_text(str(key))} | {markdown_text(str(caption))} | {matched} |")
+    return "\n".join(lines)

@@ -11,6 +11,7 @@ import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
+from clipib.untrusted import safe_name
 from clipib.viz import curve_figure, stack
 
 _VALUE = re.compile(r"^(image|text)_mprt_([a-z_]+)_(\d{3})$")
@@ -66,7 +67,7 @@ class RandomisationCurves(Callback):
                 continue
             run.mkdir(parents=True, exist_ok=True)
             sheet = mprt_figure(method, curves)
-            sheet.save(run / f"mprt_{method}.png")
+            sheet.save(run / f"mprt_{safe_name(method)}.png")
             if experiment is None:
                 continue
             if hasattr(experiment, "add_image"):

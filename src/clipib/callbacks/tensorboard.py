@@ -21,7 +21,7 @@ read back from the run folder after the records callback has closed its files.
 
 from __future__ import annotations
 
-import html
+import json
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -35,12 +35,29 @@ from torch.utils.tensorboard.summary import hparams
 from clipib.api import method_settings
 from clipib.callbacks.records import RecordWriter, read_records, record_values, summary_table
 from clipib.metrics import mismatch_auroc, mismatch_roc
+from clipib.untrusted import markdown_text
 from clipib.viz import roc_figure
 
 def _metric_values(record: Dict[str, Any], module: LightningModule) -> Dict[str, float]:
     """The record's metric values (and the values its AUROCs read); method diagnostics stay in the records."""
     values = record_values(record)
     return {k: values[k] for k in module.value_names(record["method"]) if k in values}
+
+
+def _data_lines(run: Path) -> Dict[str, Any]:
+    """The data part of ``summary.json`` (skips by reason, truncated captions) for the summary text, escaped."""
+    try:
+        saved = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out: Dict[str, Any] = {}
+    for part in ("skipped", "truncated_captions"):
+        if isinstance(saved.get(part), dict):
+            value = {k: v for k, v in saved[part].items() if k != "samples"}
+            if isinstance(value.get("by_reason"), dict):
+                value["by_reason"] = {markdown_text(str(k)): v for k, v in value["by_reason"].items()}
+            out[part] = value
+    return out
 
 
 def run_name(method: str) -> str:
@@ -180,8 +197,8 @@ class TensorBoardViews(Callback):
             writer._get_file_writer().add_summary(ssi)
             writer._get_file_writer().add_summary(sei)
             writer.close()
-        escaped = {html.escape(m): {html.escape(k): v for k, v in values.items()} for m, values in summary.items()}
-        experiment.add_text("summary", summary_table(escaped), 0)
+        escaped = {markdown_text(m): {markdown_text(k): v for k, v in values.items()} for m, values in summary.items()}
+        experiment.add_text("summary", summary_table(escaped, _data_lines(run)), 0)
         self._log_stages(experiment)
         self._roc(experiment, pl_module, records)
         experiment.flush()

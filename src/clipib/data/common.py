@@ -1,28 +1,32 @@
-"""Pieces shared by every clipib dataset: strict decoding, skip markers, the batch collate.
+"""Pieces shared by every clipib dataset: bounded decoding, named skip markers, the batch collate.
 
 Every dataset in :mod:`clipib.data` yields *items*: either a sample
 
     ``{"key": str, "image": Tensor[3, H, W], "caption": str, "matched": bool, ...}``
 
-(``...``: optional ``"box"`` Tensor[4], ``"mask"`` BoolTensor[H, W]) or a *skip marker*
+(``...``: optional ``"box"`` Tensor[4], ``"mask"`` BoolTensor[H, W], ``"caption_truncated": True`` when the
+caption was cut to :data:`clipib.untrusted.MAX_CAPTION_CHARS`) or a *skip marker*
 
     ``{"key": str, "skip": reason}``
 
-for a sample that could not be read (truncated or undecodable image, missing or non-UTF-8 caption,
-missing file). Skips travel through the DataLoader like samples, so each is reported exactly once
+for a sample that could not be used. ``reason`` starts with one of the names in :data:`SKIP_REASONS`
+(``"undecodable image (UnidentifiedImageError: ...)"``), which :func:`skip_reason` reads back: the run summary
+counts skips by that name. Skips travel through the DataLoader like samples, so each is reported exactly once
 across ranks and workers; :class:`ClipCollate` separates them into the batch's ``"skipped"`` list.
+Images and captions are decoded by :mod:`clipib.untrusted` (bounds, modes, cleaning).
 """
 
 from __future__ import annotations
 
-import io
 import os
-import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import Dataset
+
+import clipib.untrusted as untrusted
+from clipib.untrusted import Rejected
 
 Item = Dict[str, Any]
 Row = Dict[str, Any]  # a table row: {"key", "image" (path), "caption", ...} or marked {"skip": reason}
@@ -31,15 +35,31 @@ Tokenizer = Callable[[List[str]], torch.Tensor]
 #: ``score(images [B, 3, H, W], captions) -> Tensor[B]``: CLIP similarity of each (image, caption) pair
 Score = Callable[[torch.Tensor, List[str]], torch.Tensor]
 
-#: Errors that mean "this image cannot be decoded" (PIL raises ``OSError`` for truncated files,
-#: ``UnidentifiedImageError`` (an ``OSError``) for unknown bytes, ``SyntaxError``/``ValueError`` for
-#: some malformed headers, ``DecompressionBombError`` for absurd sizes).
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
+SKIP_REASONS = (
+    "empty image", "image too large", "truncated image", "undecodable image", "missing image file",
+    "missing image", "unsafe image path", "missing caption", "empty caption", "non-UTF-8 caption",
+    "malformed row", "malformed line", "bad annotation", "no caption", "image could not be scored", "unsafe key",
+    "unreadable shard",
+)
+"""The names a skip reason starts with (the summary's ``skipped.by_reason`` keys); anything else counts as
+``"other"``."""
+
+#: Errors that mean "this image cannot be decoded" (:class:`clipib.untrusted.Rejected` is a ``ValueError``).
+IMAGE_ERRORS = (Rejected, OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
 
 
-def skip_item(key: str, reason: str) -> Item:
-    """A skip marker: the sample ``key`` could not be used, for ``reason`` (one line)."""
-    return {"key": key, "skip": reason}
+def skip_item(key: str, reason: str, detail: str = "") -> Item:
+    """A skip marker: the sample ``key`` could not be used, for ``reason`` (a name of :data:`SKIP_REASONS`),
+    with an optional one-line ``detail``."""
+    if skip_reason(reason) != reason:
+        raise ValueError(f"unknown skip reason {reason!r}; add it to SKIP_REASONS")
+    return {"key": key, "skip": f"{reason} ({detail})" if detail else reason}
+
+
+def skip_reason(text: str) -> str:
+    """The reason name a skip reason text starts with (the longest of :data:`SKIP_REASONS`), else ``"other"``."""
+    names = [n for n in SKIP_REASONS if text == n or text.startswith((n + " ", n + ":"))]
+    return max(names, key=len) if names else "other"
 
 
 def is_skip(item: Item) -> bool:
@@ -48,38 +68,22 @@ def is_skip(item: Item) -> bool:
 
 
 def decode_image(source: Union[bytes, str, os.PathLike]) -> Image.Image:
-    """Open and fully decode an image (bytes or a path) as RGB; raises on truncated or bad data.
-
-    Decoding is forced with ``load()`` so a truncated JPEG fails here, not later inside the transform.
-    PIL's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` would silently pad truncated files with grey, so
-    it is refused rather than honoured.
-    """
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; clipib needs it False to skip truncated images")
-    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
-    with fp, Image.open(fp) as img:
-        img.load()
-        return img.convert("RGB")
+    """Open and fully decode an image (bytes or a path) as RGB within bounds (:func:`clipib.untrusted.decode_image`);
+    raises :class:`~clipib.untrusted.Rejected` (a ``ValueError``) on empty, oversized, truncated or bad data."""
+    return untrusted.decode_image(source)
 
 
 def image_error(exn: BaseException) -> str:
     """Skip reason for an image that failed to decode, without object addresses (stable across runs)."""
-    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(exn))
-    return f"undecodable image ({type(exn).__name__}: {text})"
+    if isinstance(exn, Rejected):
+        return str(exn)
+    return f"undecodable image ({type(exn).__name__}: {untrusted._plain(exn)})"
 
 
 def decode_caption(data: Optional[bytes]) -> str:
-    """UTF-8 caption from raw bytes; raises ``ValueError`` when missing, empty or not UTF-8."""
-    if data is None:
-        raise ValueError("missing caption")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exn:
-        raise ValueError(f"non-UTF-8 caption ({exn.reason} at byte {exn.start})") from None
-    text = text.strip()
-    if not text:
-        raise ValueError("empty caption")
-    return text
+    """Clean UTF-8 caption from raw bytes; raises :class:`~clipib.untrusted.Rejected` when missing, empty or not
+    UTF-8 (:func:`clipib.untrusted.decode_caption`; an over-long caption is cut without a flag here)."""
+    return untrusted.decode_caption(data)[0]
 
 
 def input_size(preprocess: Any) -> Tuple[int, int]:
@@ -104,15 +108,22 @@ def load_row(row: Row, preprocess: Preprocess, extras: Optional[Callable[[Row, t
     mask); a ``ValueError``/``KeyError``/``TypeError``/``IndexError`` there makes the row a skip.
     """
     if "skip" in row:
-        return skip_item(row["key"], row["skip"])
+        return {"key": row["key"], "skip": row["skip"]}
+    problem = untrusted.key_problem(row["key"])
+    if problem:
+        return skip_item(row["key"], "unsafe key", problem)
     try:
         image = decode_image(row["image"])
     except IMAGE_ERRORS as exn:
-        return skip_item(row["key"], image_error(exn))
+        return {"key": row["key"], "skip": image_error(exn)}
     item = {"key": row["key"], "image": preprocess(image), "caption": row["caption"]}
     item["matched"] = bool(row.get("matched", True))
+    if row.get("caption_truncated"):
+        item["caption_truncated"] = True
     if "similarity" in row:  # set by the caption choice / partition: the CLIP score used to select
         item["similarity"] = float(row["similarity"])
+    if "run_seeds" in row:  # per-run samples (Selection.resample): the run seeds whose sample holds this pair
+        item["run_seeds"] = list(row["run_seeds"])
     try:
         item.update(extras(row, image.size) if extras is not None else {})
     except (ValueError, KeyError, TypeError, IndexError) as exn:
@@ -142,12 +153,15 @@ class ClipCollate:
     """Collate items into the clipib batch contract; skip markers go to ``batch["skipped"]``.
 
     Output: ``{"image": FloatTensor[B, 3, H, W], "ids": LongTensor[B, ctx], "key": list[str],
-    "caption": list[str], "matched": BoolTensor[B], "skipped": list[{"key", "reason"}]}`` plus
+    "caption": list[str], "matched": BoolTensor[B], "caption_truncated": BoolTensor[B],
+    "skipped": list[{"key", "reason"}]}`` plus
     ``"box"`` FloatTensor[B, 4] when every sample has one, and ``"mask"`` BoolTensor[B, H, W] with
     ``"has_mask"`` BoolTensor[B] when any sample has one (all-False rows where it has none). ``B`` may be
     0 when a whole batch was skipped; ``"skipped"`` is then non-empty. Items that carry ``"ids"`` are not
     re-tokenized; any other field every sample has is passed on (tensors stacked, anything else listed),
-    e.g. the shapes world's ``"gold_tokens"``.
+    e.g. the shapes world's ``"gold_tokens"`` or ``"run_seeds"`` (per-run samples: list of run-seed lists). ``"caption_truncated"`` marks captions cut to the tokenizer's
+    context (or, earlier, to :data:`clipib.untrusted.MAX_CAPTION_CHARS`); with a tokenizer that has no
+    ``encode`` (HF tokenizers), only the character cut is seen.
     """
 
     def __init__(self, tokenizer: Tokenizer, image_size: Tuple[int, int], context_length: Optional[int] = None):
@@ -162,6 +176,8 @@ class ClipCollate:
             "key": [it["key"] for it in good],
             "caption": [it["caption"] for it in good],
             "matched": torch.tensor([bool(it.get("matched", True)) for it in good], dtype=torch.bool),
+            "caption_truncated": torch.tensor([bool(it.get("caption_truncated")) or self.too_long(it) for it in good],
+                                              dtype=torch.bool),
             "skipped": [{"key": it["key"], "reason": it["skip"]} for it in items if is_skip(it)],
         }
         if good:
@@ -179,8 +195,16 @@ class ClipCollate:
             blank = torch.zeros(self.image_size, dtype=torch.bool)
             batch["mask"] = torch.stack([it.get("mask", blank) for it in good])  # [B, H, W]
             batch["has_mask"] = torch.tensor(["mask" in it for it in good], dtype=torch.bool)  # [B]
-        extra = set(good[0]) - set(batch) - {"box", "mask"} if good else set()
+        extra = set(good[0]) - set(batch) - {"box", "mask", "caption_truncated"} if good else set()
         for name in sorted(n for n in extra if all(n in it for it in good)):
             values = [it[name] for it in good]  # other fields every sample has: tensors stacked, else a list
             batch[name] = torch.stack([torch.as_tensor(v) for v in values]) if isinstance(values[0], torch.Tensor) else values
         return batch
+
+    def too_long(self, item: Item) -> bool:
+        """Whether the tokenizer cuts ``item``'s caption to its context (items that bring ``ids``: never): its
+        BPE tokens plus SOT and EOT do not fit."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if "ids" in item or encode is None:
+            return False
+        return len(encode(item.get("caption", ""))) + 2 > self.context_length

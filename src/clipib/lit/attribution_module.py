@@ -8,7 +8,9 @@ which do every disk and image write. A resumed run feeds the records of finished
 :meth:`AttributionModule.resume`; :meth:`AttributionModule.summary` gives the synced result.
 
 Seeds: a pair's seed is derived from its sample key and the run seed (:func:`sample_seed`), so records do not
-depend on batch size, worker count or number of processes.
+depend on batch size, worker count or number of processes. With per-run samples (``Selection.resample``) a batch
+carries ``run_seeds`` (per pair, the run seeds whose sample holds it): each method runs, and is scored, on a pair
+only under those seeds, and the pair's records carry the list (the RecordWriter's resume reads it).
 
 Shared work (issue 20): each batch runs inside a :class:`~clipib.models.passes.PassCache`: the clean embeddings
 of both towers are computed once (stage ``clean``), together with the residual streams at every layer a
@@ -106,8 +108,11 @@ class AttributionModule(LightningModule):
         self._step_end: Optional[float] = None
 
     def setup(self, stage: str) -> None:
-        """Hand the loaded model's preprocess, tokenizer and pair scorer to the data (``use_model``)."""
+        """Hand the loaded model's preprocess, tokenizer and pair scorer (``use_model``) and the run seeds
+        (``use_run_seeds``: per-run samples) to the data."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "use_run_seeds"):
+            datamodule.use_run_seeds(self.seeds)
         if datamodule is not None and hasattr(datamodule, "use_model"):
             datamodule.use_model(self.clip)
 
@@ -155,9 +160,12 @@ class AttributionModule(LightningModule):
     def test_step(self, batch: Dict[str, Any], batch_idx: int) -> Dict[str, Any]:
         """Explain, score and return ``{"records", "maps": {(method, seed): Attribution}, "batch", "skipped"}``.
 
+        A record whose caption the data cut to the tokenizer's context carries ``"caption_truncated": true``.
+
         ``skipped`` lists the samples the data pipeline could not read (``{"key", "reason"}``); ``batch`` is
-        None when every sample of the batch was skipped. The batch runs inside one
-        :class:`~clipib.models.passes.PassCache` (module docstring).
+        None when every sample of the batch was skipped. With per-run samples (``run_seeds`` in the batch) the
+        output also has ``"batches": {seed: the pairs of that seed}``, the rows the maps of that seed belong to.
+        The batch runs inside one :class:`~clipib.models.passes.PassCache` (module docstring).
         """
         skipped = list(batch.get("skipped", []))
         if not len(batch["key"]):
@@ -165,31 +173,43 @@ class AttributionModule(LightningModule):
             return {"records": [], "maps": {}, "batch": None, "skipped": skipped}
         records: List[Record] = []
         maps: Dict[tuple, Attribution] = {}
+        parts = {seed: seed_batch(batch, seed) for seed in self.seeds}
         with PassCache(self.shared_layers()):
             start = start_timer(self.device)
-            self._clean_passes(batch)
+            for part in {id(p): p for p in parts.values() if p is not None}.values():
+                self._clean_passes(part)  # per-run samples: each seed's part is its own tensors
             self._timed("clean", start)
             for method in self.methods:
                 if self.modality(method) is None:
                     continue
                 for s_idx, seed in enumerate(self.seeds):
-                    seeds = [sample_seed(k, seed) for k in batch["key"]]
+                    part = parts[seed]
+                    if part is None:  # no pair of this batch is in this run seed's sample
+                        continue
+                    seeds = [sample_seed(k, seed) for k in part["key"]]
                     start = start_timer(self.device)
-                    attr = self._attribute(method, batch, seeds)
+                    attr = self._attribute(method, part, seeds)
                     secs, peak = stop_timer(self.device, start)
-                    self.speed[method].update(len(batch["key"]), secs, peak)
+                    self.speed[method].update(len(part["key"]), secs, peak)
                     self.stages.update(f"attribute/{method}", secs)
                     start = start_timer(self.device)
-                    values = self._score(method, batch, attr, s_idx, seeds)
-                    extra = {**attr.scalars, **({"matched": batch["matched"]} if "matched" in batch else {})}
-                    self._update_auroc(method, {**values, **extra}, batch.get("matched"), s_idx)
+                    values = self._score(method, part, attr, s_idx, seeds)
+                    extra = {**attr.scalars, **({"matched": part["matched"]} if "matched" in part else {})}
+                    self._update_auroc(method, {**values, **extra}, part.get("matched"), s_idx)
                     self._timed(f"metrics/{method}", start)
-                    records += _records(batch["key"], method, seed, {**values, **extra})
+                    records += _records(part["key"], method, seed, {**values, **extra}, part.get("run_seeds"))
                     if self.hparams.keep_maps:
                         maps[(method, seed)] = attr
+        cut = {k for k, c in zip(batch["key"], batch.get("caption_truncated", [])) if bool(c)}
+        for r in records:  # marked on the record only when true: the summary counts truncated captions from them
+            if r["key"] in cut:
+                r["caption_truncated"] = True
+        out = {"records": records, "maps": maps, "batch": batch, "skipped": skipped}
+        if "run_seeds" in batch:
+            out["batches"] = {seed: part for seed, part in parts.items() if part is not None}
         self.stages.add_pairs(len(batch["key"]))
         self._step_end = time.perf_counter()
-        return {"records": records, "maps": maps, "batch": batch, "skipped": skipped}
+        return out
 
     # --- where the time goes: data wait before a batch, the callbacks' writing after it ------------------
     def on_test_epoch_start(self) -> None:
@@ -304,10 +324,36 @@ def _grouped(records: Sequence[Record], methods: List[str], seeds: List[int]):
         yield method, s_idx, rows
 
 
-def _records(keys: List[str], method: str, seed: int, values: Dict[str, Tensor]) -> List[Record]:
+def seed_batch(batch: Dict[str, Any], seed: int) -> Optional[Dict[str, Any]]:
+    """The pairs of ``batch`` that run seed ``seed`` evaluates: the batch itself without ``run_seeds``, else the
+    pairs whose ``run_seeds`` hold ``seed`` (every per-pair field indexed; None when there are none)."""
+    if "run_seeds" not in batch:
+        return batch
+    keep = [i for i, seeds in enumerate(batch["run_seeds"]) if seed in seeds]
+    if not keep:
+        return None
+    if len(keep) == len(batch["key"]):
+        return batch
+    n, index = len(batch["key"]), torch.tensor(keep, dtype=torch.long)
+    part: Dict[str, Any] = {}
+    for name, value in batch.items():
+        if isinstance(value, Tensor) and value.ndim and value.shape[0] == n:
+            part[name] = value[index.to(value.device)]
+        elif isinstance(value, list) and len(value) == n and name != "skipped":
+            part[name] = [value[i] for i in keep]
+        else:
+            part[name] = value
+    part["skipped"] = []
+    return part
+
+
+def _records(keys: List[str], method: str, seed: int, values: Dict[str, Tensor],
+             run_seeds: Optional[List[List[int]]] = None) -> List[Record]:
     rows = []
     for i, key in enumerate(keys):
         row: Record = {"key": key, "method": method, "seed": seed}
+        if run_seeds is not None:
+            row["run_seeds"] = list(run_seeds[i])
         for name, v in values.items():
             x = float(v[i])
             if v.dtype == torch.bool:

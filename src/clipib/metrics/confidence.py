@@ -205,9 +205,9 @@ def text_confidence_scores(
         content = token_span(ends, ids.shape[1], special=False, start=start)
         new_ids = median_mask(ids, scores, content, replacement_id)
         orig = cosine(tower.encode(ids), image_emb)
-        pert = cosine(tower.encode_embeddings(tower.token_embeddings(new_ids), eot), image_emb)
+        pert = cosine(tower.encode_embeddings(tower.token_embeddings(new_ids), eot, new_ids), image_emb)
         return orig, pert
-    if getattr(tower, "pool_type", "argmax") != "argmax":
+    if getattr(tower, "pool_type", "argmax") != "argmax" or getattr(tower, "cls_emb", None) is not None:
         raise ValueError(f"text confidence protocol '{protocol}' re-packs CLIP BPE ids (SOT..EOT, argmax pooling); "
                          f"this text tower pools '{tower.pool_type}': use protocol 'corrected'")
     s_ids, s_scores, valid = strip_special(ids, scores, eot)

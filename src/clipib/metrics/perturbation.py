@@ -262,7 +262,7 @@ def pair_scorers(clip: SplitCLIP, images: Tensor, ids: Tensor) -> tuple[RowScore
     def text_score(new_ids: Tensor, rows: Tensor) -> Tensor:
         r = rows.to(new_ids.device)
         emb = clip.text.token_embeddings(new_ids[:, :length])  # [M, L, D]
-        return cosine(clip.text.encode_embeddings(emb, pool_at[r]), e_img[r])
+        return cosine(clip.text.encode_embeddings(emb, pool_at[r], new_ids[:, :length]), e_img[r])
 
     return image_score, text_score
 

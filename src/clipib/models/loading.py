@@ -5,6 +5,9 @@ config, or ``"clipib-shapes"`` (the small CLIP clipib ships, trained on its synt
 ``pretrained`` is an open_clip tag (``"openai"``), a local checkpoint (``.safetensors`` or a torch state
 dict, read with ``weights_only=True``), ``None`` for random weights, or ``"default"``: the shipped weights
 for ``clipib-shapes``, ``"openai"`` for every other model.
+
+Checkpoints are never unpickled: every ``torch.load`` during loading is weights-only whatever the caller or the
+environment says (:func:`_weights_only`), and a file that needs more is refused with one line (no opt-out).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import socket
 from pathlib import Path
 from typing import Callable, Optional, Tuple, Union
@@ -117,19 +121,67 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+FORCE_FULL_UNPICKLING = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextlib.contextmanager
+def _weights_only():
+    """Every ``torch.load`` inside reads weights only, whatever its caller passes or the environment says.
+
+    open_clip passes ``weights_only=True``, but retries ``torch.load`` *without* it when the first call raises
+    ``TypeError``, and torch lets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turn such an unqualified call into full
+    unpickling. Inside this block torch's own ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` holds and the other variable
+    is cleared, so no library fallback and no environment setting can unpickle a checkpoint. There is no
+    opt-out: a checkpoint that needs full unpickling is refused (:func:`_refusal`).
+    """
+    saved = {k: os.environ.get(k) for k in (FORCE_WEIGHTS_ONLY, FORCE_FULL_UNPICKLING)}
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    os.environ.pop(FORCE_FULL_UNPICKLING, None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _refusal(err: BaseException, weights: str) -> Optional[str]:
+    """The one-line refusal for a checkpoint that needs more than weights-only loading (None for other errors)."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e) for e in chain)
+    if any(isinstance(e, pickle.UnpicklingError) for e in chain) or "Weights only load failed" in text:
+        what = "needs full unpickling, which can run arbitrary code"
+    elif "TorchScript" in text:
+        what = "is a TorchScript archive (code, not weights)"
+    else:
+        return None
+    return (f"refused checkpoint {weights}: it {what}; clipib loads only .safetensors files and torch state dicts "
+            "readable with weights_only=True (re-save the state dict as safetensors where you trust the file)")
+
+
 def _create(name: str, weights: Optional[str], device: Union[str, torch.device]):
-    """``create_model_and_transforms`` from a file, the local cache, or (if reachable) the Hub."""
+    """``create_model_and_transforms`` from a file, the local cache, or (if reachable) the Hub; torch files are
+    read weights-only (:func:`_weights_only`)."""
     is_file = weights is None or os.path.isfile(weights)
     for offline in ((False,) if is_file else (True, False)):
         if not offline and not is_file and not _hub_reachable():
             break
         try:
-            with _quiet(offline):
+            with _quiet(offline), _weights_only():
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     name, pretrained=weights, device=device, weights_only=True
                 )
             return model, preprocess
         except Exception as err:  # open_clip raises RuntimeError, safetensors/pickle their own
+            refused = _refusal(err, str(weights))
+            if refused:
+                raise ModelLoadError(refused) from None
             if is_file:
                 raise ModelLoadError(f"cannot load {name} from {weights}: {str(err).splitlines()[0][:300]}") from err
     raise ModelLoadError(

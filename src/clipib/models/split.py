@@ -2,10 +2,11 @@
 
 This is the only module that touches open_clip and timm internals (``_embeds``, ``resblocks``, ``_pool``, the
 text tower's attributes; a ``TimmModel``'s ViT / EVA trunk: ``patch_embed``, ``_pos_embed``, rotary
-embeddings, ``blocks``, ``pool``). Supported: open_clip ``VisionTransformer`` towers (CLS or mean pooling) and
+embeddings, ``blocks``, ``pool``). Supported: open_clip ``VisionTransformer`` towers (CLS, mean or CoCa's
+attentional pooling) and
 timm ``VisionTransformer`` / ``Eva`` trunks inside ``TimmModel`` (SigLIP, SigLIP 2, EVA-02, PE-Core: class and
 register tokens, ``norm_pre``, RoPE, pooling ``map`` / ``avg`` / ``token``); open_clip ``TextTransformer``
-towers, causal or not, pooled ``argmax`` / ``eos`` / ``last`` / ``first``. ``tower.suffix(tower.prefix(x, k), k, x) == tower.encode(x)`` for every ``k`` is
+towers, causal or not, pooled ``argmax`` / ``eos`` / ``last`` / ``first`` or at CoCa's appended class token. ``tower.suffix(tower.prefix(x, k), k, x) == tower.encode(x)`` for every ``k`` is
 guarded by ``tests/test_split.py`` against open_clip's own ``encode_image`` / ``encode_text``.
 
 Layer index convention (REFERENCE_NOTES §0): ``k`` is the residual stream after ``k`` blocks; ``0`` is the
@@ -23,6 +24,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.coca_model import CoCa
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
@@ -55,6 +57,18 @@ def token_span(eot: Tensor, length: int, special: bool = True, start: int = 1) -
     return (pos >= start) & (pos < eot[:, None])
 
 
+def fit_rows(mask: Tensor, length: int) -> Tensor:
+    """A ``[B, L]`` per-token mask over ids cut or padded (with False) to ``length`` stream rows: causal towers
+    run on fewer rows than the context, CoCa's on one more (its class token, not a caption token).
+
+    >>> fit_rows(torch.tensor([[True, True, False]]), 4).int()
+    tensor([[1, 1, 0, 0]], dtype=torch.int32)
+    """
+    if mask.shape[1] >= length:
+        return mask[:, :length]
+    return torch.cat([mask, mask.new_zeros(mask.shape[0], length - mask.shape[1])], 1)
+
+
 class UnsupportedModelError(ValueError):
     """The model is not a CLIP-style ViT + transformer text tower that clipib can split."""
 
@@ -63,6 +77,8 @@ def _run_block(block: nn.Module, x: Tensor, mask: Optional[Tensor], index: int, 
                qk_hook: Optional[QKHook] = None) -> Tensor:
     """One residual block; with ``hook``, attention is computed explicitly so its probabilities are in the graph."""
     if hook is None and qk_hook is None:
+        if mask is not None and mask.ndim == 4:  # per-sample [B, 1, T, T] -> nn.MultiheadAttention's [B·heads, T, T]
+            mask = mask.expand(-1, block.attn.num_heads, -1, -1).flatten(0, 1)
         return block(x, attn_mask=mask)
     hook = hook or (lambda i, a: a)
     if not isinstance(block, ResidualAttentionBlock) or not block.attn.batch_first:
@@ -105,7 +121,9 @@ class Tower(nn.Module):
         """Number of transformer blocks."""
         return len(self.blocks)
 
-    def _mask(self, length: int) -> Optional[Tensor]:
+    def _mask(self, length: int, x: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The additive attention mask of a ``length``-row stream: ``[T, T]``, or ``[B, 1, T, T]`` when it
+        depends on the input ``x`` (padding masks), or None."""
         return None
 
     def projection_parameters(self) -> List[nn.Parameter]:
@@ -117,20 +135,21 @@ class Tower(nn.Module):
             raise ValueError(f"layer k={k} outside 0..{self.n_layers}")
 
     def _blocks(self, h: Tensor, start: int, stop: int, hook: Optional[AttnHook] = None,
-                qk_hook: Optional[QKHook] = None) -> Tensor:
-        mask = self._mask(h.shape[1])
+                qk_hook: Optional[QKHook] = None, x: Optional[Tensor] = None) -> Tensor:
+        mask = self._mask(h.shape[1], x)
         for i in range(start, stop):
             h = _run_block(self.blocks[i], h, mask, i, hook, qk_hook)
         return h
 
     def run(self, h: Tensor, start: int, stop: int, attn_hook: Optional[AttnHook] = None,
-            qk_hook: Optional[QKHook] = None) -> Tensor:
+            qk_hook: Optional[QKHook] = None, x: Optional[Tensor] = None) -> Tensor:
         """Blocks ``start..stop−1`` on the residual stream ``h`` after ``start`` blocks: the stream after ``stop``
         blocks ``[B, T, D]``. ``attn_hook`` as in :meth:`suffix`; ``qk_hook`` sees each block's queries and keys
-        as the attention compares them (timm RoPE towers: before the rotary embedding)."""
+        as the attention compares them (timm RoPE towers: before the rotary embedding). ``x``: the tower's input
+        rows aligned with ``h``; needed by text towers that mask padding (CoCa), ignored otherwise."""
         if not 0 <= start <= stop <= self.n_layers:
             raise ValueError(f"blocks {start}..{stop} outside 0..{self.n_layers}")
-        return self._blocks(h, start, stop, attn_hook, qk_hook)
+        return self._blocks(h, start, stop, attn_hook, qk_hook, x)
 
     def embed(self, x: Tensor) -> Tensor:
         """The residual stream before the first block, ``[B, T, D]``."""
@@ -146,7 +165,7 @@ class Tower(nn.Module):
         cache = active_cache()
         if cache is not None:
             return cache.prefix(self, x, k)
-        return self._blocks(self.embed(x), 0, k)
+        return self._blocks(self.embed(x), 0, k, x=x)
 
     def pooled_rows(self, x: Tensor) -> Optional[Tensor]:
         """The one row ``[B]`` the head reads from the last residual stream, or None if it reads several."""
@@ -170,16 +189,16 @@ class Tower(nn.Module):
         rows = self.pooled_rows(x) if pooled_only and attn_hook is None and k < self.n_layers else None
         last = self.blocks[-1] if self.n_layers else None
         if rows is None or not isinstance(last, ResidualAttentionBlock) or not last.attn.batch_first:
-            return self.head(self._blocks(h, k, self.n_layers, attn_hook), x)
-        h = self._blocks(h, k, self.n_layers - 1)
-        return self.head_pooled(_pooled_row_block(last, h, rows, self._mask(h.shape[1])), x)
+            return self.head(self._blocks(h, k, self.n_layers, attn_hook, x=x), x)
+        h = self._blocks(h, k, self.n_layers - 1, x=x)
+        return self.head_pooled(_pooled_row_block(last, h, rows, self._mask(h.shape[1], x)), x)
 
     def encode(self, x: Tensor) -> Tensor:
         """L2-normalised embedding ``[B, E]`` (shared inside a :class:`~clipib.models.passes.PassCache`)."""
         cache = active_cache()
         if cache is not None:
             return cache.encode(self, x)
-        return self.head(self._blocks(self.embed(x), 0, self.n_layers), x)
+        return self.head(self._blocks(self.embed(x), 0, self.n_layers, x=x), x)
 
 
 class ImageTower(Tower):
@@ -189,8 +208,10 @@ class ImageTower(Tower):
         super().__init__()
         if not isinstance(visual, VisionTransformer):
             raise UnsupportedModelError(f"image tower {type(visual).__name__} is not an open_clip VisionTransformer")
-        if visual.attn_pool is not None:
-            raise UnsupportedModelError("open_clip vision towers with attentional pooling (CoCa) are not supported")
+        if visual.attn_pool is not None and getattr(visual, "attn_pool_type", "") not in ("", "parallel"):
+            raise UnsupportedModelError(
+                f"open_clip vision towers with '{visual.attn_pool_type}' attentional pooling are not supported "
+                "(CoCa's original and 'parallel' poolers are)")
         self.visual = visual
         self.blocks = visual.transformer.resblocks
 
@@ -212,8 +233,9 @@ class ImageTower(Tower):
     @property
     def pool_type(self) -> str:
         """How the embedding is read from the last residual stream: ``"tok"`` (the CLS token), ``"avg"`` (the
-        mean of the patch tokens) or ``"map"`` (timm's attention pooling over the tokens)."""
-        return self.visual.pool_type
+        mean of the patch tokens) or ``"map"`` (attention pooling over the tokens: timm's MAP head, CoCa's
+        attentional pooler, whose first query is the contrastive embedding)."""
+        return "map" if self.visual.attn_pool is not None else self.visual.pool_type
 
     def to_grid(self, scores: Tensor) -> Tensor:
         """Per-token scores ``[B, T]`` → the patch grid ``[B, gh, gw]`` (class / register tokens dropped)."""
@@ -224,6 +246,8 @@ class ImageTower(Tower):
         for ``tok``, uniform over the patches for ``avg``, the attention head's probabilities averaged over
         heads for ``map``); rows sum to 1. Methods that read "the pooled token's row" weight rows by this."""
         b, t = x.shape[0], self.n_prefix + self.grid[0] * self.grid[1]
+        if getattr(self.visual, "attn_pool", None) is not None:  # CoCa (timm towers override for their MAP)
+            return self._pooler_weights(self.prefix(x, self.n_layers))
         w = torch.zeros(b, t, device=x.device, dtype=x.dtype)
         if self.pool_type == "avg":
             w[:, self.n_prefix:] = 1.0 / (t - self.n_prefix)
@@ -231,11 +255,22 @@ class ImageTower(Tower):
             w[:, 0] = 1.0
         return w
 
+    def _pooler_weights(self, h: Tensor) -> Tensor:
+        """``[B, T]``: CoCa's attentional pooler, the attention of the query that becomes the contrastive
+        embedding (query 0 of the original pooler, the one query of the 'parallel' contrastive pooler) over the
+        last residual stream's rows, averaged over heads."""
+        v = self.visual
+        pool = v.attn_pool if v.attn_pool_contrastive is None else v.attn_pool_contrastive
+        y = pool.ln_k(h if v.attn_pool_contrastive is None else v.ln_post(h))
+        q = pool.ln_q(pool.query[:1]).unsqueeze(0).expand(h.shape[0], -1, -1)  # [B, 1, d]
+        _, probs = pool.attn(q, y, y, need_weights=True, average_attn_weights=True)  # [B, 1, T]
+        return probs[:, 0]
+
     def embed(self, x: Tensor) -> Tensor:
         return self.visual._embeds(x)  # [B, 1+N, D]
 
     def pooled_rows(self, x: Tensor) -> Optional[Tensor]:
-        if getattr(self.visual, "pool_type", None) != "tok":
+        if self.pool_type != "tok":
             return None
         return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # CLS
 
@@ -354,7 +389,7 @@ class TimmImageTower(ImageTower):
         return self.trunk.norm_pre(h)  # [B, n_prefix + N, D]
 
     def _blocks(self, h: Tensor, start: int, stop: int, hook: Optional[AttnHook] = None,
-                qk_hook: Optional[QKHook] = None) -> Tensor:
+                qk_hook: Optional[QKHook] = None, x: Optional[Tensor] = None) -> Tensor:
         rope = self._rope()  # Eva's rotary embedding (a function of the grid only), None for timm ViTs
         mixed = getattr(self.trunk, "rope_mixed", False)
         for i in range(start, stop):
@@ -406,37 +441,62 @@ class TextTower(Tower):
     bidirectional towers (``no_causal_mask``, SigLIP) run on the whole padded context.
 
     Pooling (``pool_type``): ``argmax`` (the EOT of CLIP's BPE, the largest id), ``eos`` (the first
-    ``eos_id``), ``last`` (the last context position, SigLIP) or ``first`` (position 0)."""
+    ``eos_id``), ``last`` (the last context position, SigLIP) or ``first`` (position 0).
+
+    CoCa's contrastive text tower appends a class token after the whole padded context and pools it
+    (``pool_type`` then only says where each caption ends); its attention masks the padding keys (ids equal to
+    ``pad_id``) per sample, so it runs on the whole context, the stream has ``context_length + 1`` rows, and the
+    mask needs the ids: :meth:`run` and :meth:`encode_embeddings` take them. Bidirectional towers with
+    ``use_pad_mask`` mask padding the same way."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        text = model.text if isinstance(model, CustomTextCLIP) else model
-        if isinstance(model, CustomTextCLIP) and not isinstance(text, TextTransformer):
+        text = model.text if isinstance(getattr(model, "text", None), nn.Module) else model
+        if text is not model and not isinstance(text, TextTransformer):
             raise UnsupportedModelError(f"text tower {type(text).__name__} is not an open_clip TextTransformer")
-        if getattr(text, "cls_emb", None) is not None:
-            raise UnsupportedModelError("text towers with a class token (CoCa) are not supported")
-        if getattr(text, "use_pad_mask", False):
-            raise UnsupportedModelError("text towers with a padding mask (use_pad_mask) are not supported")
         self.pool_type = text.pool_type if hasattr(text, "pool_type") else model.text_pool_type
         self.eos_id = getattr(text, "eos_id", getattr(model, "text_eos_id", None))
         if self.pool_type not in ("argmax", "eos", "last", "first"):
             raise UnsupportedModelError(f"text pooling '{self.pool_type}' is not supported (argmax, eos, last, first)")
         self.token_embedding: nn.Embedding = text.token_embedding
         self.positional_embedding: nn.Parameter = text.positional_embedding
+        self.cls_emb: Optional[nn.Parameter] = getattr(text, "cls_emb", None)
+        """CoCa's class token (appended after the context and pooled), or None."""
+        self.pad_id: int = int(getattr(text, "pad_id", 0))
+        self.pad_mask = self.cls_emb is not None or bool(getattr(text, "use_pad_mask", False))
+        """Whether attention masks padding keys per sample (CoCa, ``use_pad_mask``)."""
+        self._cls_mask_last = bool(getattr(text, "correct_cls_mask", False))
         self.blocks = text.transformer.resblocks
         self.ln_final: nn.Module = text.ln_final
         self.text_projection = text.text_projection
+        self.heads = int(getattr(text, "heads", 1))
         self.causal = text.attn_mask is not None
         """Whether the tower attends causally (CLIP) or bidirectionally (``no_causal_mask``: SigLIP)."""
         self.register_buffer("causal_mask", text.attn_mask, persistent=False)
 
     @property
     def context_length(self) -> int:
-        """Token context of the tower."""
-        return self.positional_embedding.shape[0]
+        """Token context of the tower (ids per caption; CoCa's class token comes on top)."""
+        return self.positional_embedding.shape[0] - (self.cls_emb is not None)
 
-    def _mask(self, length: int) -> Optional[Tensor]:
-        return self.causal_mask[:length, :length] if self.causal else None
+    def _mask(self, length: int, x: Optional[Tensor] = None) -> Optional[Tensor]:
+        causal = self.causal_mask[:length, :length] if self.causal else None
+        if not self.pad_mask:
+            return causal
+        if x is None:
+            raise ValueError("this text tower masks padding per sample (CoCa / use_pad_mask): pass the ids (x=...)")
+        return self._padding_mask(x, length, causal)
+
+    def _padding_mask(self, ids: Tensor, length: int, causal: Optional[Tensor]) -> Tensor:
+        """``[B, 1, T, T]`` additive: the causal mask (if any) plus −inf on padding keys, as open_clip builds it
+        (CoCa's class key at the end, or at the front for the legacy ``correct_cls_mask=False`` weights)."""
+        valid = ids[:, : length - (self.cls_emb is not None)] != self.pad_id  # [B, T or T−1]
+        if self.cls_emb is not None:
+            ones = valid.new_ones(valid.shape[0], 1)
+            valid = torch.cat([valid, ones] if self._cls_mask_last else [ones, valid], 1)  # [B, T]
+        mask = torch.zeros(valid.shape, dtype=self.positional_embedding.dtype, device=ids.device)
+        mask = mask.masked_fill(~valid, float("-inf"))[:, None, None, :]  # [B, 1, 1, T]
+        return mask if causal is None else mask + causal.to(mask.dtype)
 
     @property
     def content_start(self) -> int:
@@ -445,7 +505,14 @@ class TextTower(Tower):
         return 0 if self.pool_type == "last" else 1
 
     def eot_positions(self, ids: Tensor) -> Tensor:
-        """Position of the pooled token of each row, ``[B]`` (the tower's own pooling rule)."""
+        """Position of the pooled token of each row in the residual stream, ``[B]`` (the tower's own pooling
+        rule; CoCa: its class token, after the context)."""
+        if self.cls_emb is not None:
+            return torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
+        return self._caption_pool(ids)
+
+    def _caption_pool(self, ids: Tensor) -> Tensor:
+        """The position ``pool_type`` names in ``ids`` (CoCa: where each caption ends)."""
         if self.pool_type == "argmax":
             return ids.argmax(dim=-1)
         if self.pool_type == "eos":
@@ -458,7 +525,7 @@ class TextTower(Tower):
         ``first`` towers the first token of the trailing padding run (SigLIP pads with its EOS, so this is the
         EOS), or the last position when the caption fills the context."""
         if self.pool_type in ("argmax", "eos"):
-            return self.eot_positions(ids)
+            return self._caption_pool(ids)
         length = ids.shape[1]
         differs = ids != ids[:, -1:]  # [B, L]: False on the trailing run of the final id
         pos = torch.arange(length, device=ids.device)
@@ -471,18 +538,34 @@ class TextTower(Tower):
         return token_span(self.caption_ends(ids), ids.shape[1], special, self.content_start)
 
     def valid_length(self, ids: Tensor) -> int:
-        """Positions the tower runs on: the longest SOT..EOT of the batch (causal), or the context."""
-        if not self.causal:
+        """Positions the tower runs on: the longest SOT..EOT of the batch (causal), or the context (bidirectional
+        towers, and towers that pool a class token appended after the context)."""
+        if not self.causal or self.pad_mask:
             return ids.shape[1]
         return int(self.eot_positions(ids).max()) + 1
+
+    def stream_length(self, ids: Tensor) -> int:
+        """Rows of the residual stream for ``ids``: :meth:`valid_length`, plus CoCa's class token."""
+        return self.valid_length(ids) + (self.cls_emb is not None)
 
     def token_embeddings(self, ids: Tensor) -> Tensor:
         """Rows of the token-embedding table, ``[B, L, D]``."""
         return self.token_embedding(ids)
 
+    def _with_cls(self, tok_emb: Tensor) -> Tensor:
+        """Token-embedding rows with CoCa's class token appended (as they are for other towers)."""
+        if self.cls_emb is None:
+            return tok_emb
+        return torch.cat([tok_emb, self.cls_emb.to(tok_emb.dtype).expand(tok_emb.shape[0], 1, -1)], 1)
+
+    def stream(self, tok_emb: Tensor) -> Tensor:
+        """The residual stream before the first block for token-embedding rows ``[B, L, D]``: positions added,
+        CoCa's class token appended (``[B, L + 1, D]`` then)."""
+        tok = self._with_cls(tok_emb)
+        return tok + self.positional_embedding[: tok.shape[1]]
+
     def embed(self, x: Tensor) -> Tensor:
-        ids = x[:, : self.valid_length(x)]
-        return self.token_embeddings(ids) + self.positional_embedding[: ids.shape[1]]  # [B, L, D]
+        return self.stream(self.token_embeddings(x[:, : self.valid_length(x)]))  # [B, L, D] (CoCa: L = ctx + 1)
 
     def projection_parameters(self) -> List[nn.Parameter]:
         proj = self.text_projection
@@ -502,7 +585,7 @@ class TextTower(Tower):
         return self._pool_at(h, self.eot_positions(x))
 
     def pooled_rows(self, x: Tensor) -> Optional[Tensor]:
-        return self.eot_positions(x)
+        return None if self.pad_mask else self.eot_positions(x)
 
     def head_pooled(self, h: Tensor, x: Tensor) -> Tensor:
         return self._pool_at(h, torch.zeros(h.shape[0], dtype=torch.long, device=h.device))
@@ -511,14 +594,16 @@ class TextTower(Tower):
         h = self.ln_final(h)  # [B, L, D]
         return self._project(h[torch.arange(h.shape[0], device=h.device), pool_at])
 
-    def encode_embeddings(self, tok_emb: Tensor, pool_at: Tensor) -> Tensor:
+    def encode_embeddings(self, tok_emb: Tensor, pool_at: Tensor, ids: Optional[Tensor] = None) -> Tensor:
         """Embed given token-embedding rows ``[B, L, D]`` (positions added here), pooled at ``pool_at`` ``[B]``.
 
         A bidirectional tower reads every given row (pass the whole context); a causal one rows 0..max(pool_at).
+        ``ids`` ``[B, L]``: the ids the rows stand for, needed only by towers that mask padding (CoCa: pass the
+        whole context; its class token is appended here and ``pool_at`` is :meth:`eot_positions`).
         """
-        length = int(pool_at.max()) + 1 if self.causal else tok_emb.shape[1]
-        h = tok_emb[:, :length] + self.positional_embedding[:length]
-        return self._pool_at(self._blocks(h, 0, self.n_layers), pool_at)
+        if self.causal and not self.pad_mask:
+            tok_emb = tok_emb[:, : int(pool_at.max()) + 1]
+        return self._pool_at(self._blocks(self.stream(tok_emb), 0, self.n_layers, x=ids), pool_at)
 
 
 class SplitCLIP(nn.Module):
@@ -526,8 +611,8 @@ class SplitCLIP(nn.Module):
 
     def __init__(self, model: nn.Module, preprocess: Callable, tokenizer: Callable, name: str = "") -> None:
         super().__init__()
-        if not isinstance(model, (CLIP, CustomTextCLIP)):
-            raise UnsupportedModelError(f"{type(model).__name__} is not an open_clip CLIP/CustomTextCLIP model")
+        if not isinstance(model, (CLIP, CustomTextCLIP, CoCa)):
+            raise UnsupportedModelError(f"{type(model).__name__} is not an open_clip CLIP/CustomTextCLIP/CoCa model")
         model.eval().requires_grad_(False)
         self.model = model
         self.image = image_tower(model.visual)
@@ -598,7 +683,7 @@ class SplitCLIP(nn.Module):
 
     def token_strings(self, ids: Tensor) -> list:
         """The tokens of one row of ids from SOT to EOT, as strings."""
-        end = int(self.text.eot_positions(ids[None])[0]) + 1
+        end = int(self.text.caption_ends(ids[None])[0]) + 1
         decode = getattr(self.tokenizer, "decode", None)
         if decode is None:
             return [str(i) for i in ids[:end].tolist()]

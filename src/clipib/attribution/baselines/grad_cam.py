@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from clipib.attribution.base import Attributor, Scores
-from clipib.models.split import SplitCLIP, Tower
+from clipib.models.split import SplitCLIP, Tower, fit_rows
 
 
 class GradCAM(Attributor):
@@ -70,6 +70,6 @@ class GradCAM(Attributor):
         return tower.to_grid(self.cam(tower, images, target, keep)), {}
 
     def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
-        length = self.clip.text.valid_length(ids)
-        keep = self.clip.text.span_mask(ids)[:, :length]  # [B, L]
-        return self.cam(self.clip.text, ids, target, keep), {}
+        text = self.clip.text
+        keep = fit_rows(text.span_mask(ids), text.stream_length(ids))  # [B, T]: the caption's rows
+        return self.cam(text, ids, target, keep), {}

@@ -85,7 +85,7 @@ class GradECLIP(Attributor):
         def keep_qk(index: int, q: Tensor, k: Tensor) -> None:
             qks[index] = (q.detach(), k.detach())
 
-        z = tower.run(h, first, tower.n_layers, attn_hook=keep, qk_hook=keep_qk)  # [B, T, D]
+        z = tower.run(h, first, tower.n_layers, attn_hook=keep, qk_hook=keep_qk, x=x)  # [B, T, D]
         score = cosine(tower.head(z, x), target)  # [B]: S
         order = sorted(attns)
         grads = torch.autograd.grad(score.sum(), [attns[i] for i in order])  # [B, heads, T, T] each

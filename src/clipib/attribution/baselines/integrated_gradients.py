@@ -79,8 +79,8 @@ class IntegratedGradients(Attributor):
     def _image_score(self, images: Tensor, target: Tensor) -> Tensor:
         return cosine(self.clip.image.encode(images), target)  # [N]
 
-    def _text_score(self, tok_emb: Tensor, target: Tensor, pool_at: Tensor) -> Tensor:
-        return cosine(self.clip.text.encode_embeddings(tok_emb, pool_at), target)  # [N]
+    def _text_score(self, tok_emb: Tensor, target: Tensor, pool_at: Tensor, ids: Tensor) -> Tensor:
+        return cosine(self.clip.text.encode_embeddings(tok_emb, pool_at, ids), target)  # [N]
 
     def text_reference(self, ids: Tensor) -> Tensor:
         """The text baseline ``[B, L, D]`` for ``ids`` ``[B, L]``."""
@@ -115,5 +115,5 @@ class IntegratedGradients(Attributor):
         ids = ids[:, : text.valid_length(ids)]  # [B, L]
         pool_at = text.eot_positions(ids)  # [B]
         tok_emb = text.token_embeddings(ids)  # [B, L, D]
-        attr, scalars = self._run(self._text_score, tok_emb, self.text_reference(ids), (target, pool_at), "text")
+        attr, scalars = self._run(self._text_score, tok_emb, self.text_reference(ids), (target, pool_at, ids), "text")
         return attr.sum(dim=-1), scalars  # [B, L]

@@ -140,7 +140,7 @@ class KernelShap(Attributor):
         full = ids[:1].expand(content.shape[0], -1).clone()  # [N, L]
         full[:, list(positions)] = content
         pool_at = self.clip.text.eot_positions(full)  # [N]
-        emb = self.clip.text.encode_embeddings(self.clip.text.token_embeddings(full), pool_at)  # [N, E]
+        emb = self.clip.text.encode_embeddings(self.clip.text.token_embeddings(full), pool_at, full)  # [N, E]
         return cosine(emb, target)
 
     def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:

@@ -132,7 +132,7 @@ class RISE(Attributor):
         for start in range(0, self.text_masks, self.internal_batch_size):
             keep = masks[start : start + self.internal_batch_size]  # [n, eot+1]
             ids = torch.where(keep, row, torch.full_like(row, self.pad_id))  # [n, eot+1]
-            emb = text.encode_embeddings(text.token_embeddings(ids), pool_at.expand(ids.shape[0]))  # [n, E]
+            emb = text.encode_embeddings(text.token_embeddings(ids), pool_at.expand(ids.shape[0]), ids)  # [n, E]
             total += cosine(emb, target).float() @ keep.float()
         expected = torch.ones_like(total)
         expected[content] = self.p  # SOT, EOT (and padding) always kept

@@ -37,8 +37,8 @@ class Saliency(Attributor):
     def _image_score(self, images: Tensor, target: Tensor) -> Tensor:
         return cosine(self.clip.image.encode(images), target)  # [B]
 
-    def _text_score(self, tok_emb: Tensor, target: Tensor, pool_at: Tensor) -> Tensor:
-        return cosine(self.clip.text.encode_embeddings(tok_emb, pool_at), target)  # [B]
+    def _text_score(self, tok_emb: Tensor, target: Tensor, pool_at: Tensor, ids: Tensor) -> Tensor:
+        return cosine(self.clip.text.encode_embeddings(tok_emb, pool_at, ids), target)  # [B]
 
     def image_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         grads = CaptumSaliency(self._image_score).attribute(
@@ -49,8 +49,9 @@ class Saliency(Attributor):
     def text_scores(self, images: Tensor, ids: Tensor, target: Tensor, generators: List[torch.Generator]) -> Scores:
         text = self.clip.text
         pool_at = text.eot_positions(ids)  # [B]
-        tok_emb = text.token_embeddings(ids[:, : text.valid_length(ids)])  # [B, L, D]
+        ids = ids[:, : text.valid_length(ids)]  # [B, L]
+        tok_emb = text.token_embeddings(ids)  # [B, L, D]
         grads = CaptumSaliency(self._text_score).attribute(
-            tok_emb.detach().requires_grad_(True), additional_forward_args=(target, pool_at), abs=True
+            tok_emb.detach().requires_grad_(True), additional_forward_args=(target, pool_at, ids), abs=True
         )  # [B, L, D]
         return grads.norm(dim=-1), {}  # [B, L]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import clipib.untrusted as untrusted
 from clipib.data.common import Row
 from clipib.data.sources.rows import RowSource, Selection
 from clipib.data.sources.tables import PathLike, image_row, resolve_image
@@ -132,6 +133,8 @@ def decode_mask(spec: Any, width: int, height: int) -> torch.Tensor:
     """Polygon(s) or RLE -> BoolTensor[h, w] at the original image size."""
     if isinstance(spec, dict):
         h, w = (int(v) for v in spec["size"])
+        if (h, w) != (height, width):  # an RLE's size is its image's: anything else is wrong (or a memory bomb)
+            raise ValueError(f"RLE size {h}x{w} is not the image's {height}x{width}")
         flat = torch.zeros(h * w, dtype=torch.bool)
         pos = 0
         for i, run in enumerate(_rle_counts(spec["counts"])):
@@ -152,16 +155,18 @@ def read_refcoco(path: PathLike, image_root: Optional[PathLike] = None, box_form
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     rows: List[Row] = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for i, raw in enumerate(path.read_bytes().splitlines()):
+        line = raw.decode("utf-8", "surrogateescape")  # a bad byte fails its caption (a skip), not the file
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
             text = obj.get("expression", obj.get("text", obj.get("sentence")))
-            row = image_row(str(obj.get("id", i)), resolve_image(str(obj["image"]), root), text)
+            row = image_row(str(obj.get("id", i)), resolve_image(str(obj["image"]), root), None if text is None else str(text))
             row["box"] = to_xyxy(obj["box"], box_format)
         except (ValueError, KeyError, TypeError) as exn:
-            rows.append({"key": str(i), "image": "", "caption": "", "skip": f"malformed line ({type(exn).__name__}: {exn})"})
+            detail = untrusted.printable(f"{type(exn).__name__}: {exn}")
+            rows.append({"key": str(i), "image": "", "caption": "", "skip": f"malformed line ({detail})"})
             continue
         if obj.get("mask") is not None:
             row["mask"] = obj["mask"]

@@ -24,10 +24,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
-from typing import Dict, List, Literal, Mapping, Optional, Union
+from typing import Callable, Dict, List, Literal, Mapping, Optional, Union
 from urllib.parse import unquote, urlparse
 
+import clipib.untrusted as untrusted
 from clipib.data.common import Row
 from clipib.data.selection import choose_best_captions
 from clipib.data.sources.rows import RowSource, Selection
@@ -36,42 +38,63 @@ PathLike = Union[str, os.PathLike]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def image_row(key: str, image: Path, caption: Optional[str]) -> Row:
-    """A row, or a row marked ``skip`` when the caption is empty or the image file is missing."""
-    row: Row = {"key": key, "image": str(image), "caption": (caption or "").strip()}
-    if not row["caption"]:
+def image_row(key: str, image: Optional[Path], caption: Optional[str]) -> Row:
+    """A row, or a row marked ``skip``: no caption (``missing caption``), one that is empty once cleaned
+    (``empty caption``: whitespace or control characters only) or not valid UTF-8 (``non-UTF-8 caption``), an image reference that
+    leaves its root (``image`` None: ``unsafe image path``), or a missing image file. The caption is cleaned
+    (:func:`clipib.untrusted.clean_caption`); a cut one is marked ``caption_truncated``."""
+    row: Row = {"key": key, "image": str(image or ""), "caption": ""}
+    try:
+        row["caption"], cut = untrusted.clean_caption(caption or "")
+    except untrusted.Rejected as exn:
+        return {**row, "skip": str(exn)}
+    if cut:
+        row["caption_truncated"] = True
+    if not caption:
         row["skip"] = "missing caption"
+    elif not row["caption"]:
+        row["skip"] = "empty caption"
+    elif image is None:
+        row["skip"] = "unsafe image path"
     elif not image.is_file():
-        row["skip"] = f"missing image file {image}"
+        row["skip"] = f"missing image file {untrusted.printable(str(image))}"
     return row
 
 
-def resolve_image(ref: str, image_root: Path) -> Path:
+def resolve_image(ref: str, image_root: Path) -> Optional[Path]:
     """Local path of an image reference: absolute, relative to ``image_root``, or — for an
-    ``http(s)://`` URL, which clipib never downloads — the URL's file name inside ``image_root``."""
+    ``http(s)://`` URL, which clipib never downloads — the URL's file name inside ``image_root``.
+
+    None (an ``unsafe image path`` skip) when a relative reference or a URL's file name would leave
+    ``image_root`` (``..`` components, ``%2F..`` in a URL) or holds a NUL or control character. Absolute
+    references are taken as given: the table's author chose them.
+    """
     if "://" in ref:
-        return image_root / unquote(Path(urlparse(ref).path).name)
+        name = unquote(urlparse(ref).path).replace("\\", "/").rsplit("/", 1)[-1]
+        return None if untrusted.key_problem(name) else image_root / name
+    if any(ord(c) < 32 or ord(c) == 127 for c in ref):
+        return None
     path = Path(ref)
-    return path if path.is_absolute() else image_root / path
+    if path.is_absolute():
+        return path
+    return None if ".." in re.split(r"[/\\]", ref) else image_root / path
 
 
 def read_tsv(path: PathLike, image_root: Optional[PathLike] = None, header: bool = False) -> List[Row]:
     """Conceptual Captions TSV: ``caption<TAB>url_or_path`` per line (no header unless ``header``).
 
     No quoting (captions may contain quotes). Images resolve through :func:`resolve_image` against
-    ``image_root`` (default: the TSV's folder). A line that is not UTF-8 or has no tab is a skip row.
+    ``image_root`` (default: the TSV's folder). A line without a tab is a ``malformed row`` skip, one whose
+    caption is not UTF-8 a ``non-UTF-8 caption`` skip (lines are split on ``\\n`` / ``\\r`` bytes only).
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     lines = path.read_bytes().splitlines()[1 if header else 0 :]
     rows: List[Row] = []
     for i, raw in enumerate(lines):
-        try:
-            fields = raw.decode("utf-8").split("\t")
-        except UnicodeDecodeError:
-            fields = []
+        fields = raw.decode("utf-8", "surrogateescape").split("\t")
         if len(fields) < 2:
-            rows.append({"key": str(i), "image": "", "caption": "", "skip": "malformed row (need UTF-8 caption<TAB>image)"})
+            rows.append({"key": str(i), "image": "", "caption": "", "skip": "malformed row (need caption<TAB>image)"})
             continue
         rows.append(image_row(str(i), resolve_image(fields[1].strip(), root), fields[0]))
     return rows
@@ -79,41 +102,67 @@ def read_tsv(path: PathLike, image_root: Optional[PathLike] = None, header: bool
 
 def read_csv(path: PathLike, image_root: Optional[PathLike] = None) -> List[Row]:
     """NIB-style CSV with a header and columns ``caption`` and ``file_path`` (relative to
-    ``image_root``, default the CSV's folder)."""
+    ``image_root``, default the CSV's folder). A row with bytes that are not UTF-8 in its caption is a
+    ``non-UTF-8 caption`` skip; fields of any length are read (captions are cut later)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"caption", "file_path"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: CSV lacks column(s) {sorted(missing)}; need caption,file_path")
-        return [image_row(str(i), resolve_image(r["file_path"] or "", root), r["caption"]) for i, r in enumerate(reader)]
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, 1 << 28))  # the default 128 KiB would fail the whole file on one long caption
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            missing = {"caption", "file_path"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"{path}: CSV lacks column(s) {sorted(missing)}; need caption,file_path")
+            return [image_row(str(i), resolve_image(r["file_path"] or "", root), r["caption"])
+                    for i, r in enumerate(reader)]
+    except csv.Error as exn:
+        raise ValueError(f"{path}: not a readable CSV ({exn})") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def read_flickr8k(path: PathLike, image_root: Optional[PathLike] = None) -> List[Row]:
     """Flickr8k ``en_val.json``: a list of ``{"image": name, "caption": [5 strings]}``.
 
-    Rows carry all captions as ``"candidates"``; the evaluated caption is chosen afterwards with the
-    model (:func:`clipib.data.selection.choose_best_captions`, NIB's protocol done against each
-    row's own image) or by index.
+    Rows carry all captions as ``"candidates"`` (cleaned; empty or non-UTF-8 ones dropped); the evaluated
+    caption is chosen afterwards with the model (:func:`clipib.data.selection.choose_best_captions`, NIB's
+    protocol done against each row's own image) or by index. An entry that is not an object is a
+    ``malformed row`` skip.
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    entries = json.loads(path.read_text(encoding="utf-8"))
+    entries = json.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a JSON list of {{image, caption}} objects")
     rows: List[Row] = []
     seen: Dict[str, int] = {}
     for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            rows.append({"key": f"#{i}", "image": "", "caption": "", "skip": "malformed row (not an object)"})
+            continue
         name = str(entry.get("image", ""))
         caps = entry.get("caption", [])
-        caps = [caps] if isinstance(caps, str) else [str(c).strip() for c in caps if str(c).strip()]
+        caps = _clean_captions([caps] if isinstance(caps, str) else caps if isinstance(caps, list) else [])
         key = name if name not in seen else f"{name}#{i}"
         seen[name] = i
         row = image_row(key, resolve_image(name, root), caps[0] if caps else "")
         row["candidates"] = caps
         rows.append(row)
     return rows
+
+
+def _clean_captions(captions: List) -> List[str]:
+    """The captions that survive :func:`clipib.untrusted.clean_caption` (non-empty, valid UTF-8), cleaned."""
+    out = []
+    for caption in captions:
+        try:
+            text = untrusted.clean_caption(str(caption))[0]
+        except untrusted.Rejected:
+            continue
+        if text:
+            out.append(text)
+    return out
 
 
 def read_synonyms(source: Union[None, PathLike, Mapping[str, str]]) -> Dict[str, str]:
@@ -209,30 +258,68 @@ class CsvDataset(RowSource):
         return read_csv(self.path, self.image_root)
 
 
+NIB_BATCH = 32
+"""NIB's Flickr8k batch size (its ``generate_attributions.py``: ``BS = 32``, unshuffled)."""
+CAPTION_CHOICES = ("own", "nib_code", "best")
+
+
 class Flickr8kDataset(RowSource):
     """Flickr8k ``en_val.json`` (:func:`read_flickr8k`): one row per image, one of its 5 captions.
 
     Args:
         path: ``en_val.json``.
         image_root: image folder (default: the JSON's folder).
-        caption_choice: ``"best"`` (most similar to its own image; needs the model's scorer) or an index.
+        caption_choice: which caption a row keeps (needs the model's scorer unless an index):
+
+            * ``"own"`` (default): the caption most similar to the row's own image - NIB's stated protocol
+              (Sec. 5.1: the most similar of the 5 captions), done as stated. ``"best"`` is the same rule.
+            * ``"nib_code"``: the rule NIB's published Flickr8k rows came from (REFERENCE_NOTES §8): its code
+              scores every row's captions against the *first image of the row's batch* of 32 consecutive rows
+              of ``en_val.json`` (unshuffled), not against the row's own image. Batches are counted over the
+              whole file, as NIB ran it, whatever rows ``selection`` keeps; a row whose batch's first image
+              cannot be scored becomes a skip. Use it only to reproduce NIB Table 2's Flickr8k rows.
+            * an index: caption ``i`` of each row.
         selection: which rows are evaluated (the caption is chosen after ``sample``).
     """
 
     def __init__(self, path: str, image_root: Optional[str] = None,
-                 caption_choice: Union[Literal["best"], int] = "best", selection: Optional[Selection] = None) -> None:
+                 caption_choice: Union[Literal["own", "nib_code", "best"], int] = "own",
+                 selection: Optional[Selection] = None) -> None:
         super().__init__(selection)
+        if not isinstance(caption_choice, int) and caption_choice not in CAPTION_CHOICES:
+            raise ValueError(f"caption_choice must be one of {CAPTION_CHOICES} or an index, got {caption_choice!r}")
         self.path, self.image_root, self.caption_choice = path, image_root, caption_choice
 
     def read_rows(self) -> List[Row]:
-        """Rows with all captions as ``"candidates"`` (key: image name)."""
-        return read_flickr8k(self.path, self.image_root)
+        """Rows with all captions as ``"candidates"`` (key: image name) and, for ``"nib_code"``, the image
+        NIB's code compared them with (``"nib_reference"``: the first image of the row's batch of 32)."""
+        rows = read_flickr8k(self.path, self.image_root)
+        if self.caption_choice == "nib_code":
+            for i, row in enumerate(rows):
+                row["nib_reference"] = rows[i - i % NIB_BATCH]["image"]
+        return rows
 
     def choose(self, rows: List[Row]) -> List[Row]:
-        """Pick each row's caption: the best-scoring one, or the one at ``caption_choice``."""
-        if self.caption_choice == "best":
+        """Pick each row's caption by ``caption_choice`` (class docstring)."""
+        if self.caption_choice in ("own", "best"):
             return choose_best_captions(rows, self.scores(rows))
+        if self.caption_choice == "nib_code":
+            return choose_nib_code_captions(rows, self.scores)
         return [pick_caption(r, int(self.caption_choice)) for r in rows]
+
+
+def choose_nib_code_captions(rows: List[Row], scores: Callable[[List[Row]], List[Optional[List[float]]]]) -> List[Row]:
+    """NIB's published Flickr8k rule: each row keeps the candidate most similar to its ``"nib_reference"``
+    image (the first image of its batch), first on ties; the row's own image is the one evaluated."""
+    probes = [row if "skip" in row else {**row, "image": row["nib_reference"]} for row in rows]
+    chosen = choose_best_captions(probes, scores(probes))
+    out: List[Row] = []
+    for row, pick in zip(rows, chosen):
+        if "skip" in pick and "skip" not in row:
+            out.append({**row, "skip": "nib_code: the first image of its batch could not be scored"})
+        else:
+            out.append({**pick, "image": row["image"]})
+    return out
 
 
 class FolderDataset(RowSource):
