@@ -80,8 +80,8 @@ def _expected(clip, batch, attr, blank_id=0, model_pool=False):
     img_map, txt_map = attr.image[keep], attr.text_raw[keep]
     with torch.no_grad():
         e_i, e_t = clip.image.encode(images), clip.text.encode(ids)
-        c_i = clip.image.encode(remove_image(images, top_fraction_mask(img_map, 0.25)))
-        gone = top_fraction_mask(txt_map, 0.1, content_tokens(ids))
+        c_i = clip.image.encode(remove_image(images, top_fraction_mask(img_map, quantile=0.75)))
+        gone = top_fraction_mask(txt_map, valid=content_tokens(ids), quantile=0.9)
         new = remove_tokens(ids, gone, blank_id)
         c_t = clip.text.encode(new) if model_pool else \
             clip.text.encode_embeddings(clip.text.token_embeddings(new), clip.text.eot_positions(ids))

@@ -22,9 +22,10 @@ is the clean-clean accuracy of the direction on the same pool.
 
 Choices where the paper is silent or ambiguous (each an option):
 
-* ``ties="rank"`` (default): exactly ``round(f * n)`` features per sample (:func:`clipib.removal.top_fraction_mask`);
-  ``"threshold"`` is the literal ``score > percentile``, which removes nothing from a plateau map (a binary
-  ground-truth mask covering more than a quarter of the image, gold tokens), so the anchors would not compare.
+* ``ties="rank"`` (default): per sample exactly the number of features above the percentile of a tie-free map
+  (:func:`clipib.removal.top_fraction_mask`); ``"threshold"`` is the literal ``score > percentile``, identical on
+  tie-free maps, which removes nothing from a plateau map (a binary ground-truth mask covering more than a
+  quarter of the image, 0/1 gold tokens), so the anchors would not compare.
 * ``blank_id=0`` (default, :data:`clipib.removal.PAD_ID`): open_clip's padding id, M2IB's blank token; AdaIB
   writes 49407 (:data:`~clipib.removal.EOT_ID`), offered. ``text_pool="original"`` (default) pools every
   corrupted caption at its clean EOT, so removal changes content only; ``"model"`` re-encodes the corrupted ids
