@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import clipib
 from clipib.metrics import METRICS, RetrievalROAR, retrieval_accuracy, retrieval_hits, roar_score
-from clipib.metrics.retrieval_roar import key_hashes
+from clipib.metrics.retrieval_roar import SETTINGS, key_hashes
 from clipib.removal import content_tokens, remove_image, remove_tokens, top_fraction_mask
 
 TINY = "tests/data/tiny-clip.json"
@@ -90,7 +90,7 @@ def _expected(clip, batch, attr, blank_id=0, model_pool=False):
     acc = {"i2t_oo": retrieval_accuracy(e_i, e_t), "t2i_oo": retrieval_accuracy(e_t, e_i),
            "i2t_oc": retrieval_accuracy(e_i, c_t), "i2t_co": retrieval_accuracy(c_i, e_t),
            "t2i_oc": retrieval_accuracy(e_t, c_i), "t2i_co": retrieval_accuracy(c_t, e_i)}
-    return {name: float(roar_score(acc[name[:3] + "_oo"], acc[name])) for name in ("i2t_oc", "i2t_co", "t2i_oc", "t2i_co")}
+    return {name: float(roar_score(acc[name[:3] + "_oo"], acc[name])) for name in SETTINGS}
 
 
 def _run(metric, clip, batch, attr, parts=((0, 12),), seeds=(0,)):

@@ -110,7 +110,8 @@ def top_fraction_mask(
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     b = maps.shape[0]
-    flat = maps.reshape(b, -1).double()  # [B, N]
+    flat = maps.reshape(b, -1)  # [B, N]
+    flat = flat if flat.is_floating_point() else flat.double()
     ok = ~torch.isnan(flat)
     if valid is not None:
         if valid.shape != maps.shape:
@@ -134,8 +135,9 @@ def top_fraction_mask(
         if tiebreak.shape != maps.shape:
             raise ValueError(f"tiebreak must have the maps' shape {tuple(maps.shape)}, got {tuple(tiebreak.shape)}")
         order = _sort_by(order, tiebreak.reshape(b, -1).to(flat.device).double().nan_to_num(-torch.inf))
-    order = _sort_by(order, flat.nan_to_num(-torch.inf))
-    order = _sort_by(order, ok.to(torch.int8))  # valid features first: primary key
+    # valid features first: their values (-inf lifted to the lowest finite value) above every invalid one (-inf)
+    key = torch.where(ok, flat.clamp(min=torch.finfo(flat.dtype).min), torch.full_like(flat, -torch.inf))
+    order = _sort_by(order, key)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand(b, -1))
     return (ok & (rank < k[:, None])).view(maps.shape)
 

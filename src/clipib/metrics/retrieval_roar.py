@@ -35,10 +35,11 @@ Choices where the paper is silent or ambiguous (each an option):
   comparison with 1k-pair retrieval benchmarks, or to bound the ``N x N`` similarity cost). Mismatched pairs
   (``matched`` False) are left out: their "partner" is not a correct retrieval target.
 
-Cost: per method and seed, 4 extra tower passes per pair (the clean and corrupted image and caption); the states
-hold 4 embeddings per pair and seed (``16 E`` bytes each, E = embedding width), gathered on every process at
-the end; the similarity is computed in ``chunk`` query rows at a time. Resuming an interrupted eval run is
-refused (the finished pairs' embeddings are not in the records).
+Cost: per pair, method and seed, 2 tower passes (the corrupted image and caption), plus 2 for the clean pair at
+seed 0. State: float32 embeddings, ``8 E`` bytes per pair and seed plus ``8 E`` per pair for the clean ones
+(E = embedding width: 4 KB each at ViT-B/32), gathered on every process at the end; the similarity is
+computed ``chunk`` query rows at a time. Resuming an interrupted eval run is refused (the finished pairs'
+embeddings are not in the records).
 """
 from __future__ import annotations
 
@@ -164,6 +165,7 @@ class RetrievalROAR(AttributionMetric):
         self.image_quantile, self.text_quantile, self.image_fill = image_quantile, text_quantile, image_fill
         self.blank_id, self.ties, self.text_pool, self.pool_size = blank_id, ties, text_pool, pool_size
         self.top_k, self.naming, self.chunk = top_k, naming, chunk
+        self._seen: Optional[tuple] = None  # (images, ids) whose clean embeddings are stored (not a state)
         for state in ("clean_key", "clean_image", "clean_text", "image_key", "image_seed", "image_emb",
                       "text_key", "text_seed", "text_emb"):
             self.add_state(state, default=[], dist_reduce_fx="cat")
@@ -184,18 +186,24 @@ class RetrievalROAR(AttributionMetric):
         if batch.get("matched") is not None:
             keep = torch.as_tensor(batch["matched"], device=images.device).reshape(-1).bool()
         hashes = key_hashes(keys).to(images.device)
+        seen = self._seen is not None and self._seen[0] is images and self._seen[1] is ids
         with torch.no_grad():
-            clean_img, clean_txt = (clip.image.encode(images), clip.text.encode(ids)) if seed_index == 0 else (None, None)
+            if seed_index == 0 and not seen:  # the clean pairs, once per batch (repeats are dropped in compute)
+                self._seen = (images, ids)
+                self._append("clean_key", hashes[keep])
+                self._append("clean_image", clip.image.encode(images)[keep].float())
+                self._append("clean_text", clip.text.encode(ids)[keep].float())
             corrupt = self._corrupt_images(clip, images, maps, hashes) if modality == "image" else \
                 self._corrupt_texts(clip, ids, maps)
-        if seed_index == 0:  # the clean pairs, once per modality (duplicates are dropped in compute)
-            self._append("clean_key", hashes[keep])
-            self._append("clean_image", clean_img[keep].float())
-            self._append("clean_text", clean_txt[keep].float())
         self._append(f"{modality}_key", hashes[keep])
         self._append(f"{modality}_seed", torch.full_like(hashes[keep], seed_index))
         self._append(f"{modality}_emb", corrupt[keep].float())
         return {}
+
+    def reset(self) -> None:
+        """Clear the states and the memory of the last batch's clean pairs."""
+        super().reset()
+        self._seen = None
 
     def _append(self, state: str, value: Tensor) -> None:
         getattr(self, state).append(value.detach())
@@ -235,7 +243,7 @@ class RetrievalROAR(AttributionMetric):
                 corrupt = dim_zero_cat(getattr(self, f"{modality}_emb"))[rows][corder]
                 at = torch.searchsorted(key, ck).clamp(max=len(key) - 1)
                 if not torch.equal(key[at], ck):
-                    raise RuntimeError("retrieval_roar: corrupted pairs without clean embeddings (seed 0 never updated)")
+                    raise RuntimeError("retrieval_roar: corrupted pairs without clean ones (seed 0 never updated)")
                 for name, value in self._scores(modality, clean_i[at], clean_t[at], corrupt).items():
                     per_seed.setdefault(name, []).append(value)
                     counts.setdefault(name, float(len(ck)))
