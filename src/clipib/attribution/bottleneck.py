@@ -119,7 +119,7 @@ def _clip_per_sample(grad: Tensor, max_norm: float) -> Tensor:
 
 def pair_norms(grads: Sequence[Tensor]) -> Tensor:
     """``[B]``: each pair's L2 norm over all of ``grads`` (tensors ``[B, ...]``), the norm a global clip sees."""
-    return torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
+    return torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads]).norm(dim=0)
 
 
 def clip_pairs(grads: Sequence[Tensor], norms: Tensor, max_norm: float) -> List[Tensor]:
