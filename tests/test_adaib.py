@@ -1,4 +1,5 @@
-"""AdaIB: Proposition 1 (reduction to M2IB), every f and g option, the MLP rule, batching, the scalars."""
+"""AdaIB: Proposition 1 (reduction to M2IB), every f and g option, the MLP rules (regressed, joint; Table 7),
+raw or normalised embeddings, batching, the scalars (incl. the pre-clip gradient norms)."""
 
 import pytest
 import torch
@@ -155,7 +156,8 @@ def test_raw_embeddings_measure_f_on_unnormalised_vectors(tiny_clip, pairs):
         e_img, e_txt = tiny_clip.model.encode_image(images), tiny_clip.model.encode_text(ids)
     assert not torch.allclose(e_img.norm(dim=-1), torch.ones(4), atol=1e-2)  # raw vectors carry a modulus
     for mod in ("image", "text"):
-        torch.testing.assert_close(raw.scalars[f"{mod}_f"], 1 / ((e_img - e_txt).norm(dim=-1) + 1e-3), rtol=1e-5, atol=0)
+        expected_f = 1 / ((e_img - e_txt).norm(dim=-1) + 1e-3)
+        torch.testing.assert_close(raw.scalars[f"{mod}_f"], expected_f, rtol=1e-5, atol=0)
         torch.testing.assert_close(raw.scalars[f"{mod}_beta"], raw.scalars[f"{mod}_g"] / raw.scalars[f"{mod}_f"])
         assert ((raw.scalars[f"{mod}_beta"] / norm.scalars[f"{mod}_beta"] - 1).abs() > 0.05).all()
     assert not torch.allclose(raw.image_grid, norm.image_grid)

@@ -1,10 +1,16 @@
-"""M2IB: shapes, masking, batching, seeds, saturation, and agreement with the reference-shaped loop."""
+"""M2IB: shapes, masking, batching, seeds, saturation, agreement with the reference-shaped loop; σ, IBA-style
+feature statistics and the pre-clip gradient-norm scalars (issue #15)."""
 
+import math
+
+import pytest
 import torch
+from torch.distributions import Normal, kl_divergence
 from torchmetrics.functional import spearman_corrcoef
 
 import clipib
-from clipib.attribution.bottleneck import Bottleneck
+from clipib.attribution.bottleneck import Bottleneck, kl_elementwise
+from clipib.attribution.feature_stats import FeatureStats, TowerStats
 from clipib.bench.reference_loops import m2ib_pair
 
 
@@ -81,15 +87,6 @@ def test_reproduces_reference_stream(tiny_clip, pairs):
 
 
 # --- issue #15: σ (App. A), IBA-style feature statistics, pre-clip gradient norms ---------------------------------
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-from torch.distributions import Normal, kl_divergence  # noqa: E402
-
-from clipib.attribution.bottleneck import kl_elementwise  # noqa: E402
-from clipib.attribution.feature_stats import FeatureStats, TowerStats  # noqa: E402
-
 
 @pytest.mark.parametrize("sigma", [1.0, math.sqrt(0.1), 0.1])
 def test_kl_with_sigma_matches_torch_distributions(sigma):
@@ -172,6 +169,7 @@ def test_identity_statistics_change_nothing(tiny_clip, pairs):
 def test_grad_norm_scalars_are_opt_in(tiny_clip, pairs):
     images, ids = pairs
     attr = clipib.M2IB(tiny_clip, steps=3, copies=2, record_grad_norm=True).attribute(images[:2], ids[:2])
-    assert {f"{m}_{k}" for m in ("image", "text") for k in ("grad_norm", "grad_norm_max", "clipped")} <= set(attr.scalars)
+    keys = {f"{m}_{k}" for m in ("image", "text") for k in ("grad_norm", "grad_norm_max", "clipped")}
+    assert keys <= set(attr.scalars)
     single = clipib.M2IB(tiny_clip, steps=1, copies=2, record_grad_norm=True).attribute(images[:1], ids[:1], "image")
     assert single.scalars["image_grad_norm"][0] == 0  # no update, no gradient: 0 by definition

@@ -260,7 +260,9 @@ class Bottleneck:
         for p, g in zip(params, grads):
             p.grad = g
 
-    def _feature_space(self, h: Tensor, stats: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
+    def _feature_space(
+        self, h: Tensor, stats: Optional[Tuple[Tensor, Tensor]],
+    ) -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
         """``(h_kl, to_noise)``: the stream the KL reads and the map from N(0, I) draws ``[B, C, T, D]`` to the
         noise ``z`` mixes in (σ and IBA's feature statistics; the identity by default)."""
         if stats is None:
