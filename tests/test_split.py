@@ -311,7 +311,8 @@ def test_qk_hook_gives_what_the_attention_compares(tiny_family, tiny_clip, pairs
 def _raw_is_open_clips(clip, images, ids):
     """``normalize=False`` (AdaIB's ``embeddings="raw"``): open_clip's un-normalised embeddings, at every entry point."""
     m = clip.model
-    for tower, x, ref in ((clip.image, images, m.encode_image(images)), (clip.text, ids, m.encode_text(ids))):
+    for tower, x, ref in ((clip.image, images, m.encode_image(images, normalize=False)),
+                         (clip.text, ids, m.encode_text(ids, normalize=False))):
         assert not torch.allclose(ref.norm(dim=-1), torch.ones(ref.shape[0]), atol=1e-3)
         torch.testing.assert_close(tower.encode(x, normalize=False), ref, atol=1e-4, rtol=1e-5)
         k = tower.n_layers - 1
