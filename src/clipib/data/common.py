@@ -39,7 +39,7 @@ SKIP_REASONS = (
     "empty image", "image too large", "truncated image", "undecodable image", "missing image file",
     "missing image", "unsafe image path", "missing caption", "empty caption", "non-UTF-8 caption",
     "malformed row", "malformed line", "bad annotation", "no caption", "image could not be scored", "unsafe key",
-    "unreadable shard",
+    "unreadable shard", "image not found in its shard",
 )
 """The names a skip reason starts with (the summary's ``skipped.by_reason`` keys); anything else counts as
 ``"other"``."""
@@ -127,7 +127,7 @@ def load_row(row: Row, preprocess: Preprocess, extras: Optional[Callable[[Row, t
     try:
         item.update(extras(row, image.size) if extras is not None else {})
     except (ValueError, KeyError, TypeError, IndexError) as exn:
-        return skip_item(row["key"], f"bad annotation ({type(exn).__name__}: {exn})")
+        return skip_item(row["key"], "bad annotation", f"{type(exn).__name__}: {untrusted.printable(str(exn))}")
     return item
 
 

@@ -367,7 +367,7 @@ class ShardDataset(Source, IterableDataset):
             if "skip" not in r:
                 by_image.setdefault(r["image_key"], []).append(r)
         if slot == 0:  # skips known from the scan: reported by one slot
-            yield from (skip_item(r["key"], r["skip"]) for r in rows if "skip" in r)
+            yield from ({"key": r["key"], "skip": r["skip"]} for r in rows if "skip" in r)  # reasons as scanned
         needed = {_shard_of(r) for pairs in by_image.values() for r in pairs}
         urls = [u for u in self.urls if shard_name(u) in needed]  # shards without a manifest image are not read
         mode = self.split if self.split != "auto" else "shard" if len(urls) >= slots else "sample"
@@ -435,7 +435,7 @@ class ShardDataset(Source, IterableDataset):
         try:
             image = decode_image(raw[image_ext])
         except IMAGE_ERRORS as exn:
-            return skip_item(key, image_error(exn))
+            return {"key": key, "skip": image_error(exn)}
         item = {"key": key, "image": preprocess(image), "caption": caption, "matched": True}
         return {**item, "caption_truncated": True} if cut else item
 
@@ -455,7 +455,7 @@ def _shard_of(row: Row) -> str:
 def _manifest_item(row: Row, item: Item) -> Item:
     """The item of one manifest pair from its decoded image's item (a skip stays a skip, under the pair's key)."""
     if "skip" in item:
-        return skip_item(row["key"], item["skip"])
+        return {"key": row["key"], "skip": item["skip"]}
     out = {"key": row["key"], "image": item["image"], "caption": row["caption"], "matched": bool(row.get("matched", True))}
     if "similarity" in row:
         out["similarity"] = float(row["similarity"])
