@@ -30,7 +30,7 @@ from clipib.data.datamodule import _SourceDataModule
 from clipib.data.samplers import UnrepeatedDistributedSampler
 from clipib.data.sources.base import Source
 from clipib.removal import PAD_ID
-from clipib.roar.degraded import MODALITIES, DegradedDataset
+from clipib.roar.degraded import DEFAULT_FRACTION, MODALITIES, DegradedDataset
 
 
 class Positions(Dataset):
@@ -101,8 +101,6 @@ class RoarDataModule(_SourceDataModule):
     @property
     def info(self) -> Dict[str, Any]:
         """What this run degrades: method, modality, fraction, fill, split sizes."""
-        from clipib.roar.degraded import DEFAULT_FRACTION
-
         fraction = self.fraction
         if fraction is None and self.modality != "both":
             fraction = DEFAULT_FRACTION[self.modality]
