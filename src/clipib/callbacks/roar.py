@@ -41,7 +41,8 @@ def metric_name(modality: str, fraction: Optional[float]) -> str:
 
 
 class RoarScoreWriter(Callback):
-    """Write ``roar.json`` / ``summary.json`` and log ``roar/score`` at the end of a finished fit (rank 0).
+    """Write ``roar.json`` / ``summary.json`` and log ``roar/score`` at the end of a finished fit (rank 0, then
+    every process waits for it).
 
     Added by :meth:`clipib.lit.roar_module.ROARModule.configure_callbacks`; reads the module's ``last_val`` and
     ``hparams.reference`` and the datamodule's ``info`` (:class:`clipib.roar.RoarDataModule`).
@@ -56,8 +57,13 @@ class RoarScoreWriter(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write the run's result (nothing for an interrupted fit or one that validated nothing)."""
         last = getattr(pl_module, "last_val", None)
-        if trainer.interrupted or not last or not trainer.is_global_zero:
+        if trainer.interrupted or not last:  # the same on every process (last_val is gathered)
             return
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, last)
+        trainer.strategy.barrier()  # every process returns with roar.json on disk (a sweep checks it next)
+
+    def _write(self, trainer: Trainer, pl_module: LightningModule, last: Dict[str, float]) -> None:
         info = dict(getattr(trainer.datamodule, "info", {}) or {})
         result: Dict[str, Any] = {**info, "seed": _seed(), "val_loss": last["loss"], "val_i2t_top1": last["i2t_top1"],
                                   "val_t2i_top1": last["t2i_top1"], "val_pairs": last["pairs"],

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from clipib.callbacks.records import write_summary
+from clipib.callbacks.records import summary_table, write_summary
 from clipib.callbacks.roar import metric_name, read_result
 
 CURVE_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -131,7 +131,11 @@ def collect(out: Path, methods: Sequence[str], fractions: Sequence[Optional[floa
 def write_outputs(out: Path, summary: Dict[str, Dict[str, Dict[str, float]]], methods: Sequence[str],
                   fractions: Sequence[Optional[float]]) -> None:
     """``summary.json`` / ``summary.md``; with several fractions also ``curve.png`` and TensorBoard scalars."""
-    write_summary(out, summary, {"protocol": "roar_curve" if len(fractions) > 1 else "roar_plus"})
+    extra = {"protocol": "roar_curve" if len(fractions) > 1 else "roar_plus"}
+    write_summary(out, summary, extra)
+    table = [line for line in summary_table(summary, extra).splitlines() if not line.startswith("n = ")]
+    note = "n = repeats per point; ± is the std over repeats (ddof 1); summary.json also has the standard error (sem)."
+    (out / "summary.md").write_text("\n".join(table[:len(summary) + 2] + ["", note] + table[len(summary) + 2:]) + "\n")
     if len(fractions) < 2 or any(f is None for f in fractions):
         return
     from torch.utils.tensorboard import SummaryWriter
@@ -142,7 +146,7 @@ def write_outputs(out: Path, summary: Dict[str, Dict[str, Dict[str, float]]], me
     curves = {m: [_at(summary[m], f) for f in xs] for m in methods}
     top = max([v for c in curves.values() for v in c if not math.isnan(v)], default=1.0)
     low = min([v for c in curves.values() for v in c if not math.isnan(v)], default=0.0)
-    y_range = (min(0.0, low), max(top, 1e-6) * 1.1)
+    y_range = (min(0.0, math.floor(low * 20) / 20), math.ceil(max(top, 1e-6) * 1.1 * 20) / 20)  # 0.05 steps
     curve_figure(xs, curves, title="ROAR: (L_c - L_o) / L_o against the removed fraction", x_label="removed fraction",
                  y_range=y_range, size=(640, 400)).save(out / "curve.png")
     for method, values in curves.items():
