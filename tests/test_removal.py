@@ -34,9 +34,20 @@ def test_per_sample_fractions_and_valid_features():
         (ids_like[1, 1:9].argsort(descending=True)[:4] + 1).tolist())
 
 
-def test_quantile_argument_equals_one_minus_fraction():
-    maps = _maps()
-    assert torch.equal(R.top_fraction_mask(maps, quantile=0.75), R.top_fraction_mask(maps, 0.25))
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 10, 42, 100])
+def test_rank_with_a_quantile_equals_the_threshold_rule_on_tie_free_maps(n):
+    maps = torch.rand(6, n, generator=torch.Generator().manual_seed(n)).double()
+    valid = torch.rand(6, n, generator=torch.Generator().manual_seed(n + 1)) < 0.8
+    for q in (0.0, 0.29, 0.5, 0.75, 0.9, 1.0):
+        for v in (None, valid):
+            rank = R.top_fraction_mask(maps, quantile=q, valid=v)
+            assert torch.equal(rank, R.top_fraction_mask(maps, quantile=q, valid=v, ties="threshold")), (q, v)
+            if v is None:
+                want = [int((m > np.percentile(m, 100 * q)).sum()) for m in maps.numpy()]
+                assert rank.sum(1).tolist() == want
+    tokens = torch.tensor([[0.2, 0.9, 0.5]])
+    assert R.top_fraction_mask(tokens, quantile=0.9).tolist() == [[False, True, False]]  # AdaIB: 1 of 3 tokens
+    assert R.top_fraction_mask(tokens, 0.1).sum() == 0  # a fraction rounds: 0.3 tokens -> none
 
 
 def test_threshold_mode_is_numpys_percentile_rule():

@@ -6,10 +6,10 @@ Torch (and torchvision's Gaussian blur) only, vectorised over the batch: no Pyth
 pixels, so it runs on the model's device or in data-loader workers alike. It imports nothing from
 ``clipib.metrics``, ``clipib.data`` or ``clipib.lit``; those import it.
 
-Which features: :func:`top_fraction_mask` marks the top ``fraction`` of each sample's map (a per-sample
-quantile: M2IB removes image pixels above the 75th percentile, ``fraction=0.25``, and tokens above the 50th,
-``0.5``; AdaIB App. F tokens above the 90th, ``0.1``), optionally only among ``valid`` features (a caption's
-content tokens, :func:`content_tokens`).
+Which features: :func:`top_fraction_mask` marks each sample's features above a per-sample percentile of its
+map (``quantile=``: M2IB removes image pixels above the 75th percentile, ``0.75``, and tokens above the 50th;
+AdaIB App. F tokens above the 90th) or its top ``fraction`` (the removal curve's 10 ... 90 %), optionally only
+among ``valid`` features (a caption's content tokens, :func:`content_tokens`).
 
 What they become:
 
@@ -79,17 +79,20 @@ def top_fraction_mask(
     Args:
         maps: ``[B, ...]`` scores (pixels ``[B, H, W]``, tokens ``[B, L]``); higher = more relevant. NaN
             entries are never removed and do not count.
-        fraction: share of each sample's valid features to remove, in [0, 1], a float or ``[B]`` (per sample).
+        fraction: share of each sample's valid features to remove, in [0, 1], a float or ``[B]`` (per sample):
+            ``round(fraction * n)`` features (``n`` = the sample's valid features, halves rounded up).
         valid: ``[B, ...]`` bool, the removable features (e.g. :func:`content_tokens`); default all.
-        quantile: instead of ``fraction``: remove features above this per-sample quantile
-            (``fraction = 1 - quantile``; M2IB's "above the 75th percentile" is ``quantile=0.75``).
-        ties: ``"rank"`` (default) - exactly ``round(fraction * n)`` features per sample (``n`` = its valid
-            features, halves rounded up), ranked by the map, ties by ``tiebreak`` (higher first) then by flat
-            index (lower first), so every map removes the same count; ``"threshold"`` - the papers' literal
-            rule, ``map > quantile`` (NumPy's linear percentile of the valid values): the count can fall short
-            of the nominal one where values tie (a binary ground-truth mask covering more than ``fraction``
-            of the image removes nothing). On tie-free maps the two differ by at most one feature.
-            ``"rank"`` is the default so anchors and methods compare at equal removed fractions.
+        quantile: instead of ``fraction``: the papers' "features above the q-th percentile" (M2IB / AdaIB:
+            ``quantile=0.75`` for pixels), in [0, 1], a float or ``[B]``: as many features as lie strictly above
+            NumPy's linear percentile of ``n`` distinct values, ``n - 1 - floor(q (n - 1))`` (1 of 3 tokens at
+            0.9, 1,024 of 4,096 pixels at 0.75).
+        ties: ``"rank"`` (default) - exactly that count per sample, ranked by the map, ties by ``tiebreak``
+            (higher first) then by flat index (lower first), so every map removes the same count;
+            ``"threshold"`` - the literal rule ``map > quantile`` (NumPy's linear percentile of the valid
+            values; with ``fraction``: of ``1 - fraction``): where values tie it can remove fewer (a binary
+            ground-truth mask covering more than a quarter of the image removes nothing at 0.75). With
+            ``quantile`` the two agree exactly on tie-free maps. ``"rank"`` is the default so anchors and
+            methods compare at equal removed counts.
         tiebreak: optional ``[B, ...]`` secondary key for ``ties="rank"`` (e.g. a random map drawn from the
             sample's seed, for random rather than index-order ties).
 
@@ -107,28 +110,34 @@ def top_fraction_mask(
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     b = maps.shape[0]
-    flat = maps.reshape(b, -1).double()  # [B, N]
+    flat = maps.reshape(b, -1)  # [B, N]
+    flat = flat if flat.is_floating_point() else flat.double()
     ok = ~torch.isnan(flat)
     if valid is not None:
         if valid.shape != maps.shape:
             raise ValueError(f"valid must have the maps' shape {tuple(maps.shape)}, got {tuple(valid.shape)}")
         ok = ok & valid.reshape(b, -1).to(flat.device)
-    frac = torch.as_tensor(1.0 - quantile if fraction is None else fraction, dtype=torch.float64,
-                           device=flat.device).expand(b)  # [B]
-    if bool(((frac < 0) | (frac > 1) | torch.isnan(frac)).any()):
-        raise ValueError(f"fraction must lie in [0, 1], got {frac.tolist()}")
+    given = torch.as_tensor(fraction if quantile is None else quantile, dtype=torch.float64,
+                            device=flat.device).expand(b)  # [B]
+    if bool(((given < 0) | (given > 1) | torch.isnan(given)).any()):
+        raise ValueError(f"{'fraction' if quantile is None else 'quantile'} must lie in [0, 1], got {given.tolist()}")
+    q = given if fraction is None else 1.0 - given
     if ties == "threshold":
-        t = _row_quantile(flat, ok, 1.0 - frac)  # [B]
+        t = _row_quantile(flat, ok, q)  # [B]
         return (ok & (flat > t[:, None])).view(maps.shape)
     n = ok.sum(1)  # [B]
-    k = torch.floor(frac * n + 0.5 + 1e-9)  # [B]: nearest, halves up (the epsilon: a product that rounds to just below .5)
+    if fraction is None:  # the tie-free count above the percentile (pos as in _row_quantile)
+        k = (n - 1 - torch.floor(q * (n - 1).clamp(min=0).double())).clamp(min=0)
+    else:  # nearest, halves up (the epsilon: a product that rounds to just below .5)
+        k = torch.floor(given * n + 0.5 + 1e-9)  # [B]
     order = torch.arange(flat.shape[1], device=flat.device).expand(b, -1)  # [B, N]
     if tiebreak is not None:
         if tiebreak.shape != maps.shape:
             raise ValueError(f"tiebreak must have the maps' shape {tuple(maps.shape)}, got {tuple(tiebreak.shape)}")
         order = _sort_by(order, tiebreak.reshape(b, -1).to(flat.device).double().nan_to_num(-torch.inf))
-    order = _sort_by(order, flat.nan_to_num(-torch.inf))
-    order = _sort_by(order, ok.to(torch.int8))  # valid features first: primary key
+    # valid features first: their values (-inf lifted to the lowest finite value) above every invalid one (-inf)
+    key = torch.where(ok, flat.clamp(min=torch.finfo(flat.dtype).min), torch.full_like(flat, -torch.inf))
+    order = _sort_by(order, key)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand(b, -1))
     return (ok & (rank < k[:, None])).view(maps.shape)
 
