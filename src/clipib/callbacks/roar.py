@@ -2,9 +2,10 @@
 
 Files in the run directory (``trainer.default_root_dir``)::
 
-    roar.json      {"method", "modality", "fraction", "fill", "split_seed", "seed", "val_loss", "val_i2t_top1",
+    roar.json      {"method", "modality", "fraction", "quantile", "fill", "split_seed", "seed", "val_loss", "val_i2t_top1",
                     "val_t2i_top1", "val_pairs", "epochs", "steps"[, "reference", "reference_loss", "score"]}
-    summary.json   eval's shape: {method: {"roar_<modality>@<fraction>": {"mean", "std", "n"}, "val_loss": ...}}
+    summary.json   eval's shape: {method: {"roar_plus_<modality>" | "roar_<modality>@<fraction>": {"mean", "std", "n"},
+                                           "val_loss": ...}}
 
 ``score = (L_c - L_o) / L_o`` (M2IB Sec. 4.4): ``L_c`` this run's final validation loss, ``L_o`` the reference
 run's (``ROARModule(reference=...)``). An interrupted fit writes nothing, so a sweep reruns (resumes) it.
@@ -36,8 +37,9 @@ def read_result(path: str | Path) -> Dict[str, Any]:
 
 
 def metric_name(modality: str, fraction: Optional[float]) -> str:
-    """The summary column of a ROAR score, e.g. ``roar_image@0.25``."""
-    return f"roar_{modality}@{fraction:g}" if fraction is not None else f"roar_{modality}"
+    """The summary column of a ROAR score: ``roar_plus_image`` at M2IB's percentile rule (``fraction`` None),
+    ``roar_image@0.3`` at a removal-curve fraction."""
+    return f"roar_{modality}@{fraction:g}" if fraction is not None else f"roar_plus_{modality}"
 
 
 class RoarScoreWriter(Callback):

@@ -30,7 +30,7 @@ from clipib.data.datamodule import _SourceDataModule
 from clipib.data.samplers import UnrepeatedDistributedSampler
 from clipib.data.sources.base import Source
 from clipib.removal import PAD_ID
-from clipib.roar.degraded import DEFAULT_FRACTION, MODALITIES, DegradedDataset
+from clipib.roar.degraded import DEFAULT_QUANTILE, MODALITIES, DegradedDataset
 
 
 class Positions(Dataset):
@@ -73,7 +73,7 @@ class RoarDataModule(_SourceDataModule):
         map_seed: the eval seed of the maps.
         modality, fraction, fill, blank_id, ties: :class:`~clipib.roar.degraded.DegradedDataset`'s
             (defaults: M2IB Sec. 4.4, image pixels above the 75th percentile → the image's channel mean;
-            tokens above the 50th → padding id 0).
+            tokens above the 50th → padding id 0; ``fraction`` set: that share, the removal curve).
         train_fraction, split_seed: the split (M2IB: 80 % fine-tuning, 20 % validation); ``split_seed`` also
             seeds the per-epoch shuffle of the training pairs.
         batch_size: global training batch (divided over the processes); ``eval_batch_size``: per process.
@@ -100,12 +100,12 @@ class RoarDataModule(_SourceDataModule):
 
     @property
     def info(self) -> Dict[str, Any]:
-        """What this run degrades: method, modality, fraction, fill, split sizes."""
-        fraction = self.fraction
-        if fraction is None and self.modality != "both":
-            fraction = DEFAULT_FRACTION[self.modality]
+        """What this run degrades: method, modality, fraction (None: M2IB's percentile rule, ``quantile``), fill,
+        split sizes."""
+        quantile = None if self.fraction is not None else DEFAULT_QUANTILE.get(self.modality)
         sizes = {k: len(v) for k, v in self.splits.items()}  # type: ignore[arg-type]
-        return {"method": self.method, "modality": self.modality, "fraction": fraction, "fill": self.fill,
+        return {"method": self.method, "modality": self.modality, "fraction": self.fraction, "quantile": quantile,
+                "fill": self.fill,
                 "blank_id": self.blank_id, "split_seed": self.split_seed, **{f"{k}_pairs": n for k, n in sizes.items()}}
 
     def _build(self) -> None:

@@ -6,7 +6,7 @@ curve (InputIBA App. D.4) is the grid over fractions 0.1 ... 0.9. Layout of ``ou
     maps/                        the eval run whose stored maps degrade the pairs (made first with maps_config)
     reference/r{r}/              repeat r on undegraded pairs: roar.json (L_o), checkpoints/, config.yaml, TensorBoard
     <method>/f{fraction}/r{r}/   one degraded run: roar.json (L_c, score), ...
-    summary.json, summary.md     {method: {"roar_<modality>@<fraction>": {"mean", "std", "sem", "n"}}}
+    summary.json, summary.md     {method: {"roar_plus_<modality>" | "roar_<modality>@<fraction>": {"mean", "std", "sem", "n"}}}
     curve.png, tensorboard/      the score against the fraction, one line per method (``oracle``, ``random`` anchors)
 
 Resume: a point whose ``roar.json`` exists is never rerun; a point with a ``checkpoints/last.ckpt`` continues
