@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -52,7 +53,9 @@ def fit_point(configs: Sequence[str], run: Path, overrides: Sequence[str]) -> No
     args = ["fit"] + [a for c in configs for a in ("-c", str(c))] + ["--trainer.default_root_dir", str(run), *overrides]
     if (run / "checkpoints" / "last.ckpt").is_file():
         args += ["--ckpt_path", "last"]
-    train_cli(args)
+    with warnings.catch_warnings():  # the sweep's own command line is not the run's: intended
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        train_cli(args)
 
 
 def make_maps(maps_config: str, maps: Path, extra: Sequence[str] = ()) -> None:
