@@ -1,7 +1,7 @@
-"""The ``clipib`` console script (also ``python -m clipib``): ``explain`` and ``bench``.
+"""The ``clipib`` console script (also ``python -m clipib``): ``explain``, ``bench`` and ``roar``.
 
 Every failure on bad input is one line on stderr (``clipib: error: ...``) and exit code 2. The benchmark code
-(:mod:`clipib.bench`) is imported only by the ``bench`` command.
+(:mod:`clipib.bench`) is imported only by the ``bench`` command, the ROAR sweep (:mod:`clipib.roar.sweep`) only by ``roar``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,35 @@ def _parser(bench_options: bool = True) -> argparse.ArgumentParser:
         from clipib.bench.throughput import add_arguments
 
         add_arguments(bench)
+    roar = sub.add_parser("roar", help="run / resume a ROAR grid: ROAR+ repeats or the removal curve (docs/roar.md)")
+    roar.add_argument("-c", "--config", action="append", required=True, help="train.py config(s) of one run")
+    roar.add_argument("--out", required=True, help="sweep folder (resumed when it exists)")
+    roar.add_argument("--methods", nargs="+", default=["oracle", "random", "m2ib"], help="methods with stored maps")
+    roar.add_argument("--fractions", nargs="*", type=float, default=None,
+                      help="removal fractions (e.g. 0.1 ... 0.9 for the curve); default: the modality's (ROAR+)")
+    roar.add_argument("--curve", action="store_true", help="the removal curve: fractions 0.1 ... 0.9")
+    roar.add_argument("--repeats", type=int, default=5, help="runs per point, seeds seed .. seed+repeats-1")
+    roar.add_argument("--seed", type=int, default=0)
+    roar.add_argument("--maps", default=None, help="eval run holding the maps (default OUT/maps)")
+    roar.add_argument("--maps-config", default=None, help="eval config that makes the maps first when missing")
+    roar.add_argument("overrides", nargs="*", help="train.py overrides for every run, after --, e.g. -- --trainer.max_epochs 1")
     return parser
+
+
+def _run_roar(args: argparse.Namespace) -> None:
+    from clipib.roar.sweep import CURVE_FRACTIONS, run_sweep
+
+    for c in args.config + ([args.maps_config] if args.maps_config else []):
+        if not Path(c).is_file():
+            raise InputError(f"config {c} does not exist")
+    if args.curve and args.fractions:
+        raise InputError("give --curve or --fractions, not both")
+    fractions = list(CURVE_FRACTIONS) if args.curve else (args.fractions or [None])
+    if any(f is not None and not 0.0 < f < 1.0 for f in fractions):
+        raise InputError(f"fractions must lie in (0, 1), got {fractions}")
+    run_sweep(args.config, Path(args.out), args.methods, fractions, args.repeats, args.seed,
+              Path(args.maps) if args.maps else None, args.maps_config, args.overrides)
+    print((Path(args.out) / "summary.md").read_text())
 
 
 def _run_explain(args: argparse.Namespace) -> None:
@@ -78,7 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser(bench_options=argv[:1] == ["bench"]).parse_args(argv)
     warnings.simplefilter("default")
     try:
-        {"explain": _run_explain, "bench": _run_bench}[args.command](args)
+        {"explain": _run_explain, "bench": _run_bench, "roar": _run_roar}[args.command](args)
     except (InputError, ModelLoadError, UnsupportedModelError) as err:
         print(f"clipib: error: {err}", file=sys.stderr)
         return 2

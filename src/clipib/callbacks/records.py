@@ -121,6 +121,60 @@ def read_store(path: Path) -> Iterator[Dict[str, Any]]:
         return  # the member being read was cut short: not yielded
 
 
+MapEntry = Dict[str, tuple]
+"""Where one sample's stored maps lie: ``{"image" | "text": (tar path, byte offset, byte size)}``."""
+
+
+def index_store(run_dir: Path, method: str, seed: int = 0) -> Dict[str, MapEntry]:
+    """Index the stored maps of ``method`` / ``seed`` by sample key, without reading any array.
+
+    Member names are :func:`store_id` of (method, seed, key), so only the tar headers are read; a map counts
+    only when its attempt's record file holds its record, and the first such attempt wins (the rules of
+    :func:`iter_attributions`). Read one entry with :func:`read_map`. Raises ``FileNotFoundError`` when the
+    run has no attribution store.
+    """
+    run_dir = Path(run_dir)
+    tars = sorted((run_dir / "attributions").glob("rank*-*.tar"))
+    if not tars:
+        raise FileNotFoundError(f"{run_dir} holds no attribution store (attributions/rank*-*.tar): run eval.py "
+                                "with records.store_maps true there first")
+    index: Dict[str, MapEntry] = {}
+    for path in tars:
+        wanted = {store_id(m, s, k): k for k, m, s in _record_ids(run_dir / "records" / f"{path.stem}.jsonl")
+                  if m == method and s == seed}
+        found: Dict[str, MapEntry] = {}
+        for name, offset, size in _tar_members(path):
+            ident, _, field = name.partition(".")
+            key = wanted.get(ident)
+            if key is not None and key not in index and field in ("image.npy", "text.npy"):
+                found.setdefault(key, {})[field.split(".")[0]] = (str(path), offset, size)
+        index.update(found)
+    return index
+
+
+def _tar_members(path: Path) -> Iterator[tuple]:
+    """``(name, data offset, size)`` of each complete member of a tar (a truncated tail ends the list)."""
+    try:
+        total = path.stat().st_size
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if info.isfile() and info.offset_data + info.size <= total:
+                    yield info.name, info.offset_data, info.size
+    except (tarfile.ReadError, EOFError, OSError):
+        return
+
+
+def read_map(where: tuple) -> np.ndarray:
+    """The array at ``(tar path, offset, size)`` of :func:`index_store` (``.npy``, ``allow_pickle=False``)."""
+    path, offset, size = where
+    with open(path, "rb") as stream:
+        stream.seek(offset)
+        data = stream.read(size)
+    if len(data) != size:
+        raise OSError(f"{path}: map at byte {offset} is cut short")
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def _decode_sample(raw: Dict[str, Any]) -> Dict[str, Any]:
     sample: Dict[str, Any] = {"image": None, "text": None}
     for name, data in raw.items():

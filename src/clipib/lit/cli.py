@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from jsonargparse import Namespace
+from lightning import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from clipib.callbacks.records import RecordWriter
@@ -78,3 +80,27 @@ def eval_cli(**kwargs) -> LightningCLI:
         AttributionModule, EvalDataModule, subclass_mode_data=True, save_config_callback=RunConfigSaver,
         trainer_defaults=EVAL_TRAINER_DEFAULTS, seed_everything_default=0, **kwargs,
     )
+
+
+class TrainCLI(LightningCLI):
+    """``train.py``: any LightningModule / DataModule by ``class_path``; the resolved config saved as
+    ``<default_root_dir>/config.yaml``; unless checkpointing is off or a ``ModelCheckpoint`` is configured, the
+    last checkpoint is kept in ``<default_root_dir>/checkpoints/last.ckpt`` (one place for every attempt, so
+    ``--ckpt_path last`` resumes an interrupted run)."""
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with the default last-checkpoint callback."""
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        if config.get("enable_checkpointing") is not False and not any(isinstance(c, ModelCheckpoint) for c in listed):
+            root = Path(config.get("default_root_dir") or ".")
+            extra.append(ModelCheckpoint(dirpath=root / "checkpoints", save_last="link"))  # last.ckpt: a link to the newest
+        return self._instantiate_trainer(config, extra)
+
+
+def train_cli(args: list[str] | None = None, **kwargs) -> LightningCLI:
+    """The ``train.py`` command line: ``python train.py fit -c configs/<train|roar>/<name>.yaml``."""
+    return TrainCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    save_config_callback=RunConfigSaver, args=args, **kwargs)

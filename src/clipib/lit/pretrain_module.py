@@ -65,6 +65,20 @@ def group_retrieval_top1(image_emb: torch.Tensor, text_emb: torch.Tensor, presen
     return t2i, i2t
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """open_clip's schedule, stepped per batch: linear warm-up over ``warmup_steps`` then cosine decay to 0 at
+    ``total_steps``."""
+    total = max(total_steps, 1)
+    warm = min(warmup_steps, total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class ContrastivePretrainModule(LightningModule):
     """Train an open_clip CLIP from scratch with open_clip's ``ClipLoss`` on batches of (image, ids).
 
@@ -151,13 +165,5 @@ class ContrastivePretrainModule(LightningModule):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warm = min(hp.warmup_steps, total)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = warmup_cosine(opt, hp.warmup_steps, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
