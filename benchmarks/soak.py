@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import psutil
 
@@ -77,24 +77,36 @@ def sample(cmd: List[str], run: Path, every: float, env: dict) -> Tuple[List[Tup
 
 
 def reading(rows: List[Tuple[float, float, int]], pairs: int) -> dict:
-    """RSS after warm-up (10 % of the pairs), at the end, the maximum, and the slope over the second half."""
-    warm = next((r for r in rows if r[2] >= pairs // 10), rows[0])
-    half = [r for r in rows if r[2] >= pairs // 2] or rows[-2:]
+    """RSS after warm-up (10 % of the pairs), at the last sample of the loop, the slope of the loop's second half
+    (MiB per 1000 pairs), and the end of the run (summary, TensorBoard histograms: they read every record)."""
+    loop = [r for r in rows if r[2] < pairs] or rows
+    warm = next((r for r in loop if r[2] >= pairs // 10), loop[0])
+    half = [r for r in loop if r[2] >= pairs // 2] or loop[-2:]
     slope = (half[-1][1] - half[0][1]) / max(half[-1][2] - half[0][2], 1) * 1000
     return {"pairs": pairs, "seconds": round(rows[-1][0], 1), "rss_warm_mib": round(warm[1], 1),
-            "rss_end_mib": round(rows[-1][1], 1), "rss_max_mib": round(max(r[1] for r in rows), 1),
-            "mib_per_1000_pairs_second_half": round(slope, 3)}
+            "rss_loop_end_mib": round(loop[-1][1], 1), "rss_max_mib": round(max(r[1] for r in rows), 1),
+            "loop_mib_per_1000_pairs_second_half": round(slope, 3)}
 
 
-def plot(rows: List[Tuple[float, float, int]], path: Path, title: str) -> None:
-    """RSS against pairs done (and time on a second axis label)."""
+def read_csv(path: Path) -> List[Tuple[float, float, int]]:
+    """The rows of an ``rss.csv``."""
+    lines = path.read_text().splitlines()[1:]
+    return [(float(t), float(m), int(n)) for t, m, n in (line.split(",") for line in lines)]
+
+
+def plot(rows: List[Tuple[float, float, int]], path: Path, title: str,
+         compare: Optional[Tuple[str, List[Tuple[float, float, int]]]] = None) -> None:
+    """RSS against records written; ``compare`` = (label, rows) of an earlier run drawn dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
-    ax.plot([r[2] for r in rows], [r[1] for r in rows], lw=1.2)
+    ax.plot([r[2] for r in rows], [r[1] for r in rows], lw=1.2, label="this run")
+    if compare:
+        ax.plot([r[2] for r in compare[1]], [r[1] for r in compare[1]], "--", lw=1.0, label=compare[0])
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_xlabel("records written (pairs)")
     ax.set_ylabel("RSS of eval.py (MiB)")
     ax.set_ylim(0, max(r[1] for r in rows) * 1.15)
@@ -113,6 +125,8 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=1.0, help="seconds between RSS samples")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the eval process")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "soak")
+    parser.add_argument("--compare", type=Path, default=None, help="an earlier rss.csv to draw dashed")
+    parser.add_argument("--compare-label", default="earlier run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     run = args.out / "run"
@@ -129,7 +143,8 @@ def main() -> None:
     result = reading(rows, args.pairs)
     (args.out / "soak.json").write_text(json.dumps(result, indent=2))
     plot(rows, args.out / "rss.png", f"eval.py, {args.method}, tiny model, {args.pairs} generated pairs, "
-                                      f"{result['seconds']:.0f} s")
+                                      f"{result['seconds']:.0f} s",
+         (args.compare_label, read_csv(args.compare)) if args.compare else None)
     print(json.dumps(result, indent=2))
 
 
