@@ -102,14 +102,23 @@ def plot(rows: List[Tuple[float, float, int]], path: Path, title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def steady(rs: List[Tuple[float, float, int]]) -> List[Tuple[float, float, int]]:
+        """Samples once the model is loaded (the first record written) and before the process exits."""
+        peak = max(r[1] for r in rs)
+        return [r for r in rs if r[2] > 0 and r[1] > 0.5 * peak]
+
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
-    ax.plot([r[2] for r in rows], [r[1] for r in rows], lw=1.2, label="this run")
+    shown = steady(rows)
+    ax.plot([r[2] for r in shown], [r[1] for r in shown], lw=1.2, label="this run")
     if compare:
-        ax.plot([r[2] for r in compare[1]], [r[1] for r in compare[1]], "--", lw=1.0, label=compare[0])
-        ax.legend(fontsize=8, loc="lower right")
-    ax.set_xlabel("records written (pairs)")
+        other = steady(compare[1])
+        ax.plot([r[2] for r in other], [r[1] for r in other], "--", lw=1.0, label=compare[0])
+        ax.legend(fontsize=8, loc="upper left")
+        shown = shown + other
+    ax.set_xlabel("records written (pairs); the last point is the end of the run (summary, TensorBoard)")
     ax.set_ylabel("RSS of eval.py (MiB)")
-    ax.set_ylim(0, max(r[1] for r in rows) * 1.15)
+    lo, hi = min(r[1] for r in shown), max(r[1] for r in shown)
+    ax.set_ylim(lo - 0.1 * (hi - lo) - 5, hi + 0.1 * (hi - lo) + 5)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()

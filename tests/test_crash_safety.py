@@ -161,3 +161,22 @@ def test_summary_is_replaced_atomically(tmp_path, monkeypatch):
         write_summary(tmp_path, {"m": {"cos": {"mean": 2.0, "std": 0.0, "n": 2}}}, {})
     assert (tmp_path / "summary.json").read_text() == before  # the old summary, whole
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_store_writer_forgets_written_members(tmp_path):
+    """tarfile keeps a TarInfo per member written (a leak over millions of pairs): _flush_tar drops them once the
+    members are on disk, and the tar stays readable."""
+    import numpy as np
+    import webdataset as wds
+
+    from clipib.callbacks.records import _flush_tar, read_store
+
+    writer = wds.TarWriter(str(tmp_path / "s.tar"), mtime=0.0)
+    for i in range(5):
+        writer.write({"__key__": f"m-0-{i}", "json": {"key": str(i), "method": "m", "seed": 0},
+                      "image.npy": np.full((4, 4), i, dtype=np.float16)})
+        _flush_tar(writer)
+        assert writer.tarstream.members == []
+    writer.close()
+    got = list(read_store(tmp_path / "s.tar"))
+    assert [s["key"] for s in got] == [str(i) for i in range(5)] and float(got[3]["image"][0, 0]) == 3.0
