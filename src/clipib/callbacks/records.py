@@ -256,9 +256,15 @@ class RecordWriter(Callback):
         self._finish(trainer, pl_module)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Write the summary of a run with nothing left to compute (Lightning then skips the test epoch): a run
-        killed after its last record but before its summary was whole gets the summary on the next attempt."""
-        if stage == "test" and not self._summarised and not self._failed and trainer.world_size == 1:
+        """Finish a process that had nothing left to compute (Lightning then skips its test epoch).
+
+        A run killed after its last record but before its summary was whole gets the summary on the next attempt;
+        under DDP, a rank left without pairs by a resume (fewer unfinished pairs than processes) still joins the
+        metric sync and the barrier the other ranks wait in (metrics cache their computed value, so the ranks'
+        later ``summary()`` calls do not sync again).
+        """
+        if stage == "test" and not self._summarised and not self._failed:
+            pl_module.to(trainer.strategy.root_device)  # the strategy's teardown moved it to the CPU
             self._finish(trainer, pl_module)
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
