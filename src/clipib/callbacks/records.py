@@ -258,10 +258,8 @@ class RecordWriter(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Finish a process that had nothing left to compute (Lightning then skips its test epoch).
 
-        A run killed after its last record but before its summary was whole gets the summary on the next attempt;
-        under DDP, a rank left without pairs by a resume (fewer unfinished pairs than processes) still joins the
-        metric sync and the barrier the other ranks wait in (metrics cache their computed value, so the ranks'
-        later ``summary()`` calls do not sync again).
+        A run killed after its last record but before its summary was whole gets the summary on the next attempt,
+        on any number of processes: with nothing left every rank skips the epoch, and all of them sync here.
         """
         if stage == "test" and not self._summarised and not self._failed:
             pl_module.to(trainer.strategy.root_device)  # the strategy's teardown moved it to the CPU
