@@ -34,6 +34,8 @@ Scores = Tuple[Tensor, Scalars]
 class Attribution:
     """Attribution maps of a batch of image-text pairs.
 
+    Maps of a pair with no defined score (a zero-norm clean embedding) or with non-finite raw scores are NaN.
+
     Attributes:
         image: ``[B, H, W]`` in [0, 1] at input resolution (min-max per sample), or None.
         image_grid: ``[B, gh, gw]`` raw scores on the patch grid, method units, sign kept, or None.
