@@ -45,18 +45,23 @@ def _eval(config: Path, *extra: str, fault: str = "") -> subprocess.CompletedPro
                           capture_output=True, text=True, env=env, cwd=ROOT)
 
 
+def _is_method(entry) -> bool:
+    """A method's entry of summary.json (``{value: {"mean", ...}}``), not a run-level key (``skipped``, ...)."""
+    return isinstance(entry, dict) and all(isinstance(v, dict) and "mean" in v for v in entry.values())
+
+
 def _summary(run: Path) -> dict:
     """summary.json without the timing fields."""
     data = json.loads((run / "summary.json").read_text())
-    return {m: ({k: v for k, v in vals.items() if k not in TIMING} if m != "skipped" else vals)
+    return {m: {k: v for k, v in vals.items() if k not in TIMING} if _is_method(vals) else vals
             for m, vals in data.items()}
 
 
 def _same_summary(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for method in a:
-        if method == "skipped":
-            assert a[method] == b[method]
+        if not _is_method(a[method]):
+            assert a[method] == b[method], method
             continue
         assert a[method].keys() == b[method].keys()
         for name in a[method]:  # float64 sums taken in another order: equal to rounding

@@ -73,7 +73,20 @@ def _degenerate(attr: Attribution, span: torch.Tensor) -> Attribution:
     return Attribution(image=image, image_grid=grid, text=text, text_raw=raw, scalars=attr.scalars)
 
 
-@pytest.mark.parametrize("name", sorted(ALL))
+def _per_pair(name: str) -> bool:
+    metric = METRICS[name]()  # some metrics name their values in __init__
+    return bool(metric.value_names("image") + metric.value_names("text"))
+
+
+PER_PAIR = sorted(name for name in METRICS if _per_pair(name))
+"""Every registered metric with per-pair values (a dataset-level metric declares none and writes no records)."""
+
+
+def test_every_per_pair_metric_is_covered():
+    assert set(PER_PAIR) <= set(ALL), "add the new metric's test settings to ALL"
+
+
+@pytest.mark.parametrize("name", PER_PAIR)
 def test_every_metric_on_blank_and_nan_maps(name, tiny_clip, batch):
     """Blank map: NaN (or the metric's declared value); NaN map: NaN; other pairs: unchanged; counted."""
     method = METHODS["saliency"](tiny_clip)
