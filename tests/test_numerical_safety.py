@@ -312,8 +312,8 @@ def test_kernels_accept_half_precision_maps(dtype):
         assert torch.allclose(fn(maps.to(dtype)).double(), fn(maps).double(), equal_nan=True), fn.__name__
 
 
-def test_explain_refuses_a_nan_tensor(tiny_clip):
-    """The public one-pair entry refuses NaN pixels with the same clear error."""
+def test_all_nan_image_is_refused_before_any_pass(tiny_clip):
+    """An all-NaN image is refused with the same clear error (M2IB: nothing is optimised)."""
     images = torch.full((1, 3, *tiny_clip.image_size), math.nan)
     with pytest.raises(ValueError, match="NaN or inf"):
         clipib.METHODS["m2ib"](tiny_clip, steps=1, copies=1).attribute(images, tiny_clip.tokenize(["a dog"]))
