@@ -5,13 +5,15 @@ Writes ``<trainer.default_root_dir>/``: per-sample records (one file per rank, w
 Re-running the same command resumes where it stopped. See README.md and docs/eval.md.
 """
 
-from clipib.lit.cli import eval_cli
+import sys
+
+from clipib.lit.cli import run_eval
 
 
-def main() -> None:
-    """Run the LightningCLI."""
-    eval_cli()
+def main() -> int:
+    """Run the LightningCLI; a full disk or a permission error is one line and exit code 1."""
+    return run_eval()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clipib.attribution.common import unit_rows
 from clipib.attribution.precision import precision_context
 from clipib.models.passes import PassCache, active_cache
 from clipib.models.split import SplitCLIP, Tower
@@ -34,6 +35,8 @@ Scores = Tuple[Tensor, Scalars]
 @dataclass
 class Attribution:
     """Attribution maps of a batch of image-text pairs.
+
+    Maps of a pair with no defined score (a zero-norm clean embedding) or with non-finite raw scores are NaN.
 
     Attributes:
         image: ``[B, H, W]`` in [0, 1] at input resolution (min-max per sample), or None.
@@ -94,15 +97,18 @@ class Inputs:
 def minmax(x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     """Min-max normalise each row of ``x`` ``[B, ...]`` to [0, 1] over ``valid`` entries (0 elsewhere).
 
-    A constant row maps to 0.
+    A constant row maps to 0 (metrics read it as undefined: docs/metrics.md). A row with a NaN or inf among
+    its valid entries maps to NaN entirely: undefined, never a plausible-looking map.
     """
     flat = x.flatten(1)
     ok = torch.ones_like(flat, dtype=torch.bool) if valid is None else valid.flatten(1)
+    broken = (~torch.isfinite(flat) & ok).any(1, keepdim=True)  # [B, 1]
+    flat = flat.masked_fill(broken, 0)
     lo = flat.masked_fill(~ok, math.inf).amin(1, keepdim=True)
     hi = flat.masked_fill(~ok, -math.inf).amax(1, keepdim=True)
     span = hi - lo
     out = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(flat))
-    return out.masked_fill(~ok, 0).view_as(x)
+    return out.masked_fill(~ok, 0).masked_fill(broken, math.nan).view_as(x)
 
 
 def scaled_layer(paper_layer: int, paper_depth: int, n_layers: int) -> int:
@@ -257,7 +263,7 @@ class Attributor:
                 with torch.enable_grad(), precision_context(self.precision, images.device):
                     text, extra = self.text_scores(images, ids, e_img, gens)
                 scalars.update(extra)
-        return to_maps(self.clip, ids, image=image, text=text, scalars=scalars)
+        return undefined_pairs(to_maps(self.clip, ids, image=image, text=text, scalars=scalars), e_img, e_txt)
 
     def pass_cache(self) -> Union[PassCache, "contextlib.nullcontext[None]"]:
         """The :class:`~clipib.models.passes.PassCache` of one ``attribute`` call, or nothing when one is active
@@ -283,6 +289,21 @@ class Attributor:
         overrides it.
         """
         return self.attribute(batch["image"], batch["ids"], modality, seeds)
+
+
+def undefined_pairs(attr: Attribution, e_img: Tensor, e_txt: Tensor) -> Attribution:
+    """``attr`` with every map of a pair whose clean image or text embedding is zero or not finite set to NaN.
+
+    Such a pair has no defined cosine, so nothing can be attributed to it: its maps are NaN (metrics count it as
+    skipped) rather than the constant map a zero target would silently give.
+    """
+    bad = ~(unit_rows(e_img) & unit_rows(e_txt))  # [B]
+    if bad.any():
+        for name in ("image", "image_grid", "text", "text_raw"):
+            t = getattr(attr, name)
+            if t is not None:
+                setattr(attr, name, t.masked_fill(bad.to(t.device).view(-1, *([1] * (t.ndim - 1))), math.nan))
+    return attr
 
 
 def check_inputs(images: Any, ids: Any, clip: SplitCLIP) -> None:
@@ -313,6 +334,10 @@ def check_inputs(images: Any, ids: Any, clip: SplitCLIP) -> None:
     for what, t in (("images", images), ("ids", ids)):
         if t.device != clip.device:
             raise ValueError(f"{what} are on {t.device}, the model on {clip.device} (use .to(clip.device))")
+    finite = torch.isfinite(images.detach()).flatten(1).all(1)  # [B]
+    if not finite.all():
+        raise ValueError(f"images contain NaN or inf (pairs {(~finite).nonzero().flatten().tolist()[:8]}): "
+                         "refusing to explain them")
 
 
 def to_maps(clip: SplitCLIP, ids: Tensor, image: Optional[Tensor] = None, text: Optional[Tensor] = None,

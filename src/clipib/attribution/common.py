@@ -58,6 +58,19 @@ def cosine(emb: Tensor, target: Tensor) -> Tensor:
     return (emb * target).sum(-1)
 
 
+def unit_rows(emb: Tensor) -> Tensor:
+    """``[N]`` bool: the rows of ``emb`` ``[N, E]`` that are finite unit vectors.
+
+    A tower's embedding is L2-normalised, so it is one unless the tower's output was the zero vector
+    (``F.normalize`` then returns zero) or not finite: a pair with such an embedding has no defined cosine.
+
+    >>> unit_rows(torch.tensor([[0.6, 0.8], [0.0, 0.0], [float("nan"), 0.0]]))
+    tensor([ True, False, False])
+    """
+    norm = emb.detach().float().norm(dim=-1)
+    return torch.isfinite(norm) & (norm > 0.5)
+
+
 def patch_feature_mask(clip: SplitCLIP, device: torch.device) -> Tensor:
     """``[1, 1, H, W]`` long: the index ``row * gw + col`` of the patch each pixel belongs to."""
     (h, w), (gh, gw) = clip.image_size, clip.grid

@@ -11,18 +11,26 @@ Layout of a run directory (``trainer.default_root_dir`` unless ``out_dir`` is gi
 The callback writes and reads files only; the numbers come from the LightningModule's public API. Re-running
 the same command resumes: at ``setup`` the keys with a record for every (method, seed) are handed to the data
 (``datamodule.exclude(keys)``: never decoded again) and their records to the module (``pl_module.resume``,
-rank 0), so the summary equals an uninterrupted run's. Each attempt writes new files (a killed run may leave a
-truncated last line or tar member; readers skip them). When a key appears in several attempts, the last record
+rank 0), so the summary equals an uninterrupted run's. When a key appears in several attempts, the last record
 of each (key, method, seed) wins. Nothing read here is ever unpickled (JSON, and ``.npy`` with
 ``allow_pickle=False``).
+
+Crash safety (docs/guarantees.md): each attempt appends to new files; a record counts only once its line ends
+with a newline (a line torn by a kill is dropped, even if it happens to parse); the batch's maps are flushed and
+synced before its records are written, and a map counts only once its record does, so a torn last tar member is
+never read; ``summary.json`` / ``summary.md`` are replaced atomically (temp file + rename). A process killed at
+any instant therefore resumes to the same records and summary, with no record lost or counted twice.
+:data:`FAULT_ENV` injects a kill or a write error at a chosen write, for the tests.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import signal
 import tarfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Set
@@ -34,12 +42,48 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 
 def _json_lines(path: Path) -> Iterator[Dict[str, Any]]:
-    """The complete JSON lines of one records file (a line cut short by a kill is skipped)."""
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    """The complete JSON lines of one records file, streamed (memory independent of the file's length).
+
+    A line counts only when it ends with a newline: the torn last line a kill can leave is dropped even when
+    its beginning parses (the newline is written last). Lines that are not JSON objects are skipped.
+    """
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                return  # torn by a kill (only the last line can be)
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(row, dict):
+                yield row
+
+
+FAULT_ENV = "CLIPIB_FAULT"
+"""Test hook, read at each write: ``<point>:<n>:<action>`` makes the ``n``-th (1-based) write at ``point``
+(``record``: a batch's records; ``store``: a batch's maps; ``summary``: ``summary.json``) write half its bytes,
+sync them, then ``kill`` the process (SIGKILL) or raise ``enospc`` / ``eacces`` (as a full disk or a read-only
+directory would). Unset in normal runs."""
+
+_fault_counts: Dict[str, int] = {}
+
+
+def _write(stream: Any, data: bytes, point: str) -> None:
+    """``stream.write(data)``, unless :data:`FAULT_ENV` asks for a fault at this write."""
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if len(spec) == 3 and spec[0] == point:
+        _fault_counts[point] = _fault_counts.get(point, 0) + 1
+        if _fault_counts[point] == int(spec[1]):
+            stream.write(data[: len(data) // 2])
+            stream.flush()
+            os.fsync(stream.fileno())
+            if spec[2] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            code = {"enospc": errno.ENOSPC, "eacces": errno.EACCES}[spec[2]]
+            raise OSError(code, os.strerror(code), getattr(stream, "name", None))
+    stream.write(data)
 
 
 NOT_VALUES = frozenset({"key", "method", "seed", "matched", "caption_truncated", "run_seeds"})
@@ -201,6 +245,7 @@ class RecordWriter(Callback):
         self._records = None
         self._tar: Optional[wds.TarWriter] = None
         self.resumed = 0
+        self._summarised = self._failed = False
 
     def run_dir(self, trainer: Trainer) -> Path:
         """The run directory."""
@@ -209,6 +254,7 @@ class RecordWriter(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Resume what earlier attempts finished and open this attempt's files."""
         run = self.run_dir(trainer)
+        self._summarised = self._failed = False
         records = read_records(run)
         done = finished_keys(records, list(pl_module.methods), pl_module.seeds)
         if done:
@@ -226,9 +272,9 @@ class RecordWriter(Callback):
         for sub in ("records", "attributions"):
             (run / sub).mkdir(parents=True, exist_ok=True)
         name = f"rank{trainer.global_rank}-{attempt:03d}"
-        self._records = open(run / "records" / f"{name}.jsonl", "a")
+        self._records = open(run / "records" / f"{name}.jsonl", "ab")
         if self.store_maps:
-            self._tar = wds.TarWriter(str(run / "attributions" / f"{name}.tar"))
+            self._tar = wds.TarWriter(str(run / "attributions" / f"{name}.tar"), mtime=0.0)  # reproducible bytes
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         """Write the batch's maps, then its records and skips (flushed and synced to disk)."""
@@ -236,12 +282,11 @@ class RecordWriter(Callback):
             return
         if self._tar is not None and outputs["batch"] is not None:
             self._write_maps(outputs)
-        for r in outputs["records"]:
-            self._records.write(json.dumps(r) + "\n")
-        for s in outputs.get("skipped", []):
-            self._records.write(json.dumps({"key": s["key"], "skipped": s["reason"]}) + "\n")
-        self._records.flush()
-        os.fsync(self._records.fileno())
+        rows = list(outputs["records"]) + [{"key": s["key"], "skipped": s["reason"]} for s in outputs.get("skipped", [])]
+        if rows:
+            _write(self._records, "".join(json.dumps(r) + "\n" for r in rows).encode(), "record")
+            self._records.flush()
+            os.fsync(self._records.fileno())
 
     def _write_maps(self, outputs: Dict[str, Any]) -> None:
         for (method, seed), attr in outputs["maps"].items():
@@ -255,14 +300,40 @@ class RecordWriter(Callback):
                 self._tar.write(sample)
         _flush_tar(self._tar)
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Close this attempt's files so what was written stays readable (a failing close is ignored)."""
+        self._failed = True
+        for f in (self._records, self._tar):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        self._records = self._tar = None
+
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Close this attempt's files; rank 0 writes ``summary.json`` / ``summary.md`` and prints the table."""
+        self._finish(trainer, pl_module)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Finish a process that had nothing left to compute (Lightning then skips its test epoch).
+
+        A run killed after its last record but before its summary was whole gets the summary on the next attempt,
+        on any number of processes: with nothing left every rank skips the epoch, and all of them sync here.
+        """
+        if stage == "test" and not self._summarised and not self._failed:
+            pl_module.to(trainer.strategy.root_device)  # the strategy's teardown moved it to the CPU
+            self._finish(trainer, pl_module)
+
+    def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
         summary = pl_module.summary()  # every process: the metrics sync here
         stages = pl_module.stage_times() if hasattr(pl_module, "stage_times") else None  # every process too
         if self._records is not None:
             self._records.close()
         if self._tar is not None:
             self._tar.close()
+        self._records = self._tar = None
+        self._summarised = True
         trainer.strategy.barrier()
         if trainer.global_rank == 0:
             run = self.run_dir(trainer)
@@ -301,10 +372,11 @@ def _flush_tar(writer: wds.TarWriter) -> None:
     """
     stream = writer.tarstream.fileobj  # the stream-mode block buffer over our file
     if stream.buf:
-        stream.fileobj.write(stream.buf)
-        stream.buf = b""
+        buf, stream.buf = stream.buf, b""
+        _write(stream.fileobj, buf, "store")
     writer.stream.flush()
     os.fsync(writer.stream.fileno())
+    writer.tarstream.members.clear()  # tarfile keeps a TarInfo per member written: ~1 KiB a pair, a leak at scale
 
 
 DATA_KEYS = ("std_over", "skipped", "truncated_captions", "stages")
@@ -333,9 +405,23 @@ def data_summary(run_dir: Path) -> Dict[str, Any]:
 
 
 def write_summary(run_dir: Path, summary: Dict[str, Dict[str, Dict[str, float]]], extra: Dict[str, Any]) -> None:
-    """``summary.json`` and a markdown table ``summary.md`` (mean ± std, n)."""
-    (run_dir / "summary.json").write_text(json.dumps({**summary, **extra}, indent=2))
-    (run_dir / "summary.md").write_text(summary_table(summary, extra))
+    """``summary.json`` and a markdown table ``summary.md`` (mean ± std, n), each replaced atomically."""
+    _replace(run_dir / "summary.json", json.dumps({**summary, **extra}, indent=2), "summary")
+    _replace(run_dir / "summary.md", summary_table(summary, extra), "summary_md")
+
+
+def _replace(path: Path, text: str, point: str) -> None:
+    """Write ``path`` through a synced temp file and a rename: a reader sees the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            _write(f, text.encode(), point)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def summary_table(summary: Dict[str, Dict[str, Dict[str, float]]], extra: Optional[Dict[str, Any]] = None) -> str:

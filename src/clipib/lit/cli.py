@@ -9,7 +9,10 @@ are always there.
 
 from __future__ import annotations
 
+import errno
+import sys
 from pathlib import Path
+from typing import List, Optional
 
 from jsonargparse import Namespace
 from lightning import LightningDataModule, LightningModule
@@ -18,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from clipib.callbacks.records import RecordWriter
 from clipib.callbacks.tensorboard import TensorBoardViews
+from clipib.models.loading import ModelLoadError
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -104,3 +108,30 @@ def train_cli(args: list[str] | None = None, **kwargs) -> LightningCLI:
     """The ``train.py`` command line: ``python train.py fit -c configs/<train|roar>/<name>.yaml``."""
     return TrainCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                     save_config_callback=RunConfigSaver, args=args, **kwargs)
+
+
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+"""Errors of the disk rather than of the code: a full disk or quota, a directory the job may not write."""
+
+
+def run_eval(args: Optional[List[str]] = None) -> int:
+    """Run :func:`eval_cli`; a full disk or a permission error is one line on stderr and exit code 1, a model
+    that cannot be loaded (missing or refused checkpoint, unsplittable tower) one line and exit code 2.
+
+    What was written before the error stays readable (records are appended whole lines at a time, the store's
+    members are flushed before their records, summaries are replaced atomically), and re-running the same
+    command once the disk is fixed resumes.
+    """
+    try:
+        eval_cli(args=args)
+    except ModelLoadError as err:  # a refused or missing checkpoint, an unsplittable model: one line
+        print(f"eval.py: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"eval.py: error: cannot write{where}: {err.strerror or err}. What was written before is kept; "
+              "fix the disk or permissions and re-run the same command to resume.", file=sys.stderr)
+        return 1
+    return 0

@@ -8,7 +8,9 @@ its ``update(clip, batch, attr, modality, seed_index)`` calls the subclass's :me
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import zlib
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -19,7 +21,7 @@ from torchmetrics import Metric
 from clipib.attribution.base import Attribution, Attributor
 from clipib.models.split import SplitCLIP
 
-__all__ = ["SeedMeanStd", "AttributionMetric", "nanquantile_linear", "default_eot", "key_generators"]
+__all__ = ["SeedMeanStd", "AttributionMetric", "nanquantile_linear", "default_eot", "key_generators", "degenerate_maps"]
 
 Batch = Mapping[str, Any]
 """The eval batch: ``image [B, 3, H, W]``, ``ids [B, ctx]``, ``key``, ``matched [B]`` and optional ground truth."""
@@ -126,6 +128,11 @@ class AttributionMetric(SeedMeanStd):
 
     VALUES: ClassVar[Dict[str, Tuple[str, ...]]] = {}
     """``{modality: value names}`` for ``"image"`` and ``"text"``; a modality absent here is not scored."""
+    CONSTANT_MAP: ClassVar[str] = "nan"
+    """What the metric gives for a pair whose map is constant over its valid entries (all-zero included):
+    ``"nan"`` (undefined: the value is NaN, counted in ``skipped``), ``"value"`` (the kernel's value is
+    meaningful, e.g. a blank map's mass) or ``"unused"`` (the metric does not read the map). A map with a NaN or
+    inf is NaN for every metric that reads maps (docs/metrics.md, "Degenerate inputs")."""
     needs_method: ClassVar[bool] = False
     """True for a metric that re-runs the method (randomisation, robustness): :meth:`update` then needs
     ``method=`` (the :class:`~clipib.attribution.base.Attributor` that made ``attr``) and ``seeds=`` (the
@@ -160,6 +167,11 @@ class AttributionMetric(SeedMeanStd):
         names = self.value_names(modality)
         if not names:
             return {}
+        bad = None if self.CONSTANT_MAP == "unused" else degenerate_maps(
+            attr, modality, clip, batch.get("ids") if hasattr(batch, "get") else None,
+            constant=self.CONSTANT_MAP == "nan")
+        if bad is not None and bad.any():
+            attr = _blanked(attr, modality, bad)  # kernels refuse NaN maps: score zeros, report NaN
         if self.needs_method:
             if method is None:
                 raise ValueError(f"{type(self).__name__} re-runs the method: pass method= (and seeds=) to update")
@@ -168,6 +180,8 @@ class AttributionMetric(SeedMeanStd):
             values = self.score(clip, batch, attr, modality)
         if sorted(values) != sorted(names):
             raise RuntimeError(f"{type(self).__name__}.score returned {sorted(values)}, declared {names}")
+        if bad is not None and bad.any():
+            values = {k: _nan_rows(v, bad) for k, v in values.items()}
         self._accumulate(values, seed_index)
         return values
 
@@ -186,6 +200,53 @@ class AttributionMetric(SeedMeanStd):
             return out.pop("values")
 
         return returning
+
+
+def degenerate_maps(attr: Attribution, modality: str, clip: Any = None, ids: Optional[Tensor] = None,
+                    constant: bool = True) -> Optional[Tensor]:
+    """``[B]`` bool: the pair's ``modality`` map has a NaN or inf, or (``constant``) is constant over its valid
+    entries - all-zero included, which is what a constant raw score becomes. None without that map.
+
+    Text maps are read over SOT..EOT (``clip.text.span_mask(ids)``) when ``clip`` and ``ids`` are given.
+
+    Example:
+        >>> maps = torch.tensor([[[0.0, 1.0]], [[0.0, 0.0]], [[float("nan"), 1.0]]])
+        >>> degenerate_maps(Attribution(image=maps), "image")
+        tensor([False,  True,  True])
+    """
+    maps = attr.image if modality == "image" else attr.text
+    if maps is None:
+        return None
+    flat = maps.detach().flatten(1).float()  # [B, N]
+    valid = torch.ones_like(flat, dtype=torch.bool)
+    span = getattr(getattr(clip, "text", None), "span_mask", None)
+    if modality == "text" and span is not None and ids is not None:
+        valid = span(ids).flatten(1).to(flat.device)
+    bad = (~torch.isfinite(flat) & valid).any(1)
+    if constant:
+        lo = flat.masked_fill(~valid, math.inf).amin(1)
+        hi = flat.masked_fill(~valid, -math.inf).amax(1)
+        bad |= ~(hi > lo)
+    return bad
+
+
+def _blanked(attr: Attribution, modality: str, bad: Tensor) -> Attribution:
+    """``attr`` with the ``bad`` rows of the modality's maps set to 0 (a finite stand-in; their values become NaN)."""
+    fields = ("image", "image_grid") if modality == "image" else ("text", "text_raw")
+    change = {}
+    for name in fields:
+        t = getattr(attr, name)
+        if t is not None:
+            mask = bad.to(t.device).view(-1, *([1] * (t.ndim - 1)))
+            change[name] = torch.where(mask, torch.zeros_like(t), t)
+    return dataclasses.replace(attr, **change)
+
+
+def _nan_rows(v: Tensor, bad: Tensor) -> Tensor:
+    v = torch.as_tensor(v)
+    if not v.is_floating_point():
+        v = v.double()
+    return v.masked_fill(bad.to(v.device).view(-1, *([1] * (v.ndim - 1))), math.nan)
 
 
 def default_eot(ids: Tensor, eot: Optional[Tensor] = None) -> Tensor:

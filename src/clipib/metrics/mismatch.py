@@ -151,6 +151,7 @@ class MismatchScalars(AttributionMetric):
         {'image_mass': tensor([2.]), 'image_entropy': tensor([0.])}
     """
 
+    CONSTANT_MAP = "value"  # a blank map's mass (0) and entropy (uniform) are the mismatch signal itself
     VALUES = {"image": ("image_mass", "image_entropy"), "text": ("text_mass", "text_entropy")}
 
     def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str) -> Dict[str, Tensor]:

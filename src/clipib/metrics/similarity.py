@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from clipib.attribution.base import Attribution
-from clipib.attribution.common import cosine
+from clipib.attribution.common import cosine, unit_rows
 from clipib.metrics.base import AttributionMetric, Batch
 from clipib.models.split import SplitCLIP
 
@@ -17,8 +17,11 @@ __all__ = ["pair_cosine", "Similarity"]
 
 @torch.no_grad()
 def pair_cosine(clip: SplitCLIP, images: Tensor, ids: Tensor) -> Tensor:
-    """Cosine of each image ``[B, 3, H, W]`` with its caption ``[B, ctx]``: ``[B]``."""
-    return cosine(clip.image.encode(images), clip.text.encode(ids))
+    """Cosine of each image ``[B, 3, H, W]`` with its caption ``[B, ctx]``: ``[B]``; NaN where either embedding
+    is zero or not finite (the normalised embedding of a zero vector is zero: its cosine is undefined, not 0)."""
+    e_img, e_txt = clip.image.encode(images), clip.text.encode(ids)
+    cos = cosine(e_img, e_txt)
+    return cos.masked_fill(~(unit_rows(e_img) & unit_rows(e_txt)), float("nan"))
 
 
 class Similarity(AttributionMetric):
@@ -34,6 +37,7 @@ class Similarity(AttributionMetric):
     """
 
     VALUES = {"image": ("cos",)}
+    CONSTANT_MAP = "unused"
 
     def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str) -> Dict[str, Tensor]:
         """``cos`` per pair."""
