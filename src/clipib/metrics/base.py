@@ -120,10 +120,10 @@ class AttributionMetric(SeedMeanStd):
         >>> metric = MapMean()
         >>> metric.value_names("image"), metric.value_names("text")
         (['map_mean'], [])
-        >>> metric.update(None, {}, Attribution(image=torch.ones(2, 4, 4)), "image")
-        {'map_mean': tensor([1., 1.])}
+        >>> metric.update(None, {}, Attribution(image=torch.arange(32.0).reshape(2, 4, 4)), "image")
+        {'map_mean': tensor([ 7.5000, 23.5000])}
         >>> float(metric.compute()["map_mean"]["mean"])
-        1.0
+        15.5
     """
 
     VALUES: ClassVar[Dict[str, Tuple[str, ...]]] = {}

@@ -231,15 +231,15 @@ class Confidence(AttributionMetric):
         replacement_id: the token masked text tokens become (``"corrected"`` only).
         n_seeds: number of seeds aggregated (:class:`~clipib.metrics.base.SeedMeanStd`).
 
-    Example (a map of ones keeps the image: no drop, no increase):
+    Example (a constant map ranks nothing: its values are undefined, NaN, counted in the summary's ``skipped``):
         >>> from clipib import load_clip
         >>> clip = load_clip("clipib-shapes")  # the shipped 64 px model
         >>> batch = {"image": torch.randn(2, 3, 64, 64), "ids": clip.tokenize(["a dog", "a cat"])}
         >>> metric = Confidence(protocol="corrected")
         >>> metric.update(clip, batch, Attribution(image=torch.ones(2, 64, 64)), "image")
-        {'image_drop': tensor([0., 0.]), 'image_incr': tensor([0., 0.])}
+        {'image_drop': tensor([nan, nan]), 'image_incr': tensor([nan, nan])}
         >>> metric.compute()["image_drop"]["mean"]
-        tensor(0., dtype=torch.float64)
+        tensor(nan, dtype=torch.float64)
     """
 
     VALUES = {"image": ("image_drop", "image_incr"), "text": ("text_drop", "text_incr")}
