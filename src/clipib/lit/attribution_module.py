@@ -22,8 +22,13 @@ from torch import Tensor, nn
 
 from clipib.attribution import METHODS, Attribution, Attributor
 from clipib.bench.timing import start_timer, stop_timer
-from clipib.metrics import METRICS, MismatchAUROC, Throughput
+from clipib.metrics import METRICS, MismatchAUROC, Throughput, pair_cosine, weighted_terms
 from clipib.models.loading import DEFAULT, load_clip
+
+BASELINE = "clip_cosine"
+"""Summary row of the method-independent matched-vs-mismatched baseline: the clean pair's CLIP cosine."""
+BASELINE_VALUE = "clip_cos"
+"""Per-pair record value of that baseline (the clean cosine), and its AUROC ``auroc_clip_cos``."""
 
 Record = Dict[str, Any]
 """One per-sample record: ``{"key", "method", "seed", <value name>: float | bool | None, ...}``."""
@@ -50,8 +55,13 @@ class AttributionModule(LightningModule):
         keep_maps: return the maps to the callbacks (gallery, attribution store).
         mismatch_auroc: ``{value: orientation}`` — per method and seed, the AUROC with which a per-pair value
             (a metric's value or a method scalar such as ``image_fit``) separates matched from mismatched pairs
-            (AdaIB App. C; needs ``matched`` in the batch). Orientation: ``matched_high`` | ``matched_low`` |
-            ``either``. Reported as ``auroc_<value>``, mean ± std over seeds.
+            (AdaIB App. C; needs ``matched`` in the batch). Orientation, fixed in advance: ``matched_high`` |
+            ``matched_low`` (or ``either_optimistic`` = max(AUC, 1 - AUC), biased upward). Reported as
+            ``auroc_<value>``, mean ± std over seeds. Besides the method's scalars, AdaIB's weighted terms
+            ``{m}_f_fit`` and ``{m}_g_kl`` (:func:`clipib.metrics.weighted_terms`) can be named.
+        mismatch_baseline: with ``mismatch_auroc`` configured, also record each pair's clean CLIP cosine
+            (``clip_cos``) and report its AUROC (``matched_high``) once, as the summary row ``clip_cosine``
+            (value ``auroc_clip_cos``): the method-independent baseline any f- or g-weighted term must beat.
     """
 
     def __init__(
@@ -64,6 +74,7 @@ class AttributionModule(LightningModule):
         metrics: Optional[Dict[str, Dict[str, Any]]] = None,
         keep_maps: bool = True,
         mismatch_auroc: Optional[Dict[str, str]] = None,
+        mismatch_baseline: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # TensorBoard's HPARAMS: callbacks.tensorboard (methods x settings)
@@ -74,6 +85,8 @@ class AttributionModule(LightningModule):
         for name, spec in specs.items():
             if (spec or {}).get("method", name) not in METHODS:
                 raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+        if BASELINE in specs:
+            raise ValueError(f"{BASELINE!r} is the name of the summary's cosine baseline; name the method otherwise")
         self.clip = load_clip(model, pretrained=pretrained)
         self.methods: Dict[str, Attributor] = {}
         for name, spec in specs.items():
@@ -89,6 +102,7 @@ class AttributionModule(LightningModule):
             m: nn.ModuleDict({v: MismatchAUROC(orientation=o, n_seeds=n) for v, o in (mismatch_auroc or {}).items()})
             for m in self.methods
         })
+        self.baseline = MismatchAUROC(orientation="matched_high") if mismatch_auroc and mismatch_baseline else None
         self.speed = nn.ModuleDict({m: Throughput() for m in self.methods})
 
     def setup(self, stage: str) -> None:
@@ -126,6 +140,7 @@ class AttributionModule(LightningModule):
             return {"records": [], "maps": {}, "batch": None, "skipped": skipped}
         records: List[Record] = []
         maps: Dict[tuple, Attribution] = {}
+        shared = self._baseline_values(batch)
         for method in self.methods:
             if self.modality(method) is None:
                 continue
@@ -135,12 +150,21 @@ class AttributionModule(LightningModule):
                 attr = self._attribute(method, batch, seeds)
                 self.speed[method].update(len(batch["key"]), *stop_timer(self.device, start))
                 values = self._score(method, batch, attr, s_idx, seeds)
-                extra = {**attr.scalars, **({"matched": batch["matched"]} if "matched" in batch else {})}
+                extra = {**attr.scalars, **weighted_terms(attr.scalars), **shared,
+                         **({"matched": batch["matched"]} if "matched" in batch else {})}
                 self._update_auroc(method, {**values, **extra}, batch.get("matched"), s_idx)
                 records += _records(batch["key"], method, seed, {**values, **extra})
                 if self.hparams.keep_maps:
                     maps[(method, seed)] = attr
         return {"records": records, "maps": maps, "batch": batch, "skipped": skipped}
+
+    def _baseline_values(self, batch: Dict[str, Any]) -> Dict[str, Tensor]:
+        """The clean cosine of each pair (``clip_cos``), fed once into the baseline AUROC; ``{}`` when off."""
+        if self.baseline is None or "matched" not in batch:
+            return {}
+        cos = pair_cosine(self.clip, batch["image"], batch["ids"]).detach()
+        self.baseline.update(cos.double(), batch["matched"].reshape(-1).to(cos.device))
+        return {BASELINE_VALUE: cos}
 
     def _score(self, method: str, batch: Dict[str, Any], attr: Attribution, seed_index: int,
                seeds: List[int]) -> Dict[str, Tensor]:
@@ -167,6 +191,15 @@ class AttributionModule(LightningModule):
 
         Call it on one process only (the callback uses rank 0), so multi-process sums count each sample once.
         """
+        if self.baseline is not None:
+            first: Dict[str, Record] = {}
+            for r in records:
+                if r.get(BASELINE_VALUE) is not None and "matched" in r:
+                    first.setdefault(r["key"], r)
+            if first:
+                rows = list(first.values())
+                self.baseline.update(torch.tensor([float(r[BASELINE_VALUE]) for r in rows], dtype=torch.float64),
+                                     torch.tensor([bool(r["matched"]) for r in rows]))
         for method, s_idx, rows in _grouped(records, list(self.methods), self.seeds):
             names = set(self.value_names(method))
             columns = {n: torch.tensor([_value(r.get(n)) for r in rows], dtype=torch.float64)
@@ -183,7 +216,8 @@ class AttributionModule(LightningModule):
         """``{method: {value: {"mean", "std", "n", ...}}}`` synced over processes (call it on every process).
 
         Besides the metric values: ``pairs_per_s`` and ``peak_mib`` (throughput of this run's attributions) and
-        ``auroc_<value>`` for each configured matched-vs-mismatched AUROC.
+        ``auroc_<value>`` for each configured matched-vs-mismatched AUROC; with the baseline on, one more row
+        ``clip_cosine: {"auroc_clip_cos": ...}`` (the clean cosine's AUROC, method-independent, each pair once).
         """
         out: Summary = {}
         for method in self.methods:
@@ -199,6 +233,10 @@ class AttributionModule(LightningModule):
                 if stats.get("n", 0) > 0 and stats["mean"] == stats["mean"]:
                     values[f"auroc_{name}"] = stats
             out[method] = values
+        if self.baseline is not None:
+            stats = _floats(self.baseline.compute())
+            if stats.get("n", 0) > 0:
+                out[BASELINE] = {f"auroc_{BASELINE_VALUE}": stats}
         return out
 
 
