@@ -45,7 +45,7 @@ def _class(path: str) -> type:
 
 
 def missing_options(config: Path) -> List[str]:
-    """``"<Class>.<option>"`` (or ``"<Class>.<option>=<value>"``) for each option ``config`` sets that is not offered."""
+    """``"<Class>.<option>"`` (or ``"<Class>.<option>=<value>"``) for each option ``config`` sets and nothing offers."""
     cfg = yaml.safe_load(Path(config).read_text())
     missing: List[str] = []
     for name, spec in (cfg["model"].get("methods") or {}).items():

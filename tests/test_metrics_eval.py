@@ -132,7 +132,8 @@ def test_region_uses_the_mask_where_present_else_the_box(tiny_clip, batch):
     # AdaIB's pointing game (the default) scores the box even where a mask exists
     assert METRICS["pointing_game"]().update(tiny_clip, b, attr, "image")["pointing_game"].tolist() == [1.0] * 4
     no_mask = {k: v for k, v in b.items() if k not in ("mask", "has_mask")}
-    assert METRICS["pointing_game"](region="mask").update(tiny_clip, no_mask, attr, "image")["pointing_game"].tolist() == [1.0] * 4
+    on_mask = METRICS["pointing_game"](region="mask").update(tiny_clip, no_mask, attr, "image")
+    assert on_mask["pointing_game"].tolist() == [1.0] * 4
 
 
 def test_attribution_module_runs_every_metric(batch):

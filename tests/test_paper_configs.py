@@ -4,8 +4,9 @@ The stand-in data is written once, under a temporary folder that replaces the co
 each config reads exactly the file names and formats it names (TSV + image folder, NIB's CSV, Tiny-ImageNet's
 val layout, Flickr8k's en_val.json, webdataset shards, RefCOCOg / MS-CXR JSON lines with boxes and masks).
 What the test overrides, and only that: the tiny random-weight model for ViT-B/32, one run seed, a sample of
-two pairs (a third of six for a partition; doubled by ``mismatched: both``) in one batch, and each method's cost knobs (steps, copies, mask and sample counts; a layer beyond the tiny
-model's 3 blocks becomes 3). Configs whose options are not merged yet are skipped by name (tests/paper_needs.py).
+two pairs (a third of six for a partition; doubled by ``mismatched: both``) in one batch, no TensorBoard or
+gallery, and each method's cost knobs (steps, copies, mask and sample counts; a layer beyond the tiny model's 3
+blocks becomes 3). Configs whose options are not merged yet are skipped by name (tests/paper_needs.py).
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def _flickr8k(args: Dict[str, Any]) -> None:
     entries = []
     for i in range(N_ROWS):
         _image(root / f"{1000 + i}_flickr.jpg", i)
-        entries.append({"image": f"{1000 + i}_flickr.jpg", "caption": [f"{CAPTIONS[(i + k) % N_ROWS]}" for k in range(5)]})
+        captions = [CAPTIONS[(i + k) % N_ROWS] for k in range(5)]
+        entries.append({"image": f"{1000 + i}_flickr.jpg", "caption": captions})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(entries))
 
