@@ -163,6 +163,8 @@ def test_paper_config_runs_one_step(config: Path, standin: Path, tmp_path: Path)
     if key not in _written:
         WRITERS[dataset["class_path"]](dataset["init_args"])
         _written.add(key)
+    if "manifest" in dataset["init_args"]:  # the shard selection's first pass writes here
+        dataset["init_args"]["manifest"] = str(tmp_path / "manifest")
     selection = dataset["init_args"].setdefault("selection", {})
     selection["sample"] = N_ROWS if selection.get("partition") else 2  # a third of 6 rows, or 2 (4 when doubled)
     cfg["data"]["init_args"].update(dataset=dataset, batch_size=8, num_workers=0)  # all of them: one step

@@ -118,7 +118,7 @@ def test_clean_cosine_auroc_is_reported_once(mismatch_batch):
     cos = pair_cosine(module.clip, mismatch_batch["image"], mismatch_batch["ids"])
     baseline = summary["clip_cosine"]["auroc_clip_cos"]
     assert baseline["mean"] == pytest.approx(mismatch_auroc(cos, mismatch_batch["matched"]).item())
-    assert baseline["n"] == 6  # each pair once: not once per method and seed
+    assert baseline["n"] == 6 and baseline["std"] == 0.0  # each pair once per seed, not once per method
     assert set(summary["clip_cosine"]) == {"auroc_clip_cos"}
     rows = [r for r in out["records"] if r["method"] == "adaib" and r["seed"] == 0]
     assert [r["clip_cos"] for r in rows] == pytest.approx(cos.tolist(), abs=1e-6)

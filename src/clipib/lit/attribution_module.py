@@ -60,8 +60,9 @@ class AttributionModule(LightningModule):
             ``auroc_<value>``, mean ± std over seeds. Besides the method's scalars, AdaIB's weighted terms
             ``{m}_f_fit`` and ``{m}_g_kl`` (:func:`clipib.metrics.weighted_terms`) can be named.
         mismatch_baseline: with ``mismatch_auroc`` configured, also record each pair's clean CLIP cosine
-            (``clip_cos``) and report its AUROC (``matched_high``) once, as the summary row ``clip_cosine``
-            (value ``auroc_clip_cos``): the method-independent baseline any f- or g-weighted term must beat.
+            (``clip_cos``) and report its AUROC (``matched_high``, per run seed like the methods', then mean ± std)
+            once, as the summary row ``clip_cosine`` (value ``auroc_clip_cos``): the method-independent baseline
+            any f- or g-weighted term must beat.
     """
 
     def __init__(
@@ -102,7 +103,8 @@ class AttributionModule(LightningModule):
             m: nn.ModuleDict({v: MismatchAUROC(orientation=o, n_seeds=n) for v, o in (mismatch_auroc or {}).items()})
             for m in self.methods
         })
-        self.baseline = MismatchAUROC(orientation="matched_high") if mismatch_auroc and mismatch_baseline else None
+        self.baseline = (MismatchAUROC(orientation="matched_high", n_seeds=n)
+                         if mismatch_auroc and mismatch_baseline else None)
         self.speed = nn.ModuleDict({m: Throughput() for m in self.methods})
 
     def setup(self, stage: str) -> None:
@@ -140,7 +142,7 @@ class AttributionModule(LightningModule):
             return {"records": [], "maps": {}, "batch": None, "skipped": skipped}
         records: List[Record] = []
         maps: Dict[tuple, Attribution] = {}
-        shared = self._baseline_values(batch)
+        shared = {seed: self._baseline_values(batch, s_idx) for s_idx, seed in enumerate(self.seeds)}
         for method in self.methods:
             if self.modality(method) is None:
                 continue
@@ -150,7 +152,7 @@ class AttributionModule(LightningModule):
                 attr = self._attribute(method, batch, seeds)
                 self.speed[method].update(len(batch["key"]), *stop_timer(self.device, start))
                 values = self._score(method, batch, attr, s_idx, seeds)
-                extra = {**attr.scalars, **weighted_terms(attr.scalars), **shared,
+                extra = {**attr.scalars, **weighted_terms(attr.scalars), **shared[seed],
                          **({"matched": batch["matched"]} if "matched" in batch else {})}
                 self._update_auroc(method, {**values, **extra}, batch.get("matched"), s_idx)
                 records += _records(batch["key"], method, seed, {**values, **extra})
@@ -158,12 +160,13 @@ class AttributionModule(LightningModule):
                     maps[(method, seed)] = attr
         return {"records": records, "maps": maps, "batch": batch, "skipped": skipped}
 
-    def _baseline_values(self, batch: Dict[str, Any]) -> Dict[str, Tensor]:
-        """The clean cosine of each pair (``clip_cos``), fed once into the baseline AUROC; ``{}`` when off."""
+    def _baseline_values(self, batch: Dict[str, Any], seed_index: int) -> Dict[str, Tensor]:
+        """The clean cosine of each pair of one run seed (``clip_cos``), fed once into that seed's baseline
+        AUROC whatever the methods; ``{}`` when the baseline is off or the batch has no ``matched``."""
         if self.baseline is None or "matched" not in batch:
             return {}
         cos = pair_cosine(self.clip, batch["image"], batch["ids"]).detach()
-        self.baseline.update(cos.double(), batch["matched"].reshape(-1).to(cos.device))
+        self.baseline.update(cos.double(), batch["matched"].reshape(-1).to(cos.device), seed_index=seed_index)
         return {BASELINE_VALUE: cos}
 
     def _score(self, method: str, batch: Dict[str, Any], attr: Attribution, seed_index: int,
@@ -191,15 +194,16 @@ class AttributionModule(LightningModule):
 
         Call it on one process only (the callback uses rank 0), so multi-process sums count each sample once.
         """
-        if self.baseline is not None:
-            first: Dict[str, Record] = {}
+        if self.baseline is not None:  # each (pair, run seed) once, from whichever method recorded it
+            first: Dict[tuple, Record] = {}
             for r in records:
-                if r.get(BASELINE_VALUE) is not None and "matched" in r:
-                    first.setdefault(r["key"], r)
-            if first:
-                rows = list(first.values())
-                self.baseline.update(torch.tensor([float(r[BASELINE_VALUE]) for r in rows], dtype=torch.float64),
-                                     torch.tensor([bool(r["matched"]) for r in rows]))
+                if r.get(BASELINE_VALUE) is not None and "matched" in r and r["seed"] in self.seeds:
+                    first.setdefault((r["key"], r["seed"]), r)
+            for s_idx, seed in enumerate(self.seeds):
+                rows = [r for (_, s), r in first.items() if s == seed]
+                if rows:
+                    self.baseline.update(torch.tensor([float(r[BASELINE_VALUE]) for r in rows], dtype=torch.float64),
+                                         torch.tensor([bool(r["matched"]) for r in rows]), seed_index=s_idx)
         for method, s_idx, rows in _grouped(records, list(self.methods), self.seeds):
             names = set(self.value_names(method))
             columns = {n: torch.tensor([_value(r.get(n)) for r in rows], dtype=torch.float64)
