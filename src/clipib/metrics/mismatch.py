@@ -15,9 +15,9 @@ each method family supplies (the eval pipeline chooses it per method):
 AdaIB's Fig. 3 shows both loss terms, and the paper's terms are **weighted**: the objective is
 ``f·fit - g·KL``, so :func:`weighted_terms` derives ``{m}_f_fit = f·fit`` and ``{m}_g_kl = g·KL`` from a
 method's scalars (``{m}_f``, ``{m}_g``, ``{m}_fit``, ``{m}_kl``; AdaIB) for the AUROC to rank. Both depend on
-f, a monotone function of the clean pair's cosine (for normalised embeddings), so they separate matched
-from mismatched pairs *by construction* as far as the cosine itself does: judge them against the plain
-CLIP-cosine baseline, which the eval module reports once per run (``clip_cosine`` / ``auroc_clip_cos``).
+f, which is computed from the clean embeddings (a monotone function of the pair's cosine for normalised
+ones; raw embeddings add their norms), so they separate matched from mismatched pairs largely *by
+construction*: judge them against the plain CLIP-cosine baseline, which the eval module reports once per run (``clip_cosine`` / ``auroc_clip_cos``).
 
 The AUROC is torchmetrics' ``binary_auroc`` (exact, no binning) on dense ranks of the scalar.
 :class:`MismatchAUROC` concatenates its states (``dist_reduce_fx="cat"``), which is exact under DDP too:
