@@ -15,7 +15,7 @@ from PIL import Image
 from clipib.data.common import PairDataset
 from clipib.data.selection import choose_best_captions, score_rows
 from clipib.data.sources.base import ModelTransforms
-from clipib.data.sources.tables import CsvDataset, FolderDataset, TsvDataset, read_csv, read_flickr8k, read_folders, read_tsv
+from clipib.data.sources.tables import CsvDataset, Flickr8kDataset, FolderDataset, TsvDataset, read_csv, read_flickr8k, read_folders, read_tsv
 
 PRE = open_clip.image_transform(32, is_train=False)
 TRANSFORMS = ModelTransforms.of(PRE, open_clip.get_tokenizer("ViT-B-32"))
@@ -91,6 +91,43 @@ def test_flickr8k_best_caption_scored_against_its_own_image(tmp_path: Path) -> N
     chosen = choose_best_captions(rows, scores)
     assert chosen[0]["caption"] == "a red thing" and chosen[1]["caption"] == "a blue thing"
     assert "skip" in chosen[2]
+
+
+def _flickr8k_captions(path: Path, choice: str, **kwargs) -> dict:
+    source = Flickr8kDataset(str(path), caption_choice=choice, **kwargs)
+    source.use_transforms(ModelTransforms.of(PRE, TRANSFORMS.tokenizer, colour_score))
+    source.prepare(None, None, batch_size=8, num_workers=0)
+    return {r["key"]: r.get("skip", r["caption"]) for r in source.rows}
+
+
+def test_flickr8k_nib_code_scores_captions_against_the_first_image_of_the_batch(tmp_path: Path) -> None:
+    """NIB's code (REFERENCE_NOTES §8) compares each row's captions with the first image of its batch of 32:
+    "nib_code" reproduces that, "own" (the default) scores every row against its own image."""
+    save_image(tmp_path / "r.jpg", (250, 10, 10))
+    save_image(tmp_path / "b.jpg", (10, 10, 250))
+    caps = ["a red thing", "a blue thing", "x", "y", "z"]
+    # 34 rows: batch 1 = rows 0-31 (first image red), batch 2 = rows 32-33 (first image blue)
+    names = ["r.jpg"] + ["b.jpg"] * 31 + ["b.jpg", "r.jpg"]
+    (tmp_path / "en_val.json").write_text(json.dumps([{"image": n, "caption": caps} for n in names]))
+    keys = [r["key"] for r in read_flickr8k(tmp_path / "en_val.json")]
+    own = [_flickr8k_captions(tmp_path / "en_val.json", "own")[k] for k in keys]
+    nib = [_flickr8k_captions(tmp_path / "en_val.json", "nib_code")[k] for k in keys]
+    assert own == ["a red thing"] + ["a blue thing"] * 32 + ["a red thing"]  # each against its own image
+    assert nib == ["a red thing"] * 32 + ["a blue thing"] * 2  # batch 1 against red row 0, batch 2 against blue row 32
+    nib = dict(zip(keys, nib))
+    assert list(_flickr8k_captions(tmp_path / "en_val.json", "best").values()) == own  # "best" = "own"
+    # batches are counted over the whole file, whatever rows a sample keeps: row 33 still follows row 32's image
+    from clipib.data.sources.rows import Selection
+
+    sampled = _flickr8k_captions(tmp_path / "en_val.json", "nib_code", selection=Selection(sample=3, sample_seed=0))
+    assert all(nib[k] == v for k, v in sampled.items()) and len(sampled) == 3
+    # a batch whose first image is missing: its rows become skips under "nib_code" only
+    names[32] = "gone.jpg"
+    (tmp_path / "en_val.json").write_text(json.dumps([{"image": n, "caption": caps} for n in names]))
+    nib = _flickr8k_captions(tmp_path / "en_val.json", "nib_code")
+    assert "could not be scored" in nib["r.jpg#33"] and _flickr8k_captions(tmp_path / "en_val.json", "own")["r.jpg#33"] == "a red thing"
+    with pytest.raises(ValueError, match="caption_choice"):
+        Flickr8kDataset(str(tmp_path / "en_val.json"), caption_choice="nib")
 
 
 def test_folders_prompt_per_class_synonyms(tmp_path: Path) -> None:

@@ -84,7 +84,8 @@ def baseline(tmp_path_factory, csv_data) -> Path:
 
 def test_outputs(baseline):
     summary = json.loads((baseline / "summary.json").read_text())
-    assert set(summary) == {"m2ib", "nib", "skipped"}
+    assert set(summary) == {"m2ib", "nib", "skipped", "std_over"}
+    assert summary["std_over"].startswith("method noise only") and "same pairs" in summary["std_over"]
     for method in ("m2ib", "nib"):
         assert summary[method]["cos"]["n"] == 7
         assert summary[method]["pairs_per_s"]["mean"] > 0
@@ -203,6 +204,67 @@ def test_resume_after_kill(tmp_path, csv_data, baseline):
     assert all(m["image"] is not None and m["text"] is not None for m in maps)
 
 
+@pytest.fixture(scope="module")
+def sampled_runs(tmp_path_factory, csv_data) -> dict:
+    """A deterministic method (saliency) on 3 of the 7 pairs, run seeds 0 and 1: per-run samples and one fixed sample."""
+    tmp = tmp_path_factory.mktemp("sampled")
+    runs = {}
+    for name, resample in (("resampled", True), ("fixed", False)):
+        data = json.loads(json.dumps(csv_data))
+        data["dataset"]["init_args"]["selection"] = {"sample": 3, "sample_seed": 4, "resample": resample}
+        config = _config(tmp, data, name, methods={"saliency": {}})
+        _eval(config)
+        runs[name] = (config, tmp / name)
+    return runs
+
+
+def test_resampling_gives_a_deterministic_method_a_spread(sampled_runs):
+    """AdaIB App. A.2 draws new pairs each run: the std over run seeds of a deterministic method is > 0 with
+    per-run samples, and exactly 0 with one fixed sample; summary.json says which std it reports."""
+    resampled = json.loads((sampled_runs["resampled"][1] / "summary.json").read_text())
+    fixed = json.loads((sampled_runs["fixed"][1] / "summary.json").read_text())
+    assert resampled["saliency"]["cos"]["std"] > 0 and resampled["saliency"]["cos"]["n"] == 3
+    assert fixed["saliency"]["cos"]["std"] == 0 and fixed["saliency"]["cos"]["n"] == 3
+    assert resampled["std_over"].startswith("run seeds") and "own sample of 3 pairs" in resampled["std_over"]
+    assert fixed["std_over"].startswith("method noise only") and "fixed sample of 3" in fixed["std_over"]
+    assert "± std: run seeds" in (sampled_runs["resampled"][1] / "summary.md").read_text()
+    records = read_records(sampled_runs["resampled"][1])
+    per_seed = {s: {r["key"] for r in records if r["seed"] == s} for s in (0, 1)}
+    assert all(len(keys) == 3 for keys in per_seed.values()) and per_seed[0] != per_seed[1]
+    assert all(r["seed"] in r["run_seeds"] for r in records)  # each pair scored only under its own run seeds
+    maps = list(iter_attributions(sampled_runs["resampled"][1]))
+    assert sorted((m["key"], m["seed"]) for m in maps) == sorted((r["key"], r["seed"]) for r in records)
+
+
+@pytest.mark.slow  # a third eval.py run
+def test_resampled_run_resumes(tmp_path, sampled_runs):
+    """A resampled run cut short (records of the first pairs only, the last one partly) resumes to the same
+    records and summary: finished pairs are those with a record for every method under each of *their* seeds."""
+    import shutil
+
+    config, full = sampled_runs["resampled"]
+    run = tmp_path / "cut"
+    shutil.copytree(full, run)
+    for stale in ("summary.json", "summary.md", "tensorboard"):
+        shutil.rmtree(run / stale, ignore_errors=True) if (run / stale).is_dir() else (run / stale).unlink(missing_ok=True)
+    path = next((run / "records").glob("rank0-000.jsonl"))
+    lines, first = path.read_text().splitlines(), []
+    for n, line in enumerate(lines):  # the first batch (3 pairs, all their records), then half a line of the next
+        key = json.loads(line)["key"]
+        if key not in first and len(first) == 3:
+            break
+        first += [] if key in first else [key]
+    path.write_text("\n".join(lines[:n]) + "\n" + lines[n][: len(lines[n]) // 2])  # a kill mid-line
+    cfg = json.loads(config.read_text())
+    cfg["trainer"]["default_root_dir"] = str(run)
+    (tmp_path / "cut.json").write_text(json.dumps(cfg))
+    out = _eval(tmp_path / "cut.json")
+    assert "resumed: 3 pairs" in out.stdout
+    _same_records(_records(run), _records(full))
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (run, full))
+    assert a["saliency"]["cos"] == pytest.approx(b["saliency"]["cos"], rel=1e-6) and a["std_over"] == b["std_over"]
+
+
 def _jpeg(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray((np.random.default_rng(seed).random((30, 30, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
@@ -254,4 +316,4 @@ def test_shipped_demo_config_runs(tmp_path):
 
 
 def summary_methods(summary: dict) -> list:
-    return [m for m in summary if m not in ("skipped", "clip_cosine")]  # clip_cosine: the AUROC baseline row
+    return [m for m in summary if m not in ("skipped", "std_over", "clip_cosine")]  # clip_cosine: AUROC baseline

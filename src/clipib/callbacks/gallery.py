@@ -10,7 +10,7 @@ import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
-from clipib.callbacks.records import record_values
+from clipib.callbacks.records import map_batch, record_values
 from clipib.viz import explanation_figure, stack, to_uint8
 
 
@@ -32,12 +32,12 @@ class Gallery(Callback):
         if trainer.global_rank != 0 or not outputs or not outputs.get("maps"):
             return
         clip, first_seed = pl_module.clip, pl_module.seeds[0]
-        b = outputs["batch"]
         values = {(r["key"], r["method"], r["seed"]): r for r in outputs.get("records", [])}
         for (method, seed), attr in outputs["maps"].items():
             figs = self.figures.setdefault(method, [])
             if seed != first_seed or len(figs) >= self.n:
                 continue
+            b = map_batch(outputs, seed)
             for i in range(min(self.n - len(figs), len(b["key"]))):
                 tokens = clip.token_strings(b["ids"][i])
                 scores = attr.text[i, : len(tokens)].tolist() if attr.text is not None else None

@@ -40,7 +40,7 @@ def _json_lines(path: Path) -> Iterator[Dict[str, Any]]:
             continue
 
 
-NOT_VALUES = frozenset({"key", "method", "seed", "matched"})
+NOT_VALUES = frozenset({"key", "method", "seed", "matched", "run_seeds"})
 """Record fields that are not per-sample values."""
 
 
@@ -67,12 +67,15 @@ def read_skips(run_dir: Path) -> List[Dict[str, str]]:
 
 
 def finished_keys(records: List[Dict[str, Any]], methods: List[str], seeds: List[int]) -> Set[str]:
-    """Keys with a record for every (method, seed) of the run."""
-    expected = {(m, s) for m in methods for s in seeds}
+    """Keys with a record for every (method, seed) the key is evaluated under: every seed of the run, or, for a
+    pair of per-run samples (records with ``run_seeds``), the run seeds whose sample holds it."""
     done: Dict[str, set] = {}
+    own: Dict[str, List[int]] = {}
     for r in records:
         done.setdefault(r["key"], set()).add((r["method"], r["seed"]))
-    return {k for k, got in done.items() if expected <= got}
+        if "run_seeds" in r:
+            own[r["key"]] = [s for s in r["run_seeds"] if s in seeds]
+    return {k for k, got in done.items() if {(m, s) for m in methods for s in own.get(k, seeds)} <= got}
 
 
 def store_id(method: str, seed: int, key: str) -> str:
@@ -183,9 +186,8 @@ class RecordWriter(Callback):
         os.fsync(self._records.fileno())
 
     def _write_maps(self, outputs: Dict[str, Any]) -> None:
-        keys = outputs["batch"]["key"]
         for (method, seed), attr in outputs["maps"].items():
-            for i, key in enumerate(keys):
+            for i, key in enumerate(map_batch(outputs, seed)["key"]):
                 sample: Dict[str, Any] = {"__key__": store_id(method, seed, key),
                                           "json": {"key": key, "method": method, "seed": seed}}
                 for field in ("image", "text"):
@@ -206,10 +208,30 @@ class RecordWriter(Callback):
         if trainer.global_rank == 0:
             run = self.run_dir(trainer)
             skipped = read_skips(run)
-            write_summary(run, summary, {"skipped": {"n": len(skipped), "samples": skipped}})
+            info = getattr(trainer.datamodule, "info", None) or {}
+            write_summary(run, summary, {"std_over": std_over(len(pl_module.seeds), info),
+                                         "skipped": {"n": len(skipped), "samples": skipped}})
             print((run / "summary.md").read_text())
             if self.resumed:
                 print(f"resumed: {self.resumed} pairs were already finished in {run} and were not recomputed")
+
+
+def map_batch(outputs: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    """The pairs the maps of run seed ``seed`` in a ``test_step`` output belong to: the batch, or with per-run
+    samples that seed's part of it (``outputs["batches"][seed]``)."""
+    return outputs.get("batches", {}).get(seed, outputs["batch"])
+
+
+def std_over(n_seeds: int, info: Dict[str, Any]) -> str:
+    """What the summary's "± std" is, from the number of run seeds and the data's ``info`` (``sample``,
+    ``resampled``): the spread over run seeds, each with its own sample, or the methods' noise on fixed pairs."""
+    if n_seeds < 2:
+        return "samples: the std of the per-pair values (one run seed)"
+    if info.get("resampled"):
+        return (f"run seeds: the std of the per-seed means over {n_seeds} run seeds; each seed its own sample of "
+                f"{info.get('sample')} pairs")
+    pairs = f"fixed sample of {info['sample']} pairs" if info.get("sample") else "the same pairs under every seed"
+    return f"method noise only: the std of the per-seed means over {n_seeds} run seeds; {pairs}"
 
 
 def _flush_tar(writer: wds.TarWriter) -> None:
@@ -246,8 +268,10 @@ def summary_table(summary: Dict[str, Dict[str, Dict[str, float]]], extra: Option
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     n = max((s.get("n", 0) for v in summary.values() for c, s in v.items() if c not in ("pairs_per_s", "peak_mib")),
             default=0)
-    lines.append(f"\nn = {int(n)} pairs per method and seed; ± is the std over seeds when there are several, "
-                 "else over samples.")
+    meaning = (extra or {}).get("std_over", "over seeds when there are several, else over samples")
+    lines.append(f"\nn = {int(n)} pairs per method and seed; ± std: {meaning}.")
     for key, value in (extra or {}).items():
+        if key == "std_over":
+            continue
         lines.append(f"\n{key}: {json.dumps(value)}")
     return "\n".join(lines) + "\n"

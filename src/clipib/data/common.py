@@ -113,6 +113,8 @@ def load_row(row: Row, preprocess: Preprocess, extras: Optional[Callable[[Row, t
     item["matched"] = bool(row.get("matched", True))
     if "similarity" in row:  # set by the caption choice / partition: the CLIP score used to select
         item["similarity"] = float(row["similarity"])
+    if "run_seeds" in row:  # per-run samples (Selection.resample): the run seeds whose sample holds this pair
+        item["run_seeds"] = list(row["run_seeds"])
     try:
         item.update(extras(row, image.size) if extras is not None else {})
     except (ValueError, KeyError, TypeError, IndexError) as exn:
@@ -147,7 +149,7 @@ class ClipCollate:
     ``"has_mask"`` BoolTensor[B] when any sample has one (all-False rows where it has none). ``B`` may be
     0 when a whole batch was skipped; ``"skipped"`` is then non-empty. Items that carry ``"ids"`` are not
     re-tokenized; any other field every sample has is passed on (tensors stacked, anything else listed),
-    e.g. the shapes world's ``"gold_tokens"``.
+    e.g. the shapes world's ``"gold_tokens"`` or ``"run_seeds"`` (per-run samples: list of run-seed lists).
     """
 
     def __init__(self, tokenizer: Tokenizer, image_size: Tuple[int, int], context_length: Optional[int] = None):

@@ -27,13 +27,16 @@ Hand-offs, both before the first DataLoader is built (Lightning: datamodule ``se
 * :meth:`EvalDataModule.use_model` ``(clip)``: the loaded model's preprocess, CPU tokenizer, input size
   and pair scorer (:func:`clipib.data.selection.clip_scorer`) go to the source (the AttributionModule
   calls it in its ``setup``). Nothing is looked up by model name.
+* :meth:`EvalDataModule.use_run_seeds` ``(seeds)``: the run seeds (the AttributionModule hands them with the
+  model); with ``Selection(sample=N, resample=True)`` each run seed gets its own sample, and every row carries
+  ``"run_seeds"`` (batch field ``run_seeds``: list of lists) naming the runs it belongs to.
 * :meth:`EvalDataModule.exclude` ``(keys)``: a resumed run's finished keys (the RecordWriter calls it);
   those samples are never decoded, yielded nor reported as skipped.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
@@ -65,6 +68,11 @@ class _SourceDataModule(LightningDataModule):
         self.transforms = transforms
         for source in self.sources():
             source.use_transforms(transforms)
+
+    def use_run_seeds(self, seeds: Sequence[int]) -> None:
+        """Hand the evaluation's run seeds to the sources (a ``sample`` with ``resample`` draws one per seed)."""
+        for source in self.sources():
+            source.use_run_seeds(seeds)
 
     def rank_world(self) -> Tuple[int, int]:
         """``(rank, world_size)`` from the attached trainer, else ``torch.distributed``, else ``(0, 1)``."""

@@ -13,14 +13,28 @@ model); this module never loads a model.
 
 from __future__ import annotations
 
+import hashlib
 import random
-from typing import Any, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from clipib.data.common import PairDataset, Preprocess, Row, Score, is_skip
 PARTS = ("noisy", "borderline", "clean")
+
+
+def sample_positions(n_usable: int, n: int, seed: int) -> List[int]:
+    """``n`` of the positions ``0 .. n_usable - 1`` drawn without replacement by ``random.Random(seed)``, sorted.
+
+    Only the count is needed, not the rows, so a source too large to hold (LAION shards) draws its sample from
+    its usable-row count; ``n`` at least ``n_usable`` keeps every position. Drawing from ``range(n_usable)``
+    picks the same positions as drawing from a list of ``n_usable`` rows (``random.sample`` draws indices).
+    """
+    if n <= 0:
+        raise ValueError(f"sample must be positive, got {n}")
+    return sorted(random.Random(seed).sample(range(n_usable), n)) if n < n_usable else list(range(n_usable))
 
 
 def sample_rows(rows: Sequence[Row], n: int, seed: int) -> List[Row]:
@@ -30,11 +44,73 @@ def sample_rows(rows: Sequence[Row], n: int, seed: int) -> List[Row]:
     (M2IB draws 500 CC3M rows without a seed; this is the reproducible version). ``n`` at least
     the number of usable rows keeps them all.
     """
-    if n <= 0:
-        raise ValueError(f"sample must be positive, got {n}")
     usable = [i for i, row in enumerate(rows) if "skip" not in row]
-    picked = sorted(random.Random(seed).sample(usable, n)) if n < len(usable) else usable
-    return [rows[i] for i in picked]
+    return [rows[usable[j]] for j in sample_positions(len(usable), n, seed)]
+
+
+def draw_seed(base: int, run_seed: int) -> int:
+    """The seed of one run seed's draw, from a base seed (``sample_seed`` / ``mismatch_seed``) and the run seed.
+
+    The first 63 bits of ``sha256("<base>:<run seed>")``: stable across machines and Python versions, and
+    distinct run seeds give unrelated draws.
+    """
+    return int.from_bytes(hashlib.sha256(f"{base}:{run_seed}".encode()).digest()[:8], "big") >> 1
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One draw of pairs: the run seed it serves (``None``: every run seed) and its sample / mismatch seeds."""
+
+    run_seed: Optional[int]
+    sample_seed: int
+    mismatch_seed: int
+
+
+def plan_draws(sample: Optional[int], resample: bool, sample_seed: int, mismatch_seed: int,
+               run_seeds: Optional[Sequence[int]]) -> List[Draw]:
+    """The draws of a selection: one per run seed when a sample is drawn anew for each run, else one for all.
+
+    AdaIB App. A.2 samples a new 2,000 pairs of CC3M / LAION for each of its 5 runs (seeds 42-46), so the
+    std over runs includes the sampling spread; ``resample=False`` (or no ``sample``, or run seeds not known)
+    is one draw shared by every run seed, whose std is then the methods' own noise only.
+    """
+    if sample and resample and run_seeds:
+        return [Draw(int(s), draw_seed(sample_seed, int(s)), draw_seed(mismatch_seed, int(s)))
+                for s in dict.fromkeys(run_seeds)]
+    return [Draw(None, sample_seed, mismatch_seed)]
+
+
+def merge_draws(draws: Sequence[Draw], groups: Sequence[Sequence[Row]]) -> List[Row]:
+    """One row list from the rows of each draw: each key once, with ``"run_seeds"`` = the run seeds whose
+    draw holds it (a single shared draw: its rows as they are, no ``"run_seeds"``).
+
+    Order: the first draw's rows, then each later draw's new rows, each in its own order.
+    """
+    if len(draws) == 1 and draws[0].run_seed is None:
+        return list(groups[0])
+    merged: Dict[str, Row] = {}
+    for draw, group in zip(draws, groups):
+        for row in group:
+            if row["key"] not in merged:
+                merged[row["key"]] = {**row, "run_seeds": []}
+            if draw.run_seed not in merged[row["key"]]["run_seeds"]:
+                merged[row["key"]]["run_seeds"].append(draw.run_seed)
+    return list(merged.values())
+
+
+def mismatch_permutation(n: int, seed: int) -> List[int]:
+    """A permutation of ``range(n)`` without fixed points: one random cycle (Sattolo, ``random.Random(seed)``).
+
+    Position ``i`` takes the caption of position ``perm[i]``.
+    """
+    if n < 2:
+        raise ValueError("mismatched pairs need at least 2 usable rows")
+    perm = list(range(n))
+    rng = random.Random(seed)
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)  # j < i: Sattolo, a single cycle
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
 
 
 def mismatch_rows(rows: Sequence[Row], seed: int) -> List[Row]:
@@ -44,19 +120,48 @@ def mismatch_rows(rows: Sequence[Row], seed: int) -> List[Row]:
     no fixed point by construction. Keys become ``"<image key>|<caption key>"``.
     """
     usable = [i for i, row in enumerate(rows) if "skip" not in row]
-    if len(usable) < 2:
-        raise ValueError("mismatched pairs need at least 2 usable rows")
-    perm = list(range(len(usable)))
-    rng = random.Random(seed)
-    for i in range(len(perm) - 1, 0, -1):
-        j = rng.randrange(i)  # j < i: Sattolo, a single cycle
-        perm[i], perm[j] = perm[j], perm[i]
+    perm = mismatch_permutation(len(usable), seed)
     out = list(rows)
     for dst, src in enumerate(perm):
         row, other = rows[usable[dst]], rows[usable[src]]
         out[usable[dst]] = {**row, "caption": other["caption"], "key": f"{row['key']}|{other['key']}", "matched": False}
         out[usable[dst]].pop("candidates", None)
     return out
+
+
+def apply_mismatch(rows: Sequence[Row], mismatched: Any, seed: int) -> List[Row]:
+    """``mismatched`` applied to one draw's rows: ``False`` as they are, ``True`` every caption shuffled
+    (:func:`mismatch_rows`), ``"both"`` the rows as they are plus their shuffled copies (AdaIB App. C)."""
+    if mismatched == "both":
+        return list(rows) + [r for r in mismatch_rows(rows, seed) if "skip" not in r]
+    return mismatch_rows(rows, seed) if mismatched else list(rows)
+
+
+def finish_draws(
+    draws: Sequence[Draw], picks: Sequence[Sequence[Row]], mismatched: Any, partition: Optional[str],
+    thresholds: Optional[Tuple[float, float]], score: Callable[[List[Row]], List[Optional[List[float]]]],
+) -> Tuple[List[Row], Any]:
+    """Mismatch and partition each draw's picked rows, then merge the draws (:func:`merge_draws`).
+
+    ``score(rows)`` gives each row's similarity list (:func:`score_rows`' shape); it is called once, on the
+    distinct rows of all draws, and only when ``partition`` is set. Each draw's partition bounds are its own
+    rows' terciles (or ``thresholds``). Returns the rows and the bounds (one pair, or ``{run seed: pair}``).
+    """
+    groups = [apply_mismatch(rows, mismatched, d.mismatch_seed) for d, rows in zip(draws, picks)]
+    if not partition:
+        return merge_draws(draws, groups), None
+    unique: Dict[str, Row] = {}
+    for group in groups:
+        for row in group:
+            unique.setdefault(row["key"], row)
+    scores = score(list(unique.values()))
+    sims = {k: (s[0] if s else None) for k, s in zip(unique, scores)}
+    bounds: Dict[Optional[int], Tuple[float, float]] = {}
+    for i, (draw, group) in enumerate(zip(draws, groups)):
+        group_sims = [sims[r["key"]] for r in group]
+        bounds[draw.run_seed] = partition_bounds([x for x in group_sims if x is not None], thresholds)
+        groups[i] = partition_rows(group, group_sims, partition, bounds[draw.run_seed])
+    return merge_draws(draws, groups), bounds[None] if None in bounds else bounds
 
 
 def clip_scorer(clip: Any) -> Score:

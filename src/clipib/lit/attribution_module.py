@@ -8,7 +8,9 @@ which do every disk and image write. A resumed run feeds the records of finished
 :meth:`AttributionModule.resume`; :meth:`AttributionModule.summary` gives the synced result.
 
 Seeds: a pair's seed is derived from its sample key and the run seed (:func:`sample_seed`), so records do not
-depend on batch size, worker count or number of processes.
+depend on batch size, worker count or number of processes. With per-run samples (``Selection.resample``) a batch
+carries ``run_seeds`` (per pair, the run seeds whose sample holds it): each method runs, and is scored, on a pair
+only under those seeds, and the pair's records carry the list (the RecordWriter's resume reads it).
 """
 
 from __future__ import annotations
@@ -108,8 +110,11 @@ class AttributionModule(LightningModule):
         self.speed = nn.ModuleDict({m: Throughput() for m in self.methods})
 
     def setup(self, stage: str) -> None:
-        """Hand the loaded model's preprocess, tokenizer and pair scorer to the data (``use_model``)."""
+        """Hand the loaded model's preprocess, tokenizer and pair scorer (``use_model``) and the run seeds
+        (``use_run_seeds``: per-run samples) to the data."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "use_run_seeds"):
+            datamodule.use_run_seeds(self.seeds)
         if datamodule is not None and hasattr(datamodule, "use_model"):
             datamodule.use_model(self.clip)
 
@@ -135,30 +140,39 @@ class AttributionModule(LightningModule):
         """Explain, score and return ``{"records", "maps": {(method, seed): Attribution}, "batch", "skipped"}``.
 
         ``skipped`` lists the samples the data pipeline could not read (``{"key", "reason"}``); ``batch`` is
-        None when every sample of the batch was skipped.
+        None when every sample of the batch was skipped. With per-run samples (``run_seeds`` in the batch) the
+        output also has ``"batches": {seed: the pairs of that seed}``, the rows the maps of that seed belong to.
         """
         skipped = list(batch.get("skipped", []))
         if not len(batch["key"]):
             return {"records": [], "maps": {}, "batch": None, "skipped": skipped}
         records: List[Record] = []
         maps: Dict[tuple, Attribution] = {}
-        shared = {seed: self._baseline_values(batch, s_idx) for s_idx, seed in enumerate(self.seeds)}
+        parts = {seed: seed_batch(batch, seed) for seed in self.seeds}
+        shared = {seed: {} if part is None else self._baseline_values(part, s_idx)
+                  for s_idx, (seed, part) in enumerate(parts.items())}
         for method in self.methods:
             if self.modality(method) is None:
                 continue
             for s_idx, seed in enumerate(self.seeds):
-                seeds = [sample_seed(k, seed) for k in batch["key"]]
+                part = parts[seed]
+                if part is None:  # no pair of this batch is in this run seed's sample
+                    continue
+                seeds = [sample_seed(k, seed) for k in part["key"]]
                 start = start_timer(self.device)
-                attr = self._attribute(method, batch, seeds)
-                self.speed[method].update(len(batch["key"]), *stop_timer(self.device, start))
-                values = self._score(method, batch, attr, s_idx, seeds)
+                attr = self._attribute(method, part, seeds)
+                self.speed[method].update(len(part["key"]), *stop_timer(self.device, start))
+                values = self._score(method, part, attr, s_idx, seeds)
                 extra = {**attr.scalars, **weighted_terms(attr.scalars), **shared[seed],
-                         **({"matched": batch["matched"]} if "matched" in batch else {})}
-                self._update_auroc(method, {**values, **extra}, batch.get("matched"), s_idx)
-                records += _records(batch["key"], method, seed, {**values, **extra})
+                         **({"matched": part["matched"]} if "matched" in part else {})}
+                self._update_auroc(method, {**values, **extra}, part.get("matched"), s_idx)
+                records += _records(part["key"], method, seed, {**values, **extra}, part.get("run_seeds"))
                 if self.hparams.keep_maps:
                     maps[(method, seed)] = attr
-        return {"records": records, "maps": maps, "batch": batch, "skipped": skipped}
+        out = {"records": records, "maps": maps, "batch": batch, "skipped": skipped}
+        if "run_seeds" in batch:
+            out["batches"] = {seed: part for seed, part in parts.items() if part is not None}
+        return out
 
     def _baseline_values(self, batch: Dict[str, Any], seed_index: int) -> Dict[str, Tensor]:
         """The clean cosine of each pair of one run seed (``clip_cos``), fed once into that seed's baseline
@@ -262,10 +276,36 @@ def _grouped(records: Sequence[Record], methods: List[str], seeds: List[int]):
         yield method, s_idx, rows
 
 
-def _records(keys: List[str], method: str, seed: int, values: Dict[str, Tensor]) -> List[Record]:
+def seed_batch(batch: Dict[str, Any], seed: int) -> Optional[Dict[str, Any]]:
+    """The pairs of ``batch`` that run seed ``seed`` evaluates: the batch itself without ``run_seeds``, else the
+    pairs whose ``run_seeds`` hold ``seed`` (every per-pair field indexed; None when there are none)."""
+    if "run_seeds" not in batch:
+        return batch
+    keep = [i for i, seeds in enumerate(batch["run_seeds"]) if seed in seeds]
+    if not keep:
+        return None
+    if len(keep) == len(batch["key"]):
+        return batch
+    n, index = len(batch["key"]), torch.tensor(keep, dtype=torch.long)
+    part: Dict[str, Any] = {}
+    for name, value in batch.items():
+        if isinstance(value, Tensor) and value.ndim and value.shape[0] == n:
+            part[name] = value[index.to(value.device)]
+        elif isinstance(value, list) and len(value) == n and name != "skipped":
+            part[name] = [value[i] for i in keep]
+        else:
+            part[name] = value
+    part["skipped"] = []
+    return part
+
+
+def _records(keys: List[str], method: str, seed: int, values: Dict[str, Tensor],
+             run_seeds: Optional[List[List[int]]] = None) -> List[Record]:
     rows = []
     for i, key in enumerate(keys):
         row: Record = {"key": key, "method": method, "seed": seed}
+        if run_seeds is not None:
+            row["run_seeds"] = list(run_seeds[i])
         for name, v in values.items():
             x = float(v[i])
             if v.dtype == torch.bool:

@@ -5,6 +5,7 @@ A source's life (driven by :class:`clipib.data.datamodule.EvalDataModule` / ``Tr
 
     source = ShardDataset(shards="…/{00000..00009}.tar")   # from YAML: only its own arguments
     source.use_transforms(ModelTransforms.from_clip(clip))  # the loaded model's preprocess / tokenizer / scorer
+    source.use_run_seeds([42, 43])                          # the run seeds (per-run samples, Selection.resample)
     source.exclude({"00003/000017", …})                     # resumed run: finished keys, never decoded
     source.prepare(rank, world_size, batch_size, num_workers)  # read the table / split the shards (once)
     DataLoader(source, collate_fn=ClipCollate(...))
@@ -15,7 +16,7 @@ Items follow :mod:`clipib.data.common` (samples or skip markers).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Dict, FrozenSet, Iterable, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, Optional, Sequence, Tuple
 
 from torch.utils.data import Dataset
 
@@ -72,6 +73,12 @@ class Source(Dataset):
 
     transforms: Optional[ModelTransforms] = None
     excluded: FrozenSet[str] = frozenset()
+    run_seeds: Optional[Tuple[int, ...]] = None
+
+    def use_run_seeds(self, seeds: Sequence[int]) -> None:
+        """The run seeds of the evaluation (before :meth:`prepare`): a ``sample`` with ``resample`` draws one
+        sample per run seed (:class:`~clipib.data.sources.rows.Selection`). Unknown (``None``): one draw."""
+        self.run_seeds = tuple(int(s) for s in seeds)
 
     def use_transforms(self, transforms: ModelTransforms) -> None:
         """Use the model's transforms (before :meth:`prepare`)."""

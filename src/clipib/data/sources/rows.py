@@ -2,8 +2,9 @@
 selection options.
 
 A row source reads its rows in :meth:`RowSource.prepare`, applies the :class:`Selection` options in the
-order read -> ``sample`` -> caption choice (Flickr8k) -> ``mismatched`` -> ``partition``, then drops the
-excluded keys; only then is any item decoded. The caption choice and ``partition`` score rows with the
+order read -> ``sample`` (one per run seed with ``resample``) -> caption choice (Flickr8k) -> ``mismatched`` ->
+``partition``, then drops the excluded keys; only then is any item decoded. With per-run samples the rows are
+the union of the samples, each once, with ``"run_seeds"`` (:func:`clipib.data.selection.merge_draws`). The caption choice and ``partition`` score rows with the
 model's pair scorer (``ModelTransforms.score``): every row is scored (a row's selection depends on the
 others' scores), on rank 0, whose scores are broadcast so that every rank selects the same rows.
 """
@@ -25,15 +26,24 @@ class Selection:
     """Which rows of a table are evaluated (all options off by default).
 
     Args:
-        sample, sample_seed: a fixed-seed sample of ``sample`` usable rows (``random.Random(sample_seed)``).
+        sample, sample_seed: a sample of ``sample`` usable rows (``random.Random``).
+        resample: with ``sample``, each run seed draws its own sample (seeded by ``sample_seed`` and the run
+            seed, :func:`clipib.data.selection.draw_seed`), as AdaIB App. A.2 draws a new 2,000 pairs per run:
+            the std over run seeds then includes the sampling spread (and a deterministic method gets one).
+            Rows carry ``"run_seeds"`` (which runs' samples hold them); the union is read once and a method
+            runs on a row only under those seeds. ``False``: one sample (``random.Random(sample_seed)``) for
+            every run seed, so the std over seeds is the methods' own noise only.
         mismatched, mismatch_seed: give every row another row's caption (``matched=False``); ``"both"``
             keeps the original pairs and adds the shuffled ones (AdaIB App. C, matched-vs-mismatched AUROC).
+            With per-run samples, each run's sample is shuffled within itself (seed from ``mismatch_seed``
+            and the run seed).
         partition, partition_thresholds: keep the ``noisy`` / ``borderline`` / ``clean`` third by CLIP
             similarity (AdaIB Table 5), or split at explicit ``(low, high)`` similarities.
     """
 
     sample: Optional[int] = None
     sample_seed: int = 0
+    resample: bool = True
     mismatched: Union[bool, Literal["both"]] = False
     mismatch_seed: int = 0
     partition: Optional[Literal["noisy", "borderline", "clean"]] = None
@@ -95,21 +105,23 @@ class RowSource(Source):
         return scores
 
     def select(self, rows: List[Row]) -> List[Row]:
-        """Apply ``sample``, :meth:`choose`, ``mismatched`` and ``partition`` to ``rows``."""
+        """Apply ``sample`` (per run seed when resampling), :meth:`choose`, ``mismatched`` and ``partition``."""
         opts = self.selection
+        draws = selection.plan_draws(opts.sample, opts.resample, opts.sample_seed, opts.mismatch_seed, self.run_seeds)
         if opts.sample:
-            rows = selection.sample_rows(rows, opts.sample, opts.sample_seed)
-        rows = self.choose(rows)
-        if opts.mismatched == "both":  # AdaIB App. C: every pair once as is, once with a shuffled caption
-            rows = list(rows) + [r for r in selection.mismatch_rows(rows, opts.mismatch_seed) if "skip" not in r]
-        elif opts.mismatched:
-            rows = selection.mismatch_rows(rows, opts.mismatch_seed)
-        if opts.partition:
-            sims = [s[0] if s else None for s in self.scores(rows)]
-            bounds = selection.partition_bounds([s for s in sims if s is not None], opts.partition_thresholds)
-            rows = selection.partition_rows(rows, sims, opts.partition, bounds)
+            usable = [i for i, row in enumerate(rows) if "skip" not in row]
+            picks = [[usable[j] for j in selection.sample_positions(len(usable), opts.sample, d.sample_seed)]
+                     for d in draws]
+        else:
+            picks = [list(range(len(rows)))]
+        union = sorted(set().union(*picks))
+        chosen = dict(zip(union, self.choose([rows[i] for i in union])))  # each row's caption chosen once
+        out, bounds = selection.finish_draws(draws, [[chosen[i] for i in p] for p in picks], opts.mismatched,
+                                             opts.partition, opts.partition_thresholds, self.scores)
+        if bounds is not None:
             self._info["partition_bounds"] = bounds
-        return rows
+        self._info.update(draw_info(opts, draws))
+        return out
 
     def __len__(self) -> int:
         """Number of rows after selection and exclusion, skipped ones included (each is reported once)."""
@@ -122,3 +134,12 @@ class RowSource(Source):
         if self.rows is None:
             raise RuntimeError(f"{type(self).__name__}.prepare(...) must run before items are read")
         return load_row(self.rows[index], self.need_transforms().preprocess, self.extras)
+
+
+def draw_info(opts: Selection, draws: List[selection.Draw]) -> Dict[str, Any]:
+    """What a source reports about a ``sample``: ``sample`` (pairs per draw), ``resampled`` (one draw per run
+    seed) and, when resampled, the ``run_seeds`` drawn for; nothing without a sample."""
+    if not opts.sample:
+        return {}
+    resampled = any(d.run_seed is not None for d in draws)
+    return {"sample": opts.sample, "resampled": resampled, **({"run_seeds": [d.run_seed for d in draws]} if resampled else {})}

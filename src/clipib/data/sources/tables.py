@@ -25,7 +25,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Literal, Mapping, Optional, Union
+from typing import Callable, Dict, List, Literal, Mapping, Optional, Union
 from urllib.parse import unquote, urlparse
 
 from clipib.data.common import Row
@@ -209,30 +209,68 @@ class CsvDataset(RowSource):
         return read_csv(self.path, self.image_root)
 
 
+NIB_BATCH = 32
+"""NIB's Flickr8k batch size (its ``generate_attributions.py``: ``BS = 32``, unshuffled)."""
+CAPTION_CHOICES = ("own", "nib_code", "best")
+
+
 class Flickr8kDataset(RowSource):
     """Flickr8k ``en_val.json`` (:func:`read_flickr8k`): one row per image, one of its 5 captions.
 
     Args:
         path: ``en_val.json``.
         image_root: image folder (default: the JSON's folder).
-        caption_choice: ``"best"`` (most similar to its own image; needs the model's scorer) or an index.
+        caption_choice: which caption a row keeps (needs the model's scorer unless an index):
+
+            * ``"own"`` (default): the caption most similar to the row's own image - NIB's stated protocol
+              (Sec. 5.1: the most similar of the 5 captions), done as stated. ``"best"`` is the same rule.
+            * ``"nib_code"``: the rule NIB's published Flickr8k rows came from (REFERENCE_NOTES §8): its code
+              scores every row's captions against the *first image of the row's batch* of 32 consecutive rows
+              of ``en_val.json`` (unshuffled), not against the row's own image. Batches are counted over the
+              whole file, as NIB ran it, whatever rows ``selection`` keeps; a row whose batch's first image
+              cannot be scored becomes a skip. Use it only to reproduce NIB Table 2's Flickr8k rows.
+            * an index: caption ``i`` of each row.
         selection: which rows are evaluated (the caption is chosen after ``sample``).
     """
 
     def __init__(self, path: str, image_root: Optional[str] = None,
-                 caption_choice: Union[Literal["best"], int] = "best", selection: Optional[Selection] = None) -> None:
+                 caption_choice: Union[Literal["own", "nib_code", "best"], int] = "own",
+                 selection: Optional[Selection] = None) -> None:
         super().__init__(selection)
+        if not isinstance(caption_choice, int) and caption_choice not in CAPTION_CHOICES:
+            raise ValueError(f"caption_choice must be one of {CAPTION_CHOICES} or an index, got {caption_choice!r}")
         self.path, self.image_root, self.caption_choice = path, image_root, caption_choice
 
     def read_rows(self) -> List[Row]:
-        """Rows with all captions as ``"candidates"`` (key: image name)."""
-        return read_flickr8k(self.path, self.image_root)
+        """Rows with all captions as ``"candidates"`` (key: image name) and, for ``"nib_code"``, the image
+        NIB's code compared them with (``"nib_reference"``: the first image of the row's batch of 32)."""
+        rows = read_flickr8k(self.path, self.image_root)
+        if self.caption_choice == "nib_code":
+            for i, row in enumerate(rows):
+                row["nib_reference"] = rows[i - i % NIB_BATCH]["image"]
+        return rows
 
     def choose(self, rows: List[Row]) -> List[Row]:
-        """Pick each row's caption: the best-scoring one, or the one at ``caption_choice``."""
-        if self.caption_choice == "best":
+        """Pick each row's caption by ``caption_choice`` (class docstring)."""
+        if self.caption_choice in ("own", "best"):
             return choose_best_captions(rows, self.scores(rows))
+        if self.caption_choice == "nib_code":
+            return choose_nib_code_captions(rows, self.scores)
         return [pick_caption(r, int(self.caption_choice)) for r in rows]
+
+
+def choose_nib_code_captions(rows: List[Row], scores: Callable[[List[Row]], List[Optional[List[float]]]]) -> List[Row]:
+    """NIB's published Flickr8k rule: each row keeps the candidate most similar to its ``"nib_reference"``
+    image (the first image of its batch), first on ties; the row's own image is the one evaluated."""
+    probes = [row if "skip" in row else {**row, "image": row["nib_reference"]} for row in rows]
+    chosen = choose_best_captions(probes, scores(probes))
+    out: List[Row] = []
+    for row, pick in zip(rows, chosen):
+        if "skip" in pick and "skip" not in row:
+            out.append({**row, "skip": "nib_code: the first image of its batch could not be scored"})
+        else:
+            out.append({**pick, "image": row["image"]})
+    return out
 
 
 class FolderDataset(RowSource):

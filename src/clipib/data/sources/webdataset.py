@@ -31,20 +31,46 @@ its image or caption is decoded. YAML::
     dataset:
       class_path: clipib.data.sources.webdataset.ShardDataset
       init_args: {shards: /data/laion400m/{00000..01241}.tar, split: auto}
+
+Selection (``sample`` / ``mismatched`` / ``partition``, :class:`~clipib.data.sources.rows.Selection`, the options
+of the table sources) runs as a first pass in :meth:`ShardDataset.prepare` that writes its work under
+``manifest`` (a folder every process can read; :mod:`clipib.data.manifest`):
+
+1. **scan**: every shard is read once (shards split over ranks), without decoding images; a part per shard
+   lists its samples in stream order: ``{"k": key, "c": caption}``, or ``{"k": key, "s": reason}`` for a sample
+   that cannot be used (no image member, missing / empty / non-UTF-8 caption; a shard that cannot be read).
+   Parts are reused by later runs over the same shards (they hold keys and captions only).
+2. **select**: the usable samples, numbered in shard order, are sampled by position (the table sources'
+   :func:`~clipib.data.selection.sample_positions`, so a table with the same usable rows in the same order picks
+   the same pairs), per run seed with ``resample``; only the picked samples' lines are kept in memory. Then
+   ``mismatched`` (captions of other picked samples) and, for ``partition``, a **score** pass: the picked
+   images are decoded and scored with the model's scorer, shards split over ranks, a part per shard.
+3. the **manifest** ``selection-<hash>.jsonl``: one line per evaluated pair (``key``, ``image_key``,
+   ``caption``, ``matched``, ``similarity``, ``run_seeds``), written by rank 0 and read by every process.
+
+The evaluation pass then reads only the shards that hold a manifest image, decodes each such image once and
+yields its manifest pairs (two with ``mismatched: both``). A manifest image missing from its shard is reported
+as a skip. Without ``sample``, every sample's scan line is held in memory: at LAION scale, sample.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import asdict
 from itertools import islice
-from typing import Any, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Set, Tuple, Union
 
+import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
-from clipib.data.common import IMAGE_ERRORS, Item, decode_caption, decode_image, image_error, skip_item
+import clipib.data.manifest as manifest
+import clipib.data.selection as selection
+from clipib.data.common import IMAGE_ERRORS, Item, Row, decode_caption, decode_image, image_error, skip_item
 from clipib.data.sources.base import Source
+from clipib.data.sources.rows import Selection, draw_info
 
 ShardSpec = Union[str, Sequence[str]]
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -94,6 +120,10 @@ class ShardDataset(Source, IterableDataset):
         shards: shard URLs / brace patterns (see module docstring).
         split: ``"auto"`` | ``"shard"`` | ``"sample"`` (module docstring).
         image_exts, caption_exts: member extensions tried in order for the image and the caption.
+        selection: ``sample`` / ``resample`` / ``mismatched`` / ``partition`` as for the table sources; runs a
+            first pass (module docstring) that needs ``manifest``.
+        manifest: folder for the first pass's parts and the manifest (shared by every process; reused by later
+            runs over the same shards).
 
     The rank and world size come from :meth:`prepare` (the DataModule passes the trainer's; ``None`` reads
     them like webdataset does: ``RANK``/``WORLD_SIZE`` env vars, else ``torch.distributed``). Sample keys are
@@ -106,6 +136,8 @@ class ShardDataset(Source, IterableDataset):
         split: Literal["auto", "shard", "sample"] = "auto",
         image_exts: Sequence[str] = IMAGE_EXTS,
         caption_exts: Sequence[str] = CAPTION_EXTS,
+        selection: Optional[Selection] = None,
+        manifest: Optional[str] = None,
     ) -> None:
         super().__init__()
         if split not in SPLITS:
@@ -115,13 +147,169 @@ class ShardDataset(Source, IterableDataset):
         self.world_size: Optional[int] = None
         self.split = split
         self.image_exts, self.caption_exts = tuple(image_exts), tuple(caption_exts)
+        self.selection = selection or Selection()
+        opts = self.selection
+        if (opts.sample or opts.mismatched or opts.partition) and not manifest:
+            raise ValueError("ShardDataset: sample / mismatched / partition run a first pass over the shards that "
+                             "writes a manifest; give manifest: <a folder every process can read>")
+        self.manifest = manifest
+        self.rows: Optional[List[Row]] = None  # the manifest's pairs (selection only)
+        self._info: Dict[str, Any] = {}
+
+    @property
+    def selecting(self) -> bool:
+        """Whether a selection option is set (evaluation then follows the manifest)."""
+        opts = self.selection
+        return bool(opts.sample or opts.mismatched or opts.partition)
 
     def prepare(self, rank: Optional[int], world_size: Optional[int], batch_size: int, num_workers: int) -> None:
-        """Remember this process's place in the world and check that the local shards exist."""
+        """Remember this process's place in the world, check that the local shards exist and, with a selection,
+        run the first pass and read its manifest (every process: it is a collective step under DDP)."""
         local = [u for u in self.urls if is_local(u)]
         if local and not any(os.path.exists(u) for u in local):
             raise FileNotFoundError(f"none of the {len(local)} shards exists (first: {local[0]})")
         self.rank, self.world_size = rank, world_size
+        if self.selecting and self.rows is None:
+            grid_rank, grid_world = worker_grid(rank, world_size)[:2]
+            self.rows = self.first_pass(grid_rank, grid_world, batch_size)
+            self._info["rows"] = len(self.rows)
+
+    # ---- first pass: scan, select, score, manifest -------------------------------------------------------
+
+    def _folder(self) -> Path:
+        return Path(str(self.manifest))
+
+    def scan_paths(self) -> List[Path]:
+        """The scan part of each shard (named by position, shard name and a digest of its URL and extensions)."""
+        return [self._folder() / "scan" / f"{i:05d}-{shard_name(u)}-{manifest.spec_hash([u, self.image_exts, self.caption_exts])}.jsonl"
+                for i, u in enumerate(self.urls)]
+
+    def scan_shard(self, index: int) -> List[Dict[str, Any]]:
+        """Scan lines of shard ``index`` in stream order (keys and captions; images are not decoded)."""
+        lines: List[Dict[str, Any]] = []
+        failed: Set[str] = set()
+
+        def handler(exn: Exception) -> bool:
+            item = self._error_item(exn)
+            if item["key"] not in failed:
+                failed.add(item["key"])
+                lines.append({"k": item["key"], "s": item["skip"]})
+            return True
+
+        for raw in wds.DataPipeline(wds.SimpleShardList([self.urls[index]]), wds.tarfile_to_samples(handler=handler)):
+            key = self.raw_key(raw)
+            if next((e for e in self.image_exts if e in raw), None) is None:
+                lines.append({"k": key, "s": "missing image"})
+                continue
+            caption_ext = next((e for e in self.caption_exts if e in raw), None)
+            try:
+                lines.append({"k": key, "c": decode_caption(raw[caption_ext] if caption_ext else None)})
+            except ValueError as exn:
+                lines.append({"k": key, "s": str(exn)})
+        return lines
+
+    def first_pass(self, rank: int, world: int, batch_size: int) -> List[Row]:
+        """Scan (shared over ranks), select, score (``partition``), write and read the manifest."""
+        opts = self.selection
+        scans = self.scan_paths()
+        manifest.shared_work(scans, self.scan_shard, rank, world)
+        draws = selection.plan_draws(opts.sample, opts.resample, opts.sample_seed, opts.mismatch_seed, self.run_seeds)
+        picks, by_position = self._pick(scans, draws)
+        score = lambda rows: self._score(rows, rank, world, batch_size)  # noqa: E731
+        rows, bounds = selection.finish_draws(draws, [[by_position[i] for i in p] for p in picks], opts.mismatched,
+                                              opts.partition, opts.partition_thresholds, score)
+        if bounds is not None:
+            self._info["partition_bounds"] = bounds
+        self._info.update(draw_info(opts, draws))
+        spec = {"shards": self.urls, "exts": [self.image_exts, self.caption_exts], "selection": asdict(opts),
+                "draws": [asdict(d) for d in draws]}
+        if opts.partition:
+            spec["scorer"] = manifest.scorer_fingerprint(self.need_transforms().score, self.need_transforms().image_size)
+        path = self._folder() / f"selection-{manifest.spec_hash(spec)}.jsonl"
+        if rank == 0 or not manifest.distributed():
+            manifest.write_lines(path, rows)
+        manifest.barrier()
+        self._info["manifest"] = str(path)
+        return list(manifest.read_lines(path))
+
+    def _pick(self, scans: List[Path], draws: List[selection.Draw]) -> Tuple[List[List[int]], Dict[int, Row]]:
+        """Each draw's positions and the rows at them: usable samples numbered in shard order (``sample``), or
+        every scan line, unusable ones as skip rows (no ``sample``)."""
+        opts = self.selection
+        if not opts.sample:
+            rows = [_scan_row(line) for path in scans for line in manifest.read_lines(path)]
+            return [list(range(len(rows)))], dict(enumerate(rows))
+        counts = [sum(1 for line in manifest.read_lines(path) if "c" in line) for path in scans]
+        total = sum(counts)
+        picks = [selection.sample_positions(total, opts.sample, d.sample_seed) for d in draws]
+        wanted = sorted(set().union(*picks))
+        by_position: Dict[int, Row] = {}
+        start, cursor = 0, 0  # first position of the current shard; index into `wanted`
+        for path, count in zip(scans, counts):
+            if cursor < len(wanted) and wanted[cursor] < start + count:
+                usable = (line for line in manifest.read_lines(path) if "c" in line)
+                for position, line in enumerate(usable, start):
+                    if cursor < len(wanted) and position == wanted[cursor]:
+                        by_position[position] = _scan_row(line)
+                        cursor += 1
+            start += count
+        return picks, by_position
+
+    def score_paths(self, rows: List[Row]) -> Tuple[List[int], List[Path]]:
+        """The shards holding the images of ``rows`` and each one's score part (named after the model and pairs)."""
+        names = {shard_name(u): i for i, u in enumerate(self.urls)}
+        shards = sorted({names[r["image_key"].split("/", 1)[0]] for r in rows if "skip" not in r})
+        transforms = self.need_transforms()
+        fingerprint = manifest.scorer_fingerprint(transforms.score, transforms.image_size)
+        paths = []
+        for i in shards:
+            pairs = sorted((r["key"], r["caption"]) for r in rows if "skip" not in r and _shard_of(r) == shard_name(self.urls[i]))
+            paths.append(self._folder() / "scores" / f"{i:05d}-{manifest.spec_hash([self.urls[i], fingerprint, pairs])}.jsonl")
+        return shards, paths
+
+    def _score(self, rows: List[Row], rank: int, world: int, batch_size: int) -> List[Optional[List[float]]]:
+        """Similarity of each row's image with its caption (``None`` for skips and undecodable images): the images
+        are read from their shards, shards split over ranks, a part per shard."""
+        transforms = self.need_transforms()
+        if transforms.score is None:
+            raise ValueError("this data option needs CLIP scores: hand the model with datamodule.use_model(clip)")
+        shards, paths = self.score_paths(rows)
+
+        def compute(j: int) -> List[Dict[str, Any]]:
+            mine = [r for r in rows if "skip" not in r and _shard_of(r) == shard_name(self.urls[shards[j]])]
+            return self._score_shard(shards[j], mine, batch_size)
+
+        manifest.shared_work(paths, compute, rank, world)
+        scores: Dict[str, Optional[List[float]]] = {}
+        for path in paths:
+            scores.update({line["key"]: line["s"] for line in manifest.read_lines(path)})
+        return [scores.get(r["key"]) for r in rows]
+
+    def _score_shard(self, index: int, rows: List[Row], batch_size: int) -> List[Dict[str, Any]]:
+        """Score ``rows`` whose images are in shard ``index`` (each image decoded once)."""
+        transforms = self.need_transforms()
+        by_image: Dict[str, List[Row]] = {}
+        for r in rows:
+            by_image.setdefault(r["image_key"], []).append(r)
+        images, captions, keys, out = [], [], [], []
+        for raw in wds.DataPipeline(wds.SimpleShardList([self.urls[index]]), wds.tarfile_to_samples(handler=wds.ignore_and_continue)):
+            mine = by_image.pop(self.raw_key(raw), None)
+            if not mine:
+                continue
+            item = self.decode(raw, transforms.preprocess)
+            for r in mine:
+                if "skip" in item:
+                    out.append({"key": r["key"], "s": None})
+                else:
+                    images.append(item["image"])
+                    captions.append(r["caption"])
+                    keys.append(r["key"])
+        for start in range(0, len(keys), max(batch_size, 1)):
+            with torch.no_grad():
+                sims = transforms.score(torch.stack(images[start : start + batch_size]), captions[start : start + batch_size])
+            out += [{"key": k, "s": [float(v)]} for k, v in zip(keys[start : start + batch_size], sims.flatten().tolist())]
+        out += [{"key": r["key"], "s": None} for rest in by_image.values() for r in rest]  # not found in the shard
+        return out
 
     def mode(self, slots: int) -> str:
         """The split actually used with ``slots`` rank x worker slots."""
@@ -130,7 +318,12 @@ class ShardDataset(Source, IterableDataset):
         return "shard" if len(self.urls) >= slots else "sample"
 
     def __iter__(self) -> Iterator[Item]:
-        """Yield this slot's share of samples and skip markers."""
+        """Yield this slot's share of samples and skip markers (with a selection: of the manifest's pairs)."""
+        if self.selecting:
+            if self.rows is None:
+                raise RuntimeError("ShardDataset.prepare(...) must run before items are read (it writes the manifest)")
+            yield from self._iter_manifest()
+            return
         rank, world, worker, n_workers = worker_grid(self.rank, self.world_size)
         slots, slot = world * n_workers, rank * n_workers + worker
         mode = self.mode(slots)
@@ -159,6 +352,46 @@ class ShardDataset(Source, IterableDataset):
             if self.raw_key(raw) not in self.excluded:  # a finished sample: not decoded
                 yield self.decode(raw, preprocess)
         yield from self._drain(errors, report_errors)
+
+    def _iter_manifest(self) -> Iterator[Item]:
+        """This slot's share of the manifest's pairs: only shards holding a manifest image are read, each image is
+        decoded once and yields every pair made with it; known skips and missing images are reported once."""
+        rank, world, worker, n_workers = worker_grid(self.rank, self.world_size)
+        slots, slot = world * n_workers, rank * n_workers + worker
+        rows = [r for r in self.rows or [] if r["key"] not in self.excluded]
+        by_image: Dict[str, List[Row]] = {}
+        for r in rows:
+            if "skip" not in r:
+                by_image.setdefault(r["image_key"], []).append(r)
+        if slot == 0:  # skips known from the scan: reported by one slot
+            yield from (skip_item(r["key"], r["skip"]) for r in rows if "skip" in r)
+        needed = {_shard_of(r) for pairs in by_image.values() for r in pairs}
+        urls = [u for u in self.urls if shard_name(u) in needed]  # shards without a manifest image are not read
+        mode = self.split if self.split != "auto" else "shard" if len(urls) >= slots else "sample"
+        mine = urls[rank::world][worker::n_workers] if mode == "shard" else urls
+        seen: Set[str] = set()
+
+        def wanted(src: Iterable[dict]) -> Iterator[dict]:
+            """The raw samples holding a manifest image, noted as seen (before any slot slicing)."""
+            for raw in src:
+                if self.raw_key(raw) in by_image:
+                    seen.add(self.raw_key(raw))
+                    yield raw
+
+        stages: List[Any] = [wds.SimpleShardList(mine), wds.tarfile_to_samples(handler=wds.ignore_and_continue),
+                             wanted] if mine else []
+        if mine and mode == "sample":
+            stages.append(wds.filters.pipelinefilter(_slice)(slot, slots))
+        preprocess = self.need_transforms().preprocess
+        for raw in (wds.DataPipeline(*stages) if mine else []):
+            key = self.raw_key(raw)
+            item = self.decode(raw, preprocess)
+            for r in by_image[key]:
+                yield _manifest_item(r, item)
+        reported = {shard_name(u) for u in mine} if mode == "shard" else (needed if slot == 0 else set())
+        for key, pairs in by_image.items():
+            if key not in seen and key.split("/", 1)[0] in reported and (mode == "shard" or slot == 0):
+                yield from (skip_item(r["key"], "image not found in its shard") for r in pairs)
 
     def _drain(self, errors: List[Item], report: bool) -> Iterator[Item]:
         """Yield (when ``report``) and clear the shard-level skips collected so far."""
@@ -198,3 +431,27 @@ class ShardDataset(Source, IterableDataset):
         except IMAGE_ERRORS as exn:
             return skip_item(key, image_error(exn))
         return {"key": key, "image": preprocess(image), "caption": caption, "matched": True}
+
+
+def _scan_row(line: Dict[str, Any]) -> Row:
+    """A selection row from a scan line: ``{"key", "image_key", "caption"}`` or a skip row."""
+    if "c" in line:
+        return {"key": line["k"], "image_key": line["k"], "caption": line["c"]}
+    return {"key": line["k"], "image_key": line["k"], "caption": "", "skip": line["s"]}
+
+
+def _shard_of(row: Row) -> str:
+    """The shard name of a row's image (keys are ``"<shard name>/<member key>"``)."""
+    return row["image_key"].split("/", 1)[0]
+
+
+def _manifest_item(row: Row, item: Item) -> Item:
+    """The item of one manifest pair from its decoded image's item (a skip stays a skip, under the pair's key)."""
+    if "skip" in item:
+        return skip_item(row["key"], item["skip"])
+    out = {"key": row["key"], "image": item["image"], "caption": row["caption"], "matched": bool(row.get("matched", True))}
+    if "similarity" in row:
+        out["similarity"] = float(row["similarity"])
+    if "run_seeds" in row:
+        out["run_seeds"] = list(row["run_seeds"])
+    return out
