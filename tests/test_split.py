@@ -272,3 +272,25 @@ def test_qk_hook_gives_what_the_attention_compares(tiny_family, tiny_clip, pairs
         if mask is not None:
             logits = logits + mask
         torch.testing.assert_close(logits.softmax(-1), probs[1], atol=1e-5, rtol=0)
+
+
+def _raw_is_open_clips(clip, images, ids):
+    """``normalize=False`` (AdaIB's ``embeddings="raw"``): open_clip's un-normalised embeddings, at every entry point."""
+    m = clip.model
+    for tower, x, ref in ((clip.image, images, m.encode_image(images)), (clip.text, ids, m.encode_text(ids))):
+        assert not torch.allclose(ref.norm(dim=-1), torch.ones(ref.shape[0]), atol=1e-3)
+        torch.testing.assert_close(tower.encode(x, normalize=False), ref, atol=1e-4, rtol=1e-5)
+        k = tower.n_layers - 1
+        for pooled in (False, True):
+            out = tower.suffix(tower.prefix(x, k), k, x, pooled_only=pooled, normalize=False)
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip"] + sorted(FAMILIES))
+def test_unnormalised_embeddings(tiny_family, family_pairs, tiny_clip, pairs, family):
+    if family == "clip":
+        _raw_is_open_clips(tiny_clip, *pairs)
+    else:
+        clip = tiny_family(family)
+        _raw_is_open_clips(clip, *family_pairs(clip))

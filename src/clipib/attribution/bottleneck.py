@@ -26,12 +26,25 @@ compute of one unchunked pass, memory of one chunk).
 ``pooled_last_block`` (on by default) evaluates the tower's last block at the pooled row only
 (``Tower.suffix(..., pooled_only=True)``): exact up to float rounding (the head reads no other row), ~40 %
 fewer suffix FLOPs at M2IB's layer on ViT-B/32; ``False`` runs the full last block.
+
+Paper options (defaults leave the reference's computation untouched):
+``sigma`` is M2IB's σ (eq. 4-5, App. A grid over σ²): the posterior is ``N(λh, σ²(1−λ)²)``, i.e.
+``z = λh + σ(1−λ)ε``, against the prior ``N(0, 1)``; its KL gains ``−log σ²`` and ``σ²`` where σ = 1 has 0 and 1.
+``stats`` (``(mean [D], std [D])``, :mod:`clipib.attribution.feature_stats`) is IBA's normalisation (Schulz et
+al. 2020): the bottleneck acts on ``h̃ = (h − μ)/s``, ``z = s·(λh̃ + σ(1−λ)ε) + μ = λh + (1−λ)(μ + sσε)`` — the
+noise follows the feature distribution — and the KL is taken on ``h̃``.
+``extra_params``: per-pair tensors ``[B, ...]`` (e.g. AdaIB's jointly trained g-MLP) optimised with α by the
+same Adam, the same loss and the same per-pair global gradient-norm clip.
+Every run records, per pair, the L2 norm of the gradient the update sees **before** clipping (α's, plus the
+extra parameters' when given): its mean and max over the ``steps − 1`` updates and the fraction of updates the
+clip scaled down (``BottleneckResult.grad_norm_mean`` / ``grad_norm_max`` / ``clipped``; 0 with one step).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +53,9 @@ from torch import Tensor
 from clipib.models.split import Tower
 
 NOISE_STREAMS = ("official", "device")
-Objective = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``objective(emb [B, C, E], target [B, E], kl [B]) -> loss [B]`` (minimised)."""
+Objective = Callable[..., Tensor]
+"""``objective(emb [B, C, E], target [B, E], kl [B]) -> loss [B]`` (minimised); with ``Bottleneck.run(...,
+raw=True)`` it is also given ``raw=`` the embeddings ``[B, C, E]`` before their L2 normalisation (detached)."""
 
 
 @dataclass
@@ -54,6 +68,8 @@ class BottleneckResult:
         fit: ``[B]`` mean cosine over the copies in the last forward pass.
         loss: ``[B]`` the objective of the last forward pass.
         alpha: ``[B, T, D]`` the α of the last forward pass.
+        grad_norm_mean, grad_norm_max: ``[B]`` mean and max over the updates of the pre-clip gradient norm.
+        clipped: ``[B]`` fraction of the updates whose gradient the clip scaled down (0 without a clip).
     """
 
     capacity: Tensor
@@ -61,12 +77,17 @@ class BottleneckResult:
     fit: Tensor
     loss: Tensor
     alpha: Tensor
+    grad_norm_mean: Optional[Tensor] = None
+    grad_norm_max: Optional[Tensor] = None
+    clipped: Optional[Tensor] = None
 
 
-def kl_elementwise(alpha: Tensor, h: Tensor) -> Tensor:
-    """KL( N(λh, (1−λ)²) ‖ N(0, 1) ) per element, λ = sigmoid(α), stable for any α."""
+def kl_elementwise(alpha: Tensor, h: Tensor, sigma: float = 1.0) -> Tensor:
+    """KL( N(λh, σ²(1−λ)²) ‖ N(0, 1) ) per element, λ = sigmoid(α), stable for any α (σ = 1: M2IB's reference)."""
     lam, one_minus = torch.sigmoid(alpha), torch.sigmoid(-alpha)
-    return -0.5 * (1 + 2 * F.logsigmoid(-alpha) - (lam * h) ** 2 - one_minus**2)
+    if sigma == 1.0:
+        return -0.5 * (1 + 2 * F.logsigmoid(-alpha) - (lam * h) ** 2 - one_minus**2)
+    return -0.5 * (1 + 2 * math.log(sigma) + 2 * F.logsigmoid(-alpha) - (lam * h) ** 2 - (sigma * one_minus) ** 2)
 
 
 def draw_noise(
@@ -96,12 +117,44 @@ def _clip_per_sample(grad: Tensor, max_norm: float) -> Tensor:
     return grad * (max_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
+def pair_norms(grads: Sequence[Tensor]) -> Tensor:
+    """``[B]``: each pair's L2 norm over all of ``grads`` (tensors ``[B, ...]``), the norm a global clip sees."""
+    return torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads]).norm(dim=0)
+
+
+def clip_pairs(grads: Sequence[Tensor], norms: Tensor, max_norm: float) -> List[Tensor]:
+    """Scale each pair's slice of every tensor in ``grads`` by ``max_norm / (norm + 1e-6)`` where that is < 1
+    (torch's ``clip_grad_norm_`` rule over all the pair's parameters together)."""
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return [g * scale.view(-1, *[1] * (g.ndim - 1)) for g in grads]
+
+
+@dataclass
+class _GradLog:
+    """Pre-clip gradient norms ``[B]`` per update, summarised into the result's three fields."""
+
+    norms: List[Tensor]
+    clipped: List[Tensor]
+
+    def add(self, norms: Tensor, max_norm: Optional[float]) -> None:
+        self.norms.append(norms.detach())
+        hit = (max_norm / (norms + 1e-6)) < 1.0 if max_norm is not None else torch.zeros_like(norms, dtype=torch.bool)
+        self.clipped.append(hit.detach())
+
+    def summary(self, b: int, like: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        if not self.norms:
+            zero = like.new_zeros(b)
+            return zero, zero, zero
+        norms = torch.stack(self.norms)  # [S-1, B]
+        return norms.mean(0), norms.amax(0), torch.stack(self.clipped).to(norms.dtype).mean(0)
+
+
 @dataclass
 class Bottleneck:
     """Settings of the optimisation (defaults: M2IB's reference code).
 
     ``noise`` (``"official"`` | ``"device"``), ``internal_batch_size`` (most rows per suffix pass, None =
-    all) and ``pooled_last_block`` are speed options described in the module docstring.
+    all) and ``pooled_last_block`` are speed options described in the module docstring; ``sigma`` is M2IB's σ.
     """
 
     steps: int = 10
@@ -112,10 +165,13 @@ class Bottleneck:
     noise: str = "official"
     internal_batch_size: Optional[int] = None
     pooled_last_block: bool = True
+    sigma: float = 1.0
 
     def __post_init__(self) -> None:
         if self.noise not in NOISE_STREAMS:
             raise ValueError(f"noise must be one of {NOISE_STREAMS}, got {self.noise!r}")
+        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
         if self.internal_batch_size is not None and self.internal_batch_size < 1:
             raise ValueError("internal_batch_size must be >= 1 or None")
 
@@ -128,59 +184,108 @@ class Bottleneck:
         generators: List[torch.Generator],
         objective: Objective,
         valid: Optional[Tensor] = None,
+        stats: Optional[Tuple[Tensor, Tensor]] = None,
+        extra_params: Sequence[Tensor] = (),
+        raw: bool = False,
     ) -> BottleneckResult:
         """Optimise one bottleneck per pair at layer ``k`` of ``tower`` on inputs ``x``.
 
         Args:
             target: ``[B, E]`` clean normalised embedding of the other modality.
             valid: ``[B, T]`` bool, the tokens that count (default all); the KL is averaged over them.
+            stats: IBA's per-channel feature ``(mean [D], std [D])`` (std already clamped), or None.
+            extra_params: per-pair leaf tensors ``[B, ...]`` the objective reads, optimised with α.
+            raw: also pass the objective the embeddings before their L2 normalisation (detached), as
+                ``objective(emb, target, kl, raw=emb_raw)``.
         """
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
         with torch.no_grad():
             h = tower.prefix(x, k)  # [B, T, D]
+        h_kl, to_noise = self._feature_space(h, stats)
         b, t, d = h.shape
         valid = torch.ones(b, t, dtype=torch.bool, device=h.device) if valid is None else valid[:, :t]
         lengths = valid.sum(1).tolist()
         weights = valid.to(h.dtype) / valid.sum(1, keepdim=True)  # [B, T], mean over valid tokens
         alpha = torch.full_like(h, self.alpha_init, requires_grad=True)
-        opt = torch.optim.Adam([alpha], lr=self.lr)
+        params = [alpha, *extra_params]
+        opt = torch.optim.Adam(params, lr=self.lr)
+        log = _GradLog([], [])
         xs = x.repeat_interleave(self.copies, 0)
         on_device = self.noise == "device"
         gens = device_generators(generators, h.device) if on_device else generators
         chunked = self.internal_batch_size is not None and self.internal_batch_size < b * self.copies
         for step in range(self.steps):
             eps = draw_noise(gens, self.copies, lengths, (b, t, d), h.device if on_device else None).to(h)
+            eps = to_noise(eps)
             last = step == self.steps - 1
             if chunked:
-                emb, kl_el, kl, loss, grad = self._chunked_step(tower, h, alpha, eps, k, xs, target, objective,
-                                                                weights, last)
+                emb, kl_el, kl, loss, grads = self._chunked_step(tower, h, h_kl, alpha, eps, k, xs, target,
+                                                                 objective, weights, last, extra_params, raw)
             else:
                 z = torch.sigmoid(alpha)[:, None] * h[:, None] + torch.sigmoid(-alpha)[:, None] * eps
-                emb = self._suffix(tower, z.flatten(0, 1), k, xs).view(b, self.copies, -1)  # [B, C, E]
-                kl_el = kl_elementwise(alpha, h)  # [B, T, D]
+                emb = self._suffix(tower, z.flatten(0, 1), k, xs, normalize=not raw).view(b, self.copies, -1)
+                kl_el = kl_elementwise(alpha, h_kl, self.sigma)  # [B, T, D]
                 kl = (kl_el.mean(-1) * weights).sum(-1)  # [B]
-                loss = objective(emb, target, kl)  # [B]
+                if raw:
+                    emb_raw, emb = emb, F.normalize(emb, dim=-1)
+                    loss = objective(emb, target, kl, raw=emb_raw.detach())
+                else:
+                    loss = objective(emb, target, kl)  # [B]
                 if not last:
-                    (grad,) = torch.autograd.grad(loss.sum(), alpha)
+                    grads = list(torch.autograd.grad(loss.sum(), params))
             if last:
                 break  # the map is read from this forward pass; a last update would not change it
             opt.zero_grad(set_to_none=True)
-            alpha.grad = grad if self.clip_grad is None else _clip_per_sample(grad, self.clip_grad)
+            self._set_grads(params, grads, log)
             opt.step()
         fit = (emb * target[:, None]).sum(-1).mean(1)
         capacity = kl_el.detach().sum(-1).masked_fill(~valid, 0)
+        mean_norm, max_norm, clipped = log.summary(b, kl.detach())
         return BottleneckResult(capacity=capacity, kl=kl.detach(), fit=fit.detach(), loss=loss.detach(),
-                                alpha=alpha.detach())
+                                alpha=alpha.detach(), grad_norm_mean=mean_norm, grad_norm_max=max_norm,
+                                clipped=clipped)
 
-    def _suffix(self, tower: Tower, z: Tensor, k: int, x: Tensor) -> Tensor:
-        return tower.suffix(z, k, x, pooled_only=self.pooled_last_block)
+    def _set_grads(self, params: List[Tensor], grads: List[Tensor], log: _GradLog) -> None:
+        """Record the pre-clip norms, clip per pair (all parameters together), set ``.grad``."""
+        if len(params) == 1:  # α alone: the original path, bit for bit
+            (grad,) = grads
+            log.add(grad.flatten(1).norm(dim=1), self.clip_grad)
+            params[0].grad = grad if self.clip_grad is None else _clip_per_sample(grad, self.clip_grad)
+            return
+        norms = pair_norms(grads)
+        log.add(norms, self.clip_grad)
+        if self.clip_grad is not None:
+            grads = clip_pairs(grads, norms, self.clip_grad)
+        for p, g in zip(params, grads):
+            p.grad = g
+
+    def _feature_space(
+        self, h: Tensor, stats: Optional[Tuple[Tensor, Tensor]],
+    ) -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """``(h_kl, to_noise)``: the stream the KL reads and the map from N(0, I) draws ``[B, C, T, D]`` to the
+        noise ``z`` mixes in (σ and IBA's feature statistics; the identity by default)."""
+        if stats is None:
+            if self.sigma == 1.0:
+                return h, lambda eps: eps
+            return h, lambda eps: self.sigma * eps
+        mean, std = (s.to(h) for s in stats)
+        if mean.shape != (h.shape[-1],) or std.shape != (h.shape[-1],):
+            raise ValueError(f"feature statistics have {tuple(mean.shape)} channels, the layer has {h.shape[-1]}")
+        return (h - mean) / std, lambda eps: mean + (std * self.sigma) * eps
+
+    def _suffix(self, tower: Tower, z: Tensor, k: int, x: Tensor, normalize: bool = True) -> Tensor:
+        if normalize:
+            return tower.suffix(z, k, x, pooled_only=self.pooled_last_block)
+        return tower.suffix(z, k, x, pooled_only=self.pooled_last_block, normalize=False)
 
     def _chunked_step(
-        self, tower: Tower, h: Tensor, alpha: Tensor, eps: Tensor, k: int, xs: Tensor, target: Tensor,
-        objective: Objective, weights: Tensor, last: bool,
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
-        """One step with at most ``internal_batch_size`` rows per suffix pass: ``(emb, kl_el, kl, loss, grad)``.
+        self, tower: Tower, h: Tensor, h_kl: Tensor, alpha: Tensor, eps: Tensor, k: int, xs: Tensor,
+        target: Tensor, objective: Objective, weights: Tensor, last: bool, extra_params: Sequence[Tensor] = (),
+        raw: bool = False,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[List[Tensor]]]:
+        """One step with at most ``internal_batch_size`` rows per suffix pass: ``(emb, kl_el, kl, loss, grads)``
+        (``grads``: α's, then ``extra_params``'s).
 
         The objective sees the whole batch once (as unchunked); its gradient reaches α through the KL
         directly and through ``z`` by re-running each chunk with a graph (one chunk's activations at a time).
@@ -191,14 +296,17 @@ class Bottleneck:
         rows = z.detach().flatten(0, 1)  # [B·C, T, D]
         slices = [slice(s, min(s + chunk, b * c)) for s in range(0, b * c, chunk)]
         with torch.no_grad():
-            emb = torch.cat([self._suffix(tower, rows[sl], k, xs[sl]) for sl in slices]).view(b, c, -1)  # [B, C, E]
+            emb = torch.cat([self._suffix(tower, rows[sl], k, xs[sl], not raw) for sl in slices]).view(b, c, -1)
+        emb_raw = None
+        if raw:  # the gradient below re-runs the chunks normalised: the same function of z as F.normalize(raw)
+            emb_raw, emb = emb, F.normalize(emb, dim=-1)
         emb.requires_grad_(not last)
-        kl_el = kl_elementwise(alpha, h)  # [B, T, D]
+        kl_el = kl_elementwise(alpha, h_kl, self.sigma)  # [B, T, D]
         kl = (kl_el.mean(-1) * weights).sum(-1)  # [B]
-        loss = objective(emb, target, kl)  # [B]
+        loss = objective(emb, target, kl) if emb_raw is None else objective(emb, target, kl, raw=emb_raw)  # [B]
         if last:
             return emb, kl_el, kl, loss, None
-        g_alpha, g_emb = torch.autograd.grad(loss.sum(), [alpha, emb], allow_unused=True)
+        g_alpha, g_emb, *g_extra = torch.autograd.grad(loss.sum(), [alpha, emb, *extra_params], allow_unused=True)
         g_emb = g_emb.flatten(0, 1) if g_emb is not None else torch.zeros_like(emb).flatten(0, 1)
         g_rows = torch.empty_like(rows)
         for sl in slices:
@@ -206,4 +314,5 @@ class Bottleneck:
             (g_rows[sl],) = torch.autograd.grad(self._suffix(tower, piece, k, xs[sl]), piece, grad_outputs=g_emb[sl])
         (g_z,) = torch.autograd.grad(z, alpha, grad_outputs=g_rows.view_as(z))
         grad = g_z if g_alpha is None else g_alpha + g_z
-        return emb.detach(), kl_el, kl, loss, grad
+        g_extra = [torch.zeros_like(p) if g is None else g for p, g in zip(extra_params, g_extra)]
+        return emb.detach(), kl_el, kl, loss, [grad, *g_extra]

@@ -134,8 +134,9 @@ class Tower(nn.Module):
         """The residual stream before the first block, ``[B, T, D]``."""
         raise NotImplementedError
 
-    def head(self, h: Tensor, x: Tensor) -> Tensor:
-        """Final norm, pooling and projection of the last residual stream, L2-normalised ``[B, E]``."""
+    def head(self, h: Tensor, x: Tensor, normalize: bool = True) -> Tensor:
+        """Final norm, pooling and projection of the last residual stream, L2-normalised ``[B, E]``
+        (``normalize=False``: the projected embedding before the L2 normalisation)."""
         raise NotImplementedError
 
     def prefix(self, x: Tensor, k: int) -> Tensor:
@@ -147,12 +148,12 @@ class Tower(nn.Module):
         """The one row ``[B]`` the head reads from the last residual stream, or None if it reads several."""
         return None
 
-    def head_pooled(self, h: Tensor, x: Tensor) -> Tensor:
+    def head_pooled(self, h: Tensor, x: Tensor, normalize: bool = True) -> Tensor:
         """:meth:`head` of a last residual stream reduced to its pooled row, ``[B, 1, D]``."""
         raise NotImplementedError
 
     def suffix(self, h: Tensor, k: int, x: Tensor, attn_hook: Optional[AttnHook] = None,
-               pooled_only: bool = False) -> Tensor:
+               pooled_only: bool = False, normalize: bool = True) -> Tensor:
         """Run blocks ``k..n_layers`` on ``h`` and return the L2-normalised embedding ``[B, E]``.
 
         ``x`` is the tower's input (its rows aligned with ``h``'s); the text tower reads EOT positions from it.
@@ -160,18 +161,19 @@ class Tower(nn.Module):
         ``pooled_only`` evaluates the last block at the pooled row only (CLS / EOT; keys and values from every
         row): the same embedding up to float rounding for a fraction of the last block's FLOPs. Ignored with
         ``attn_hook``, at ``k == n_layers`` and for towers whose head reads several rows.
+        ``normalize=False`` returns the projected embedding before its L2 normalisation.
         """
         self._check_k(k)
         rows = self.pooled_rows(x) if pooled_only and attn_hook is None and k < self.n_layers else None
         last = self.blocks[-1] if self.n_layers else None
         if rows is None or not isinstance(last, ResidualAttentionBlock) or not last.attn.batch_first:
-            return self.head(self._blocks(h, k, self.n_layers, attn_hook), x)
+            return self.head(self._blocks(h, k, self.n_layers, attn_hook), x, normalize)
         h = self._blocks(h, k, self.n_layers - 1)
-        return self.head_pooled(_pooled_row_block(last, h, rows, self._mask(h.shape[1])), x)
+        return self.head_pooled(_pooled_row_block(last, h, rows, self._mask(h.shape[1])), x, normalize)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """L2-normalised embedding ``[B, E]``."""
-        return self.head(self._blocks(self.embed(x), 0, self.n_layers), x)
+    def encode(self, x: Tensor, normalize: bool = True) -> Tensor:
+        """L2-normalised embedding ``[B, E]`` (``normalize=False``: before the L2 normalisation)."""
+        return self.head(self._blocks(self.embed(x), 0, self.n_layers), x, normalize)
 
 
 class ImageTower(Tower):
@@ -231,17 +233,17 @@ class ImageTower(Tower):
             return None
         return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # CLS
 
-    def head_pooled(self, h: Tensor, x: Tensor) -> Tensor:
-        return self.head(h, x)  # 'tok' pooling reads row 0 of [B, 1, D]
+    def head_pooled(self, h: Tensor, x: Tensor, normalize: bool = True) -> Tensor:
+        return self.head(h, x, normalize)  # 'tok' pooling reads row 0 of [B, 1, D]
 
     def projection_parameters(self) -> List[nn.Parameter]:
         return [] if self.visual.proj is None else [self.visual.proj]
 
-    def head(self, h: Tensor, x: Tensor) -> Tensor:
+    def head(self, h: Tensor, x: Tensor, normalize: bool = True) -> Tensor:
         pooled, _ = self.visual._pool(h)  # [B, D]
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(pooled, dim=-1) if normalize else pooled
 
 
 class _ProbsHook(nn.Module):
@@ -361,9 +363,10 @@ class TimmImageTower(ImageTower):
     def pooled_rows(self, x: Tensor) -> Optional[Tensor]:
         return torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if self.pool_type == "tok" else None
 
-    def head(self, h: Tensor, x: Tensor) -> Tensor:
+    def head(self, h: Tensor, x: Tensor, normalize: bool = True) -> Tensor:
         pooled = self.trunk.fc_norm(self.trunk.pool(self.trunk.norm(h)))  # [B, D]
-        return F.normalize(self.visual.head(self.trunk.head(pooled)), dim=-1)
+        out = self.visual.head(self.trunk.head(pooled))
+        return F.normalize(out, dim=-1) if normalize else out
 
     def pool_weights(self, x: Tensor) -> Tensor:
         if self.pool_type != "map":
@@ -482,26 +485,26 @@ class TextTower(Tower):
             return []
         return list(proj.parameters()) if isinstance(proj, nn.Module) else [proj]
 
-    def _project(self, pooled: Tensor) -> Tensor:
+    def _project(self, pooled: Tensor, normalize: bool = True) -> Tensor:
         if self.text_projection is not None:
             if isinstance(self.text_projection, nn.Linear):
                 pooled = self.text_projection(pooled)
             else:
                 pooled = pooled @ self.text_projection
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(pooled, dim=-1) if normalize else pooled
 
-    def head(self, h: Tensor, x: Tensor) -> Tensor:
-        return self._pool_at(h, self.eot_positions(x))
+    def head(self, h: Tensor, x: Tensor, normalize: bool = True) -> Tensor:
+        return self._pool_at(h, self.eot_positions(x), normalize)
 
     def pooled_rows(self, x: Tensor) -> Optional[Tensor]:
         return self.eot_positions(x)
 
-    def head_pooled(self, h: Tensor, x: Tensor) -> Tensor:
-        return self._pool_at(h, torch.zeros(h.shape[0], dtype=torch.long, device=h.device))
+    def head_pooled(self, h: Tensor, x: Tensor, normalize: bool = True) -> Tensor:
+        return self._pool_at(h, torch.zeros(h.shape[0], dtype=torch.long, device=h.device), normalize)
 
-    def _pool_at(self, h: Tensor, pool_at: Tensor) -> Tensor:
+    def _pool_at(self, h: Tensor, pool_at: Tensor, normalize: bool = True) -> Tensor:
         h = self.ln_final(h)  # [B, L, D]
-        return self._project(h[torch.arange(h.shape[0], device=h.device), pool_at])
+        return self._project(h[torch.arange(h.shape[0], device=h.device), pool_at], normalize)
 
     def encode_embeddings(self, tok_emb: Tensor, pool_at: Tensor) -> Tensor:
         """Embed given token-embedding rows ``[B, L, D]`` (positions added here), pooled at ``pool_at`` ``[B]``.
