@@ -26,7 +26,8 @@ CAPTIONS = ["a red circle", "a dog", "there is a purple triangle in the picture"
 SETTINGS = {"confidence": {"protocol": "m2ib"}, "localization": {}, "pointing_game": {"tolerance": 1}, "ehr": {},
             "insertion_deletion": {"steps": 2}, "text_topk": {"k": 2}, "mismatch_scalars": {}, "similarity": {},
             "perturbation": {"steps": 2, "road_iters": 3, "chunk": 5}, "complexity": {}, "relevance_localization": {},
-            "faithfulness_correlation": {"n_subsets": 4, "fill": "road", "road_iters": 3, "chunk": 3}}
+            "faithfulness_correlation": {"n_subsets": 4, "fill": "road", "road_iters": 3, "chunk": 3},
+            "retrieval_roar": {"pool_size": 3, "image_fill": "road"}}
 RERUN = {"model_randomisation": {"fractions": [0.0, 1.0]}, "other_target": {}, "sensitivity": {"samples": 2},
          "seed_stability": {"n_maps": 2}}
 
@@ -142,6 +143,7 @@ def test_two_processes_equal_one(tmp_path):
     assert single["localization/iou/std_over_seeds"].item() == 1.0 and single["auroc/n"].item() == N
     assert single["speed/pairs"].item() == N and "similarity/cos/mean" in single
     assert single["faithfulness_correlation/image_faith_corr/n"].item() == N  # ROAD noise seeded by key
+    assert single["retrieval_roar/roar_i2t_oc/n"].item() == 5  # the matched pairs, pooled by key: 3 + 2
 
 
 @pytest.mark.slow  # three processes re-running two methods, ~30 s on the shared 2-core machine

@@ -19,6 +19,7 @@ ALL = {"confidence": {}, "localization": {"q": 0.6}, "pointing_game": {"toleranc
        "perturbation": {"steps": 2, "road_iters": 3}, "faithfulness_correlation": {"n_subsets": 4},
        "complexity": {}, "relevance_localization": {}}
 RERUN = {"model_randomisation": {}, "other_target": {}, "sensitivity": {}, "seed_stability": {}}  # need method=
+DATASET = {"retrieval_roar": {"pool_size": 2}}  # dataset-level, no per-pair records (tests/test_retrieval_roar.py)
 NAMES = {  # what configs and records rely on
     "confidence": (["image_drop", "image_incr"], ["text_drop", "text_incr"]),
     "localization": (["iou"], []),
@@ -40,6 +41,7 @@ NAMES = {  # what configs and records rely on
     "faithfulness_correlation": (["image_faith_corr"], ["text_faith_corr"]),
     "complexity": (["image_sparseness", "image_complexity"], ["text_sparseness", "text_complexity"]),
     "relevance_localization": (["energy_pg", "rel_mass", "rel_rank", "topk_inter", "mask_auroc"], []),
+    "retrieval_roar": ([], []),  # reports roar_<setting> / acc_<setting> in the summary only
 }
 TINY = "tests/data/tiny-clip.json"
 
@@ -64,7 +66,7 @@ def attr(tiny_clip, batch):
 def test_registry_names_and_settings():
     assert set(METRICS) == set(NAMES)
     for name, (image, text) in NAMES.items():
-        metric = METRICS[name](n_seeds=2, **{**ALL, **RERUN}[name])
+        metric = METRICS[name](n_seeds=2, **{**ALL, **RERUN, **DATASET}[name])
         assert isinstance(metric, AttributionMetric)
         assert (metric.value_names("image"), metric.value_names("text")) == (image, text), name
     with pytest.raises(ValueError, match="modality"):

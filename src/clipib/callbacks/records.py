@@ -156,6 +156,8 @@ class RecordWriter(Callback):
         records = read_records(run)
         done = finished_keys(records, list(pl_module.methods), pl_module.seeds)
         if done:
+            if hasattr(pl_module, "check_resumable"):
+                pl_module.check_resumable()  # every rank raises alike: no rank is left waiting
             exclude = getattr(trainer.datamodule, "exclude", None)
             if exclude is None:
                 raise ValueError(f"{run} holds finished samples, but the datamodule has no exclude(keys) to skip them")

@@ -203,6 +203,13 @@ class AttributionModule(LightningModule):
                 ok = torch.isfinite(v)
                 auroc.update(v[ok], matched.reshape(-1).to(v.device)[ok], seed_index=seed_index)
 
+    def check_resumable(self) -> None:
+        """Raise when a configured metric cannot be rebuilt from records (``AttributionMetric.resumable``)."""
+        names = sorted({k for m in self.metrics.values() for k, metric in m.items() if not metric.resumable})
+        if names:
+            raise ValueError(f"metrics {names} need every pair in one attempt and cannot resume a partly finished run: "
+                             "use a fresh run directory (or delete its records/)")
+
     def resume(self, records: Sequence[Record]) -> None:
         """Feed the records of samples finished by an earlier attempt into the metric states.
 

@@ -14,6 +14,8 @@ AUROC), :mod:`~clipib.metrics.similarity` (the pair's cosine), :mod:`~clipib.met
 LeRF / ABPC with ROAD's imputation), :mod:`~clipib.metrics.faithfulness_correlation` (Bhatt et al. 2020),
 :mod:`~clipib.metrics.complexity` (sparseness, complexity) and :mod:`~clipib.metrics.relevance_localization`
 (energy pointing game, relevance mass / rank accuracy, top-k intersection, mask AUROC),
+:mod:`~clipib.metrics.retrieval_roar` (AdaIB App. F: retrieval ROAR without retraining, dataset-level, on the
+removal kernel :mod:`clipib.removal`),
 and the metrics that re-run the method (``needs_method``): :mod:`~clipib.metrics.randomisation` (model-randomisation
 and other-target sanity checks) and :mod:`~clipib.metrics.robustness` (max/avg sensitivity, seed stability), on the
 kernels of :mod:`~clipib.metrics.map_similarity`. Adding a metric: one module with its
@@ -93,6 +95,7 @@ from clipib.metrics.relevance_localization import (
     topk_weights,
 )
 from clipib.metrics.randomisation import ModelRandomisation, OtherTarget, randomise_tower_, reinitialise_
+from clipib.metrics.retrieval_roar import RetrievalROAR, retrieval_accuracy, retrieval_hits, roar_score
 from clipib.metrics.robustness import SeedStability, Sensitivity, pixel_noise, relative_change
 from clipib.metrics.similarity import Similarity, pair_cosine
 from clipib.metrics.text_localization import TextTopK, topk_gold
@@ -115,6 +118,7 @@ METRICS: Dict[str, Type[AttributionMetric]] = {
     "faithfulness_correlation": FaithfulnessCorrelation,
     "complexity": ComplexityMetrics,
     "relevance_localization": RelevanceLocalization,
+    "retrieval_roar": RetrievalROAR,
 }
 """The eval metrics by config name (``metrics:`` keys); each takes ``n_seeds`` plus its own settings."""
 
@@ -141,4 +145,5 @@ __all__ = [
     "ComplexityMetrics", "complexity", "sparseness",
     "RelevanceLocalization", "average_ranks", "energy_pointing_game", "mask_auroc", "relevance_mass_accuracy",
     "relevance_rank_accuracy", "topk_intersection", "topk_weights",
+    "RetrievalROAR", "retrieval_accuracy", "retrieval_hits", "roar_score",
 ]

@@ -130,6 +130,9 @@ class AttributionMetric(SeedMeanStd):
     """True for a metric that re-runs the method (randomisation, robustness): :meth:`update` then needs
     ``method=`` (the :class:`~clipib.attribution.base.Attributor` that made ``attr``) and ``seeds=`` (the
     per-pair seeds it ran with), which :meth:`score` receives as keywords."""
+    resumable: ClassVar[bool] = True
+    """False for a dataset-level metric whose state cannot be rebuilt from the per-pair records (retrieval ROAR
+    keeps every pair's embeddings): an eval run with such a metric refuses to resume a partly finished run."""
 
     def __init__(self, n_seeds: int = 1, **kwargs: Any) -> None:
         names = [n for modality in ("image", "text") for n in self.VALUES.get(modality, ())]

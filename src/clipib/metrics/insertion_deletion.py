@@ -38,12 +38,12 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from clipib.attribution.base import Attribution
 from clipib.attribution.common import image_cosine, text_cosine
 from clipib.metrics.base import AttributionMetric, Batch, caption_rule, default_eot
 from clipib.models.split import SplitCLIP, token_span
+from clipib.removal import blur_params, blurred_canvas, deletion_fill  # noqa: F401  (public here too)
 
 __all__ = [
     "blur_params",
@@ -57,56 +57,6 @@ __all__ = [
 ]
 
 _MODES = ("deletion", "insertion")
-
-
-def blur_params(height: int, width: int) -> tuple[list[int], list[float]]:
-    """InputIBA's blur (kernel 29, sigma 15 at 224 px) scaled to ``height x width``: ``([kx, ky], [sx, sy])``.
-
-    Example:
-        >>> blur_params(224, 224), blur_params(32, 64)
-        (([29, 29], [15.0, 15.0]), ([9, 5], [4.285714285714286, 2.142857142857143]))
-    """
-    def kernel(size: int) -> int:  # the radius (14 at 224 px) scales; kernel = 2 * radius + 1
-        return 2 * max(1, round(14 * size / 224)) + 1
-
-    return [kernel(width), kernel(height)], [15.0 * width / 224, 15.0 * height / 224]
-
-
-def blurred_canvas(images: Tensor) -> Tensor:
-    """Gaussian-blurred copy of ``images [B, C, H, W]`` with :func:`blur_params` (reflect padding)."""
-    h, w = images.shape[-2:]
-    k, s = blur_params(h, w)
-    k = [min(k[0], 2 * w - 1), min(k[1], 2 * h - 1)]  # reflect padding needs k // 2 < size
-    return gaussian_blur(images, kernel_size=k, sigma=s)
-
-
-def deletion_fill(
-    fill: str | float | Sequence[float] = "black",
-    channels: int = 3,
-    mean: Optional[Sequence[float]] = None,
-    std: Optional[Sequence[float]] = None,
-) -> Tensor:
-    """Per-channel fill value ``[C, 1, 1]`` in normalised space (see the module docstring).
-
-    ``"black"`` needs the model's normalisation ``mean`` and ``std`` (``clip.normalization``).
-
-    Example:
-        >>> deletion_fill("black", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).flatten()
-        tensor([-2., -2., -2.])
-    """
-    if fill == "black":
-        if mean is None or std is None:
-            raise ValueError("fill='black' needs the model's normalisation: pass mean, std = clip.normalization")
-        v = [-m / s for m, s in zip(mean, std)]
-    elif fill == "mean":
-        v = [0.0] * channels
-    elif isinstance(fill, str):
-        raise ValueError(f"fill must be 'black', 'mean', a float or per-channel values, got {fill!r}")
-    else:
-        v = [float(fill)] * channels if isinstance(fill, (int, float)) else [float(x) for x in fill]
-    if len(v) != channels:
-        raise ValueError(f"fill has {len(v)} channels, images have {channels}")
-    return torch.tensor(v, dtype=torch.float32)[:, None, None]
 
 
 def _ranks(scores: Tensor, valid: Tensor | None = None) -> Tensor:

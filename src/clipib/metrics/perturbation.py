@@ -19,8 +19,8 @@ What a removed patch becomes (``fill``):
   in white noise 30 steps leave a max error of 0.08 (input units, vs 1e-6 at 2,000 steps), 50 steps 0.007. The noise of copy (pair, step) is
   drawn from a generator seeded by the pair's key (:func:`~clipib.metrics.base.key_generators`), so values do
   not depend on the batch or the process count.
-* ``"blur"`` - InputIBA's blurred canvas (:func:`~clipib.metrics.insertion_deletion.blurred_canvas`).
-* ``"black"`` / ``"mean"`` / a number - :func:`~clipib.metrics.insertion_deletion.deletion_fill`.
+* ``"blur"`` - InputIBA's blurred canvas (:func:`~clipib.removal.blurred_canvas`).
+* ``"black"`` / ``"mean"`` / a number - :func:`~clipib.removal.deletion_fill`.
 
 Text: features are the content tokens (strictly between SOT and EOT, ranked by ``attr.text_raw``), removed by
 replacing them with ``replacement_id`` (default 0: open_clip's padding id, ``"!"`` in CLIP's BPE, the blank
@@ -37,14 +37,14 @@ import math
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from clipib.attribution.base import Attribution
 from clipib.attribution.common import cosine, patch_feature_mask
 from clipib.metrics.base import AttributionMetric, Batch, key_generators
-from clipib.metrics.insertion_deletion import _ranks, blurred_canvas, deletion_fill
+from clipib.metrics.insertion_deletion import _ranks
 from clipib.models.split import SplitCLIP
+from clipib.removal import deletion_fill, image_fill, road_impute  # noqa: F401  (the kernels live in clipib.removal)
 
 __all__ = ["road_impute", "image_fill", "chunked_scores", "copy_noise", "remove_pixels", "image_perturbation_curves", "text_perturbation_curves",
            "pair_scorers", "PerturbationCurves"]
@@ -52,86 +52,6 @@ __all__ = ["road_impute", "image_fill", "chunked_scores", "copy_noise", "remove_
 RowScore = Callable[[Tensor, Tensor], Tensor]
 """``(inputs [M, ...], rows [M]) -> [M]``: the cosine of each perturbed input with the clean other modality of
 its pair ``rows`` (an index into the batch)."""
-
-def _coarse_start(x: Tensor, known: Tensor) -> Tensor:
-    """Masked means from coarse to fine: each unknown pixel gets the mean of the known pixels of the finest
-    dyadic cell around it that has any (``x [N, C, H, W]``, ``known [N, 1, H, W]`` float)."""
-    levels = [(x * known, known)]
-    while min(levels[-1][1].shape[-2:]) > 1:
-        xs, ks = levels[-1]
-        levels.append((F.avg_pool2d(xs, 2, ceil_mode=True), F.avg_pool2d(ks, 2, ceil_mode=True)))
-    est = None
-    for xs, ks in reversed(levels):
-        mean = xs / ks.clamp_min(1e-12)
-        if est is not None:
-            up = F.interpolate(est, size=xs.shape[-2:], mode="nearest")
-            mean = torch.where(ks > 0, mean, up)
-        est = mean
-    return est  # [N, C, H, W]
-
-
-def _neighbour_sum(x: Tensor) -> Tensor:
-    """``sum_j w_ij x_j`` over the in-image 8-neighbours of each pixel of ``x [N, 1, H, W]`` (ROAD's weights).
-
-    Shifted slices of the zero-padded input (a 3 x 3 convolution; slices are several times faster than
-    ``conv2d`` with one channel on the CPU).
-    """
-    h, w = x.shape[-2:]
-    p = F.pad(x, (1, 1, 1, 1))  # [N, 1, H+2, W+2]
-    edge = p[..., 0:h, 1:w + 1] + p[..., 2:h + 2, 1:w + 1] + p[..., 1:h + 1, 0:w] + p[..., 1:h + 1, 2:w + 2]
-    corner = p[..., 0:h, 0:w] + p[..., 0:h, 2:w + 2] + p[..., 2:h + 2, 0:w] + p[..., 2:h + 2, 2:w + 2]
-    return edge / 6 + corner / 12
-
-
-def road_impute(images: Tensor, removed: Tensor, noise: Tensor | float = 0.0, iters: int = 30) -> Tensor:
-    """ROAD's linear imputation of ``removed [N, 1, H, W]`` pixels of ``images [N, C, H, W]`` (see module doc).
-
-    Each removed pixel ``i`` solves ``d_i x_i - sum_j w_ij x_j = 0`` (``d_i`` = its in-image weight sum; known
-    pixels are constants), a symmetric positive definite system per image and channel, solved by ``iters``
-    conjugate-gradient steps from the coarse-to-fine masked means. An image with no known pixel is left at the
-    start (0: the preprocessing's mean colour). ``noise`` is added to the imputed pixels only: a float std
-    (0 = none) or a tensor of the images' shape.
-
-    Example (a removed pixel on a linear ramp is interpolated exactly):
-        >>> ramp = torch.arange(5.0).expand(1, 1, 5, 5).clone()
-        >>> hole = torch.zeros(1, 1, 5, 5, dtype=torch.bool); hole[..., 2, 2] = True
-        >>> round(float(road_impute(ramp, hole)[0, 0, 2, 2]), 4)
-        2.0
-    """
-    n, c, h, w = images.shape
-    gone = removed.expand(n, c, h, w).reshape(n * c, 1, h, w)  # [NC, 1, H, W]
-    x = images.reshape(n * c, 1, h, w)
-    known = (~gone).to(x.dtype)
-    degree = _neighbour_sum(torch.ones_like(x[:1]))  # [1, 1, H, W]
-    rhs = _neighbour_sum(x * known) * gone  # [NC, 1, H, W]: the known neighbours' pull
-
-    def apply(v: Tensor) -> Tensor:  # (D - W) v on the removed pixels, v = 0 elsewhere
-        return (degree * v - _neighbour_sum(v)) * gone
-
-    u = _coarse_start(images, (~removed).to(images.dtype)).reshape(n * c, 1, h, w) * gone
-    r = rhs - apply(u)
-    p, rr = r, r.square().sum((1, 2, 3), keepdim=True)
-    for _ in range(iters):
-        ap = apply(p)
-        alpha = rr / (p * ap).sum((1, 2, 3), keepdim=True).clamp_min(1e-30)
-        u, r = u + alpha * p, r - alpha * ap
-        rr_new = r.square().sum((1, 2, 3), keepdim=True)
-        p, rr = r + rr_new / rr.clamp_min(1e-30) * p, rr_new
-    out = torch.where(gone, u, x).view(n, c, h, w)
-    if isinstance(noise, Tensor) or noise:
-        out = out + removed * (noise if isinstance(noise, Tensor) else noise * torch.randn_like(out))
-    return out
-
-
-def image_fill(images: Tensor, fill: str | float | Sequence[float], mean: Optional[Sequence[float]] = None,
-               std: Optional[Sequence[float]] = None) -> Optional[Tensor]:
-    """The replacement canvas ``[B, C, H, W]`` (or ``[C, 1, 1]``) of a fill, or None for ``"road"`` (per copy)."""
-    if fill == "road":
-        return None
-    if fill == "blur":
-        return blurred_canvas(images)
-    return deletion_fill(fill, images.shape[1], mean, std).to(images)
-
 
 def chunked_scores(n_rows: int, n_copies: int, make: Callable[[Tensor, Tensor], Tensor], score: RowScore,
                    chunk: int) -> Tensor:
