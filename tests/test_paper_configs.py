@@ -184,7 +184,7 @@ def test_paper_config_runs_one_step(config: Path, standin: Path, tmp_path: Path)
         assert values["pairs_per_s"]["n"] == want, (method, values)
         for metric in cfg["model"].get("metrics") or {}:
             expected = {"confidence": "image_drop", "localization": "iou", "pointing_game": "pg_iou",
-                        "mismatch_scalars": "image_entropy"}[metric]
+                        "mismatch_scalars": "image_entropy", "retrieval_roar": "roar_i2t_oc"}[metric]
             assert expected in values, (config.name, method, metric)
     if cfg["model"].get("mismatch_auroc"):  # App. C: every record carries the clean-cosine baseline's value
         records = read_records(tmp_path / "run")
