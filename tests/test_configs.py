@@ -9,7 +9,6 @@ from typing import Any, Dict, List
 
 import pytest
 import yaml
-from tests.paper_needs import skip_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(str(p) for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name in ("paper", "eval"))
@@ -42,8 +41,6 @@ def _train(args: List[str]) -> None:
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 def test_config_parses(config, capsys):
-    if skip_reason(config):
-        pytest.skip(skip_reason(config))
     printed = _printed(_eval, ["test", "-c", config], capsys)
     assert printed["model"]["methods"] and printed["data"]["init_args"]["dataset"]["class_path"]
 
@@ -59,8 +56,6 @@ def test_trainer_block_then_eval_config(block, capsys):
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_data_section_builds_its_source(config):
     """The ``data:`` block alone: EvalDataModule by class_path, its source built without reading any file."""
-    if skip_reason(config):
-        pytest.skip(skip_reason(config))
     from jsonargparse import ArgumentParser
 
     from clipib.data import EvalDataModule, Source
