@@ -128,10 +128,14 @@ def test_region_uses_the_mask_where_present_else_the_box(tiny_clip, batch):
     attr = clipib.Attribution(image=torch.zeros(4, 32, 32))
     attr.image[:, 0, 0] = 1.0  # the maximum in the top-left pixel
     b = dict(batch, box=torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 4), has_mask=torch.tensor([True, False, True, False]))
-    got = METRICS["pointing_game"]().update(tiny_clip, b, attr, "image")["pointing_game"]
+    got = METRICS["pointing_game"](region="mask").update(tiny_clip, b, attr, "image")["pointing_game"]
     assert got.tolist() == [0.0, 1.0, 0.0, 1.0]  # the masks miss the top-left pixel, the boxes contain it
+    assert METRICS["localization"]().update(tiny_clip, b, attr, "image")["iou"][1] > 0  # localization: same rule
+    # AdaIB's pointing game (the default) scores the box even where a mask exists
+    assert METRICS["pointing_game"]().update(tiny_clip, b, attr, "image")["pointing_game"].tolist() == [1.0] * 4
     no_mask = {k: v for k, v in b.items() if k not in ("mask", "has_mask")}
-    assert METRICS["pointing_game"]().update(tiny_clip, no_mask, attr, "image")["pointing_game"].tolist() == [1.0] * 4
+    on_mask = METRICS["pointing_game"](region="mask").update(tiny_clip, no_mask, attr, "image")
+    assert on_mask["pointing_game"].tolist() == [1.0] * 4
 
 
 def test_attribution_module_runs_every_metric(batch):

@@ -35,9 +35,13 @@ def boxes_to_mask(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return inside.any(dim=1)
 
 
-def ground_truth(batch: Mapping[str, Any], metric: str, size: Sequence[int]) -> Tensor:
-    """The object region ``BoolTensor[B, H, W]`` of an eval batch: the mask where the sample has one
-    (``has_mask``), else its box; ``size`` ends with ``(H, W)``. ``metric`` names the caller in the error.
+def ground_truth(batch: Mapping[str, Any], metric: str, size: Sequence[int], prefer: str = "mask") -> Tensor:
+    """The object region ``BoolTensor[B, H, W]`` of an eval batch; ``size`` ends with ``(H, W)``.
+
+    ``prefer="mask"`` (default): the mask where the sample has one (``has_mask``), else its box.
+    ``prefer="box"``: the box whenever the batch has boxes, even where a mask also exists (AdaIB Sec. 5.3
+    scores the pointing game against the ground-truth box); a batch without boxes falls back to its masks.
+    ``metric`` names the caller in the error.
 
     Example:
         >>> batch = {"box": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2), "mask": torch.ones(2, 2, 2),
@@ -45,11 +49,13 @@ def ground_truth(batch: Mapping[str, Any], metric: str, size: Sequence[int]) -> 
         >>> ground_truth(batch, "iou", (2, 2, 2)).int().tolist()
         [[[1, 1], [1, 1]], [[1, 0], [0, 0]]]
     """
+    if prefer not in ("mask", "box"):
+        raise ValueError(f"prefer must be 'mask' or 'box', got {prefer!r}")
     mask, box = batch.get("mask"), batch.get("box")
     if mask is None and box is None:
         raise ValueError(f"metric {metric!r} needs batch['mask'] or batch['box'] (a grounding dataset)")
     hw = (int(size[-2]), int(size[-1]))
-    if mask is None:
+    if mask is None or (prefer == "box" and box is not None):
         return boxes_to_mask(box, hw)
     has_mask = batch.get("has_mask")
     if box is None or has_mask is None:

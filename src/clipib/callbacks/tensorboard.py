@@ -10,9 +10,9 @@ Layout under the TensorBoard logger's folder (``<run>/tensorboard/version_<n>/``
                 diagnostics stay in the records
     .           the logger's own run: the HPARAMS experiment (methods × settings × final metrics), TEXT
                 ``summary`` (the summary table, escaped), IMAGES ``roc/<value>`` (matched-vs-mismatched ROC
-                curves of every method), the galleries (:class:`~clipib.callbacks.gallery.Gallery`) and
-                SCALARS ``stages/<stage>_s`` / ``stages/pairs_per_s`` (where this attempt's time went,
-                ``AttributionModule.stage_times``)
+                curves of every method, plus the clean CLIP cosine's as the baseline), the galleries
+                (:class:`~clipib.callbacks.gallery.Gallery`) and SCALARS ``stages/<stage>_s`` /
+                ``stages/pairs_per_s`` (where this attempt's time went, ``AttributionModule.stage_times``)
 
 Running means use the records process 0 computes (a shard of the data under DDP); the final scalars,
 histograms, ROC curves and hparams use every record of the run (all processes, resumed attempts included),
@@ -233,5 +233,20 @@ class TensorBoardViews(Callback):
                     fpr, tpr = mismatch_roc(scores, matched, orientation)
                     curves[method] = (fpr.tolist(), tpr.tolist(), float(mismatch_auroc(scores, matched, orientation)))
             if curves:
+                curves.update(_baseline_curve(records))
                 figure = roc_figure(curves, f"matched vs mismatched: {value} ({orientation})")
                 experiment.add_image(f"roc/{value}", np.asarray(figure), 0, dataformats="HWC")
+
+
+def _baseline_curve(records: List[Dict[str, Any]]) -> Dict[str, tuple]:
+    """The clean CLIP cosine's ROC (``clip_cos``, ``matched_high``), each pair once: ``{"clip_cosine": curve}``."""
+    first: Dict[str, Dict[str, Any]] = {}
+    for r in records:
+        if isinstance(r.get("clip_cos"), (int, float)) and "matched" in r:
+            first.setdefault(r["key"], r)
+    scores = torch.tensor([float(r["clip_cos"]) for r in first.values()], dtype=torch.float64)
+    matched = torch.tensor([bool(r["matched"]) for r in first.values()], dtype=torch.bool)
+    if not (matched.any() and (~matched).any()):
+        return {}
+    fpr, tpr = mismatch_roc(scores, matched, "matched_high")
+    return {"clip_cosine": (fpr.tolist(), tpr.tolist(), float(mismatch_auroc(scores, matched, "matched_high")))}

@@ -31,11 +31,16 @@ from torch import Tensor, nn
 
 from clipib.attribution import METHODS, Attribution, Attributor
 from clipib.bench.timing import start_timer, stop_timer
-from clipib.metrics import METRICS, MismatchAUROC, Throughput
+from clipib.metrics import METRICS, MismatchAUROC, Throughput, pair_cosine, weighted_terms
 from clipib.metrics.stage_times import StageTimes
 from clipib.models.loading import DEFAULT, load_clip
 from clipib.models.passes import PassCache
 from clipib.models.split import Tower
+
+BASELINE = "clip_cosine"
+"""Summary row of the method-independent matched-vs-mismatched baseline: the clean pair's CLIP cosine."""
+BASELINE_VALUE = "clip_cos"
+"""Per-pair record value of that baseline (the clean cosine), and its AUROC ``auroc_clip_cos``."""
 
 Record = Dict[str, Any]
 """One per-sample record: ``{"key", "method", "seed", <value name>: float | bool | None, ...}``."""
@@ -62,8 +67,14 @@ class AttributionModule(LightningModule):
         keep_maps: return the maps to the callbacks (gallery, attribution store).
         mismatch_auroc: ``{value: orientation}`` — per method and seed, the AUROC with which a per-pair value
             (a metric's value or a method scalar such as ``image_fit``) separates matched from mismatched pairs
-            (AdaIB App. C; needs ``matched`` in the batch). Orientation: ``matched_high`` | ``matched_low`` |
-            ``either``. Reported as ``auroc_<value>``, mean ± std over seeds.
+            (AdaIB App. C; needs ``matched`` in the batch). Orientation, fixed in advance: ``matched_high`` |
+            ``matched_low`` (or ``either_optimistic`` = max(AUC, 1 - AUC), biased upward). Reported as
+            ``auroc_<value>``, mean ± std over seeds. Besides the method's scalars, AdaIB's weighted terms
+            ``{m}_f_fit`` and ``{m}_g_kl`` (:func:`clipib.metrics.weighted_terms`) can be named.
+        mismatch_baseline: with ``mismatch_auroc`` configured, also record each pair's clean CLIP cosine
+            (``clip_cos``) and report its AUROC (``matched_high``, per run seed like the methods', then mean ± std)
+            once, as the summary row ``clip_cosine`` (value ``auroc_clip_cos``): the method-independent baseline
+            any f- or g-weighted term must beat.
     """
 
     def __init__(
@@ -76,6 +87,7 @@ class AttributionModule(LightningModule):
         metrics: Optional[Dict[str, Dict[str, Any]]] = None,
         keep_maps: bool = True,
         mismatch_auroc: Optional[Dict[str, str]] = None,
+        mismatch_baseline: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # TensorBoard's HPARAMS: callbacks.tensorboard (methods x settings)
@@ -86,6 +98,8 @@ class AttributionModule(LightningModule):
         for name, spec in specs.items():
             if (spec or {}).get("method", name) not in METHODS:
                 raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+        if BASELINE in specs:
+            raise ValueError(f"{BASELINE!r} is the name of the summary's cosine baseline; name the method otherwise")
         self.clip = load_clip(model, pretrained=pretrained)
         self.methods: Dict[str, Attributor] = {}
         for name, spec in specs.items():
@@ -101,6 +115,8 @@ class AttributionModule(LightningModule):
             m: nn.ModuleDict({v: MismatchAUROC(orientation=o, n_seeds=n) for v, o in (mismatch_auroc or {}).items()})
             for m in self.methods
         })
+        self.baseline = (MismatchAUROC(orientation="matched_high", n_seeds=n)
+                         if mismatch_auroc and mismatch_baseline else None)
         self.speed = nn.ModuleDict({m: Throughput() for m in self.methods})
         self.stages = StageTimes(["data_wait", "clean", *[f"attribute/{m}" for m in self.methods],
                                   *[f"metrics/{m}" for m in self.methods], "write", "total"])
@@ -178,6 +194,8 @@ class AttributionModule(LightningModule):
             start = start_timer(self.device)
             for part in {id(p): p for p in parts.values() if p is not None}.values():
                 self._clean_passes(part)  # per-run samples: each seed's part is its own tensors
+            shared = {seed: {} if part is None else self._baseline_values(part, s_idx)
+                      for s_idx, (seed, part) in enumerate(parts.items())}
             self._timed("clean", start)
             for method in self.methods:
                 if self.modality(method) is None:
@@ -194,7 +212,8 @@ class AttributionModule(LightningModule):
                     self.stages.update(f"attribute/{method}", secs)
                     start = start_timer(self.device)
                     values = self._score(method, part, attr, s_idx, seeds)
-                    extra = {**attr.scalars, **({"matched": part["matched"]} if "matched" in part else {})}
+                    extra = {**attr.scalars, **weighted_terms(attr.scalars), **shared[seed],
+                             **({"matched": part["matched"]} if "matched" in part else {})}
                     self._update_auroc(method, {**values, **extra}, part.get("matched"), s_idx)
                     self._timed(f"metrics/{method}", start)
                     records += _records(part["key"], method, seed, {**values, **extra}, part.get("run_seeds"))
@@ -246,6 +265,15 @@ class AttributionModule(LightningModule):
         share = {k: (v / total if total > 0 else 0.0) for k, v in stats.items() if k != "total"}
         return {"seconds": stats, "share": share, "pairs": pairs, "pairs_per_s": rate}
 
+    def _baseline_values(self, batch: Dict[str, Any], seed_index: int) -> Dict[str, Tensor]:
+        """The clean cosine of each pair of one run seed (``clip_cos``), fed once into that seed's baseline
+        AUROC whatever the methods; ``{}`` when the baseline is off or the batch has no ``matched``."""
+        if self.baseline is None or "matched" not in batch:
+            return {}
+        cos = pair_cosine(self.clip, batch["image"], batch["ids"]).detach()
+        self.baseline.update(cos.double(), batch["matched"].reshape(-1).to(cos.device), seed_index=seed_index)
+        return {BASELINE_VALUE: cos}
+
     def _score(self, method: str, batch: Dict[str, Any], attr: Attribution, seed_index: int,
                seeds: List[int]) -> Dict[str, Tensor]:
         """Every metric's per-sample values; metrics that re-run the method also get it and the pair seeds."""
@@ -278,6 +306,16 @@ class AttributionModule(LightningModule):
 
         Call it on one process only (the callback uses rank 0), so multi-process sums count each sample once.
         """
+        if self.baseline is not None:  # each (pair, run seed) once, from whichever method recorded it
+            first: Dict[tuple, Record] = {}
+            for r in records:
+                if r.get(BASELINE_VALUE) is not None and "matched" in r and r["seed"] in self.seeds:
+                    first.setdefault((r["key"], r["seed"]), r)
+            for s_idx, seed in enumerate(self.seeds):
+                rows = [r for (_, s), r in first.items() if s == seed]
+                if rows:
+                    self.baseline.update(torch.tensor([float(r[BASELINE_VALUE]) for r in rows], dtype=torch.float64),
+                                         torch.tensor([bool(r["matched"]) for r in rows]), seed_index=s_idx)
         for method, s_idx, rows in _grouped(records, list(self.methods), self.seeds):
             names = set(self.value_names(method))
             columns = {n: torch.tensor([_value(r.get(n)) for r in rows], dtype=torch.float64)
@@ -294,7 +332,8 @@ class AttributionModule(LightningModule):
         """``{method: {value: {"mean", "std", "n", ...}}}`` synced over processes (call it on every process).
 
         Besides the metric values: ``pairs_per_s`` and ``peak_mib`` (throughput of this run's attributions) and
-        ``auroc_<value>`` for each configured matched-vs-mismatched AUROC.
+        ``auroc_<value>`` for each configured matched-vs-mismatched AUROC; with the baseline on, one more row
+        ``clip_cosine: {"auroc_clip_cos": ...}`` (the clean cosine's AUROC, method-independent, each pair once).
         """
         out: Summary = {}
         for method in self.methods:
@@ -310,6 +349,10 @@ class AttributionModule(LightningModule):
                 if stats.get("n", 0) > 0 and stats["mean"] == stats["mean"]:
                     values[f"auroc_{name}"] = stats
             out[method] = values
+        if self.baseline is not None:
+            stats = _floats(self.baseline.compute())
+            if stats.get("n", 0) > 0:
+                out[BASELINE] = {f"auroc_{BASELINE_VALUE}": stats}
         return out
 
 

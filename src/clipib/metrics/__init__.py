@@ -66,7 +66,16 @@ from clipib.metrics.localization import (
     pointing_game_iou,
 )
 from clipib.metrics.map_similarity import compare, rerun, spearman, ssim, topk_overlap
-from clipib.metrics.mismatch import MismatchAUROC, MismatchScalars, map_entropy, map_mass, mismatch_auroc, mismatch_roc
+from clipib.metrics.mismatch import (
+    ORIENTATIONS,
+    MismatchAUROC,
+    MismatchScalars,
+    map_entropy,
+    map_mass,
+    mismatch_auroc,
+    mismatch_roc,
+    weighted_terms,
+)
 from clipib.metrics.perturbation import (
     PerturbationCurves,
     chunked_scores,
@@ -123,7 +132,8 @@ __all__ = [
     "image_scorer", "text_insertion_deletion", "text_scorer",
     "Localization", "PointingGame", "boxes_to_mask", "ground_truth", "localization_iou", "percentile_binarize",
     "pointing_game", "pointing_game_iou",
-    "MismatchAUROC", "MismatchScalars", "map_entropy", "map_mass", "mismatch_auroc", "mismatch_roc",
+    "MismatchAUROC", "MismatchScalars", "map_entropy", "map_mass", "mismatch_auroc", "mismatch_roc", "weighted_terms",
+    "ORIENTATIONS",
     "Similarity", "pair_cosine",
     "TextTopK", "topk_gold",
     "compare", "rerun", "spearman", "ssim", "topk_overlap",

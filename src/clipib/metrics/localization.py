@@ -29,14 +29,21 @@ Conventions (clipib's choices; the papers do not state them):
 
 Eval metrics: :class:`Localization` (registry name ``localization``, value ``iou``) and
 :class:`PointingGame` (``pointing_game``, values ``pg_iou`` and ``pointing_game``). Their ground truth
-comes from the batch (:func:`ground_truth`): per sample its ``mask`` where ``has_mask`` says it has one,
-else its ``box`` (a batch without ``has_mask`` uses ``mask`` when present); a batch with neither is one
-clear error.
+comes from the batch (:func:`ground_truth`); a batch with neither ``mask`` nor ``box`` is one clear error.
+
+* :class:`Localization`: per sample its ``mask`` where ``has_mask`` says it has one, else its ``box`` (a
+  batch without ``has_mask`` uses ``mask`` when present) - M2IB's MS-CXR boxes arrive as a mask when a
+  phrase has several boxes.
+* :class:`PointingGame`: ``region="box"`` (default) scores the **box** even where a mask also exists, as
+  AdaIB Sec. 5.3 defines the pointing-game IoU on RefCOCOg ("the ground-truth bounding box of the
+  referenced object"); a batch without boxes falls back to its masks. ``region="mask"`` scores the mask
+  where a sample has one: the object's exact outline, for data whose masks are the real ground truth
+  (the synthetic shapes world), where a box would count background pixels as object.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Literal
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +211,12 @@ class PointingGame(AttributionMetric):
 
     Values ``pg_iou`` (:func:`pointing_game_iou`) and ``pointing_game`` (:func:`pointing_game`), image modality.
 
+    Args:
+        threshold: binarisation threshold of the [0, 1]-normalised map (AdaIB: 0.5).
+        tolerance: pixels around the object that still count as a hit (classic pointing game).
+        region: ``"box"`` (default; AdaIB Sec. 5.3 scores the ground-truth box, also where a mask exists) or
+            ``"mask"`` (the mask where the sample has one, else the box: exact outlines, e.g. the shapes world).
+
     Example:
         >>> metric = PointingGame(threshold=0.5, tolerance=0)
         >>> batch = {"box": torch.tensor([[1.0, 0.0, 2.0, 1.0]])}
@@ -214,14 +227,17 @@ class PointingGame(AttributionMetric):
     VALUES = {"image": ("pg_iou", "pointing_game")}
     higher_is_better = True
 
-    def __init__(self, threshold: float = 0.5, tolerance: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, threshold: float = 0.5, tolerance: float = 0.0, region: Literal["box", "mask"] = "box",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if tolerance < 0:
             raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-        self.threshold, self.tolerance = threshold, tolerance
+        if region not in ("box", "mask"):
+            raise ValueError(f"region must be 'box' or 'mask', got {region!r}")
+        self.threshold, self.tolerance, self.region = threshold, tolerance, region
 
     def score(self, clip: SplitCLIP, batch: Batch, attr: Attribution, modality: str) -> Dict[str, Tensor]:
         """``pg_iou`` and ``pointing_game`` per sample (NaN for an empty ground truth)."""
-        region = ground_truth(batch, "pointing_game", attr.image.shape)
+        region = ground_truth(batch, "pointing_game", attr.image.shape, prefer=self.region)
         return {"pg_iou": pointing_game_iou(attr.image, region, self.threshold),
                 "pointing_game": pointing_game(attr.image, region, self.tolerance)}

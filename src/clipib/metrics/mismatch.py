@@ -12,12 +12,21 @@ each method family supplies (the eval pipeline chooses it per method):
 * every other method: :func:`map_mass` of its raw map, or :func:`map_entropy` of its [0, 1] map (a
   diffuse map - high entropy - is the expected answer to a mismatched pair).
 
+AdaIB's Fig. 3 shows both loss terms, and the paper's terms are **weighted**: the objective is
+``f·fit - g·KL``, so :func:`weighted_terms` derives ``{m}_f_fit = f·fit`` and ``{m}_g_kl = g·KL`` from a
+method's scalars (``{m}_f``, ``{m}_g``, ``{m}_fit``, ``{m}_kl``; AdaIB) for the AUROC to rank. Both depend on
+f, which is computed from the clean embeddings (a monotone function of the pair's cosine for normalised
+ones; raw embeddings add their norms), so they separate matched from mismatched pairs largely *by
+construction*: judge them against the plain CLIP-cosine baseline, which the eval module reports once per run (``clip_cosine`` / ``auroc_clip_cos``).
+
 The AUROC is torchmetrics' ``binary_auroc`` (exact, no binning) on dense ranks of the scalar.
 :class:`MismatchAUROC` concatenates its states (``dist_reduce_fx="cat"``), which is exact under DDP too:
-the AUROC of the gathered values is order-independent. ``orientation`` says which way the scalar points:
-``"matched_high"`` (default; e.g. the fit term, the map mass), ``"matched_low"`` (e.g. a loss or an
-entropy) or ``"either"`` = ``max(AUC, 1 - AUC)``, a pure separability score (optimistic when the
-direction is chosen after seeing the data - prefer a stated direction).
+the AUROC of the gathered values is order-independent. ``orientation`` says which way the scalar points and
+is **fixed before seeing the data**: ``"matched_high"`` (default; e.g. the fit term, the KL kept, the map
+mass, the clean cosine) or ``"matched_low"`` (e.g. a loss, the weighted compression term, an entropy). An AUC
+below 0.5 is then reported as such: the scalar points the other way. ``"either_optimistic"`` =
+``max(AUC, 1 - AUC)`` is a pure separability score, biased upward (the direction is chosen after seeing
+the data: on pure noise its expectation is above 0.5); it exists only as this explicitly named option.
 
 :class:`MismatchScalars` (registry name ``mismatch_scalars``) records each pair's map mass and entropy
 (values ``{m}_mass``, ``{m}_entropy`` for m = image, text) so that :class:`MismatchAUROC` can rank them.
@@ -36,9 +45,11 @@ from clipib.attribution.base import Attribution
 from clipib.metrics.base import AttributionMetric, Batch
 from clipib.models.split import SplitCLIP
 
-__all__ = ["map_mass", "map_entropy", "mismatch_auroc", "mismatch_roc", "MismatchScalars", "MismatchAUROC"]
+__all__ = ["map_mass", "map_entropy", "mismatch_auroc", "mismatch_roc", "weighted_terms", "MismatchScalars",
+           "MismatchAUROC", "ORIENTATIONS"]
 
-_ORIENTATIONS = ("matched_high", "matched_low", "either")
+ORIENTATIONS = ("matched_high", "matched_low", "either_optimistic")
+"""Which way a per-pair scalar points: stated in advance (the first two) or chosen after the fact (biased)."""
 
 
 def map_mass(maps: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -81,9 +92,32 @@ def map_entropy(maps: Tensor, valid: Tensor | None = None, normalized: bool = Tr
     return h.to(maps.dtype)
 
 
+def weighted_terms(scalars: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """AdaIB's weighted loss terms from a method's scalars: ``{m}_f_fit = f·fit``, ``{m}_g_kl = g·KL``.
+
+    Only the terms whose factors are all present are returned (``{}`` for M2IB, NIB, ...).
+
+    Example:
+        >>> t = weighted_terms({"image_f": torch.tensor([2.0]), "image_fit": torch.tensor([0.3]),
+        ...                     "image_g": torch.tensor([0.5]), "image_kl": torch.tensor([4.0])})
+        >>> {k: round(float(v), 4) for k, v in t.items()}
+        {'image_f_fit': 0.6, 'image_g_kl': 2.0}
+    """
+    out: Dict[str, Tensor] = {}
+    for m in ("image", "text"):
+        for weight, term in (("f", "fit"), ("g", "kl")):
+            a, b = scalars.get(f"{m}_{weight}"), scalars.get(f"{m}_{term}")
+            if a is not None and b is not None:
+                out[f"{m}_{weight}_{term}"] = a.detach() * b.detach()
+    return out
+
+
 def _oriented(scores: Tensor, orientation: str) -> Tensor:
-    if orientation not in _ORIENTATIONS:
-        raise ValueError(f"orientation must be one of {_ORIENTATIONS}, got {orientation!r}")
+    if orientation == "either":
+        raise ValueError("orientation 'either' is now 'either_optimistic': max(AUC, 1 - AUC) is biased upward; "
+                         "state the direction in advance (matched_high / matched_low) unless you mean that")
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
     return -scores if orientation == "matched_low" else scores
 
 
@@ -111,14 +145,14 @@ def mismatch_auroc(scores: Tensor, matched: Tensor, orientation: str = "matched_
     if not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or inf")
     auc = binary_auroc(_dense_rank01(scores).float(), matched.long())
-    return torch.maximum(auc, 1 - auc) if orientation == "either" else auc
+    return torch.maximum(auc, 1 - auc) if orientation == "either_optimistic" else auc
 
 
 def mismatch_roc(scores: Tensor, matched: Tensor, orientation: str = "matched_high") -> Tuple[Tensor, Tensor]:
     """ROC curve ``(fpr [K], tpr [K])`` of ``scores [N]`` for the label ``matched [N]``, from (0, 0) to (1, 1).
 
     One point per distinct score (ties move together); ``orientation`` as in :func:`mismatch_auroc`, and
-    ``"either"`` flips the curve when the AUROC is below 0.5. The trapezoid area under it equals
+    ``"either_optimistic"`` flips the curve when the AUROC is below 0.5. The trapezoid area under it equals
     :func:`mismatch_auroc`.
 
     Example:
@@ -128,7 +162,7 @@ def mismatch_roc(scores: Tensor, matched: Tensor, orientation: str = "matched_hi
     """
     x = _oriented(scores.detach().reshape(-1).double(), orientation)
     y = matched.reshape(-1).bool()
-    if orientation == "either" and float(mismatch_auroc(x, y)) < 0.5:
+    if orientation == "either_optimistic" and float(mismatch_auroc(x, y)) < 0.5:
         x = -x
     uniq, inv = torch.unique(x, return_inverse=True)  # ascending
     pos = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, y.double())
