@@ -158,11 +158,17 @@ def test_bf16_precision_path_gives_finite_maps(tiny_clip, pairs):
 
 # --- property tests ----------------------------------------------------------------------------------------------
 
+def _grid(lo: float, hi: float):
+    """Floats in [lo, hi] on a 1e-3 grid: a map whose values differ by ~1e-30 is numerically constant (an affine
+    shift or a variance erases the difference), which the exact-equality "constant" of these tests would not say."""
+    return st.integers(round(lo * 1000), round(hi * 1000)).map(lambda k: k / 1000.0)
+
+
 def _maps(rows=(1, 3), side=(3, 6), lo=-5.0, hi=5.0):
     """float32 maps ``[B, S, S]``, often with ties (values on a coarse grid)."""
     return st.tuples(st.integers(*rows), st.integers(*side)).flatmap(
         lambda s: hnp.arrays(np.float32, (s[0], s[1], s[1]),
-                             elements=st.one_of(st.floats(lo, hi, width=32), st.sampled_from([0.0, 1.0]))))
+                             elements=st.one_of(_grid(lo, hi), st.sampled_from([0.0, 1.0]))))
 
 
 def _with_mask(data, maps):
@@ -243,7 +249,9 @@ def test_sparseness_complexity_bounds_and_scale(x, scale):
 @FAST
 @given(data=st.data(), n=st.integers(2, 12), b=st.integers(1, 3))
 def test_rank_correlations(data, n, b):
-    vals = st.sampled_from([0.0, 1.0, 2.0, 3.5]) | st.floats(-3, 3, width=32)
+    # values on a 1e-3 grid: a row whose spread is ~1e-24 has a variance that underflows float32, numerically
+    # constant (NaN is right for it, but "constant" below is exact equality)
+    vals = st.sampled_from([0.0, 1.0, 2.0, 3.5]) | st.integers(-3000, 3000).map(lambda k: k / 1000.0)
     x = torch.from_numpy(data.draw(hnp.arrays(np.float32, (b, n), elements=vals)))
     y = torch.from_numpy(data.draw(hnp.arrays(np.float32, (b, n), elements=vals)))
     constant = (x.amax(1) == x.amin(1)) | (y.amax(1) == y.amin(1))
