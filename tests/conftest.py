@@ -47,6 +47,21 @@ def pairs(tiny_clip):
     return images, tiny_clip.tokenize(CAPTIONS)
 
 
+@pytest.fixture(scope="session")
+def labelled_batch(pairs):
+    """The :func:`pairs` as an eval batch with ground truth: an object box (rows 4-11, columns 8-19), the first
+    content token as the gold token, every pair matched."""
+    images, ids = pairs
+    n = images.shape[0]
+    mask = torch.zeros(n, *images.shape[-2:], dtype=torch.bool)
+    mask[:, 4:12, 8:20] = True
+    gold = torch.zeros_like(ids, dtype=torch.bool)
+    gold[:, 1] = True
+    return {"image": images, "ids": ids, "key": [f"k{i}" for i in range(n)], "caption": [""] * n,
+            "mask": mask, "gold_tokens": gold, "matched": torch.ones(n, dtype=torch.bool)}
+
+
+
 # --- tower families: tiny timm trunks registered with timm, named by tests/data/tiny-{siglip,eva,pe}.json ---
 
 _COMMON = dict(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4)

@@ -47,15 +47,9 @@ TINY = "tests/data/tiny-clip.json"
 
 
 @pytest.fixture(scope="module")
-def batch(pairs):
-    images, ids = pairs
-    n = images.shape[0]
-    mask = torch.zeros(n, *images.shape[-2:], dtype=torch.bool)
-    mask[:, 4:12, 8:20] = True
-    gold = torch.zeros_like(ids, dtype=torch.bool)
-    gold[:, 1] = True
-    return {"image": images, "ids": ids, "key": [f"k{i}" for i in range(n)], "caption": [""] * n,
-            "mask": mask, "gold_tokens": gold, "matched": torch.ones(n, dtype=torch.bool)}
+def batch(labelled_batch):
+    """The tiny pairs with an object box, a gold token and matched flags (tests/conftest.py)."""
+    return labelled_batch
 
 
 @pytest.fixture(scope="module")
