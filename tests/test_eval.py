@@ -339,3 +339,13 @@ def test_shipped_demo_config_runs(tmp_path):
 
 def summary_methods(summary: dict) -> list:
     return [m for m in summary if m not in DATA_KEYS and m != "clip_cosine"]  # clip_cosine: the AUROC baseline row
+
+
+def test_summary_md_reads_the_stages():
+    """summary.md gives the time breakdown as one line, largest stage first; an attempt that computed nothing says so."""
+    from clipib.callbacks.records import summary_table
+
+    stages = {"seconds": {"total": 2.0, "b": 0.5, "a": 1.5}, "share": {"a": 0.75, "b": 0.25}, "pairs_per_s": 4.0}
+    assert "stages (total 2 s, 4 pairs/s): a 1.5 s (75 %), b 0.5 s (25 %)" in summary_table({}, {"stages": stages})
+    idle = {"seconds": {"total": 0.0, "a": 0.0}, "share": {}, "pairs_per_s": 0.0}
+    assert "nothing was computed in this attempt" in summary_table({}, {"stages": idle})

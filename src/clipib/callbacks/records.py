@@ -442,7 +442,23 @@ def summary_table(summary: Dict[str, Dict[str, Dict[str, float]]], extra: Option
     for key, value in (extra or {}).items():
         if key == "std_over":
             continue
+        if key == "stages" and isinstance(value, dict) and "seconds" in value:
+            lines.append(_stages_line(value))
+            continue
         if isinstance(value, dict) and "samples" in value:  # the per-key list stays in summary.json
             value = {k: v for k, v in value.items() if k != "samples"}
         lines.append(f"\n{key}: {json.dumps(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _stages_line(stages: Dict[str, Any]) -> str:
+    """The run's time breakdown in one line: seconds and share per stage, largest first (all of it is in
+    ``summary.json`` → ``stages``)."""
+    seconds, share = stages.get("seconds", {}), stages.get("share", {})
+    if not seconds.get("total"):
+        return "\nstages: nothing was computed in this attempt (every pair was finished already)"
+    parts = [f"{k} {v:.3g} s ({100 * share.get(k, 0.0):.0f} %)"
+             for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]) if k != "total"]
+    rate = stages.get("pairs_per_s")
+    head = f"\nstages (total {seconds.get('total', 0.0):.3g} s" + (f", {rate:.3g} pairs/s" if rate else "") + "): "
+    return head + ", ".join(parts)
