@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from clipib.callbacks.records import DATA_KEYS, iter_attributions, read_records
+from clipib.callbacks.records import DATA_KEYS, FAULT_ENV, _json_lines, iter_attributions, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "data" / "tiny-clip.json")
@@ -193,27 +192,23 @@ def test_two_processes_same_records(tmp_path, csv_data, baseline):
 
 
 def test_resume_after_kill(tmp_path, csv_data, baseline):
+    # killed (SIGKILL) mid-write of the third batch's records: deterministic, unlike polling for lines, which a
+    # fast machine outruns (the run finished all 7 pairs before the poller looked once)
     config = _config(tmp_path, {**csv_data, "batch_size": 1}, "resume")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), "test", "-c", str(config)], env=ENV, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "test", "-c", str(config)],
+                          env={**ENV, FAULT_ENV: "record:3:kill"}, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=240)
+    assert proc.returncode == -signal.SIGKILL
     records = tmp_path / "resume" / "records"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        lines = sum(len(p.read_text().splitlines()) for p in records.glob("*.jsonl")) if records.exists() else 0
-        if lines >= 8:  # two pairs done
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = {json.loads(l)["key"] for p in records.glob("*.jsonl") for l in p.read_text().splitlines() if l}
-    assert 2 <= len(done) < 7
+    # two pairs complete, the third's write torn halfway: some of its records landed, the torn last line is dropped
+    done = {r["key"] for p in records.glob("*.jsonl") for r in _json_lines(p)}
+    assert len(done) == 3
     out = _eval(config)
     assert "resumed:" in out.stdout
     second = records / "rank0-001.jsonl"
     recomputed = {json.loads(l)["key"] for l in second.read_text().splitlines()}
-    finished_before = {k for k in done if sum(1 for l in (records / "rank0-000.jsonl").read_text().splitlines()
-                                               if json.loads(l)["key"] == k) == 4}
-    assert not (recomputed & finished_before)
+    finished_before = {k for k in done if sum(1 for r in _json_lines(records / "rank0-000.jsonl") if r["key"] == k) == 4}
+    assert len(finished_before) == 2 and not (recomputed & finished_before)
     _same_records(_records(tmp_path / "resume"), _records(baseline))
     a = json.loads((tmp_path / "resume" / "summary.json").read_text())
     b = json.loads((baseline / "summary.json").read_text())
