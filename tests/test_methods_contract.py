@@ -193,6 +193,22 @@ def test_batch_equals_single_calls(tiny_clip, pairs, results, family_results, co
             _close(value[i], one.scalars[key][0], rel, SCALAR_FLOOR)
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if "text" in clipib.METHODS[n].modalities])
+def test_text_length_multiple_changes_nothing(tiny_clip, pairs, results, monkeypatch, name):
+    """The causal text tower run on the longest caption rounded up to 16 positions (``text_length_multiple``,
+    for ``compile=True``) gives the same maps and scalars: rows after a caption's EOT cannot reach it."""
+    images, ids = pairs
+    assert tiny_clip.text.valid_length(ids) % 16 != 0  # the rounding really adds rows
+    method, attr, _ = results[name]
+    monkeypatch.setattr(tiny_clip.text, "length_multiple", 16)
+    assert tiny_clip.text.valid_length(ids) % 16 == 0
+    padded = method.attribute(images, ids, modality=_modality(type(method)), seeds=[3, 4, 5, 6])
+    for a, b in zip(_raw(attr, method.modalities), _raw(padded, method.modalities)):
+        _close(a, b, BATCH_REL)
+    for key, value in attr.scalars.items():
+        _close(value, padded.scalars[key], BATCH_REL, SCALAR_FLOOR)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_explain_cli(tmp_path, tiny_config, name):
     code = main(["explain", "--image", SAMPLE, "--text", "a red circle", "--method", name, "--model", tiny_config,

@@ -131,3 +131,17 @@ def test_pooled_last_block_same_embeddings_and_maps(tiny_clip, pairs):
         fast = cls(tiny_clip, pooled_last_block=True, **kw).attribute(images, ids, seeds=SEEDS)
         torch.testing.assert_close(fast.image_grid, full.image_grid, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fast.text_raw, full.text_raw, rtol=1e-4, atol=1e-5)
+
+
+def test_text_length_multiple_option(tiny_config, pairs):
+    """``text_length_multiple`` reaches the text tower from eval's module; 0 is refused. (That it changes no
+    result is tests/test_methods_contract.py's ``test_text_length_multiple_changes_nothing``.)"""
+    from clipib.lit.attribution_module import AttributionModule
+
+    _, ids = pairs
+    module = AttributionModule(model=tiny_config, pretrained="none", methods={"saliency": {}}, text_length_multiple=16)
+    length = module.clip.text.valid_length(ids)
+    assert length % 16 == 0 and length - 16 < int(module.clip.text.eot_positions(ids).max()) + 1
+    assert module.clip.text.valid_length(ids[:, :12]) == 12  # never past the ids' context
+    with pytest.raises(ValueError, match="text_length_multiple"):
+        clipib.load_clip(tiny_config, pretrained=None, text_length_multiple=0)

@@ -234,6 +234,7 @@ def load_clip(
     model: str = "ViT-B-32-quickgelu",
     pretrained: Optional[str] = DEFAULT,
     device: Union[str, torch.device] = "cpu",
+    text_length_multiple: int = 1,
 ) -> SplitCLIP:
     """Load a CLIP model, frozen and in eval mode, split into towers that can be cut at any block.
 
@@ -245,6 +246,9 @@ def load_clip(
         model: open_clip model name, path of an open_clip JSON config, or ``"clipib-shapes"``.
         pretrained: open_clip tag, local checkpoint path, ``None`` (random weights) or ``"default"``.
         device: where the model lives.
+        text_length_multiple: the causal text tower runs on the batch's longest caption rounded up to a
+            multiple of this (:attr:`~clipib.models.split.TextTower.length_multiple`; results equal to float
+            rounding, fewer distinct shapes for ``compile=True``).
 
     Raises:
         ModelLoadError: unknown model, missing file, weights that cannot be downloaded (no network),
@@ -253,7 +257,11 @@ def load_clip(
     name = register_model(model)
     weights = _resolve_pretrained(model, name, pretrained)
     clip_model, preprocess = _create(name, weights, device)
-    return SplitCLIP(clip_model, preprocess=preprocess, tokenizer=LazyTokenizer(name), name=model)
+    if text_length_multiple < 1:
+        raise ValueError(f"text_length_multiple must be >= 1, got {text_length_multiple}")
+    clip = SplitCLIP(clip_model, preprocess=preprocess, tokenizer=LazyTokenizer(name), name=model)
+    clip.text.length_multiple = int(text_length_multiple)
+    return clip
 
 
 def load_transforms(model: str) -> Tuple[Callable, Callable]:

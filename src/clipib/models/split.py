@@ -477,6 +477,10 @@ class TextTower(Tower):
         self.causal = text.attn_mask is not None
         """Whether the tower attends causally (CLIP) or bidirectionally (``no_causal_mask``: SigLIP)."""
         self.register_buffer("causal_mask", text.attn_mask, persistent=False)
+        self.length_multiple: int = 1
+        """Causal towers run on the longest SOT..EOT rounded up to a multiple of this (at most the context):
+        exact under the causal mask, and it bounds the distinct text shapes a run sees (``compile=True``
+        compiles once per shape; 16 gives at most 5 for CLIP's 77). 1: the longest SOT..EOT itself."""
 
     @property
     def context_length(self) -> int:
@@ -542,11 +546,13 @@ class TextTower(Tower):
         return token_span(self.caption_ends(ids), ids.shape[1], special, self.content_start)
 
     def valid_length(self, ids: Tensor) -> int:
-        """Positions the tower runs on: the longest SOT..EOT of the batch (causal), or the context (bidirectional
-        towers, and towers that pool a class token appended after the context)."""
+        """Positions the tower runs on: the longest SOT..EOT of the batch (causal; rounded up to
+        :attr:`length_multiple`), or the context (bidirectional towers, and towers that pool a class token
+        appended after the context)."""
         if not self.causal or self.pad_mask:
             return ids.shape[1]
-        return int(self.eot_positions(ids).max()) + 1
+        longest = int(self.eot_positions(ids).max()) + 1
+        return min(ids.shape[1], -(-longest // self.length_multiple) * self.length_multiple)
 
     def stream_length(self, ids: Tensor) -> int:
         """Rows of the residual stream for ``ids``: :meth:`valid_length`, plus CoCa's class token."""
