@@ -227,6 +227,52 @@ def test_table_paths_stay_under_the_image_root(tmp_path):
     assert skip_reason(unsafe["skip"]) == "unsafe key"
 
 
+class _FakeHF:
+    """A Hugging Face tokenizer's interface, as open_clip's ``HFTokenizer`` calls it (transformers is not installed):
+    one id per word, EOS appended as special token, right truncation keeping EOS (as HF's ``truncation=True``)."""
+
+    bos_token_id, eos_token_id, pad_token_id, cls_token_id = 2, 1, 0, 3
+
+    def encode(self, text, add_special_tokens=True):
+        ids = [10 + len(w) for w in text.split()]
+        return ids + [self.eos_token_id] if add_special_tokens else ids
+
+    def __call__(self, texts, return_tensors=None, max_length=None, padding=False, truncation=False,
+                 add_special_tokens=True):
+        rows = [self.encode(t, add_special_tokens) for t in texts]
+        if truncation:
+            rows = [r if len(r) <= max_length else r[: max_length - 1] + [self.eos_token_id] for r in rows]
+        if padding == "max_length":
+            rows = [r + [self.pad_token_id] * (max_length - len(r)) for r in rows]
+        return type("Encoding", (), {"input_ids": torch.tensor(rows) if return_tensors == "pt" else rows,
+                                     "__getitem__": lambda self, k: getattr(self, k)})()
+
+
+def _hf_tokenizer(mode: str = "", clean: str = "canonicalize", context: int = 6):
+    """open_clip's real ``HFTokenizer`` around :class:`_FakeHF` (its ``__init__`` would load transformers)."""
+    tok = object.__new__(open_clip.tokenizer.HFTokenizer)
+    tok.tokenizer_mode, tok.context_length, tok.strip_sep_token = mode, context, False
+    tok.clean_fn, tok.tokenizer = open_clip.tokenizer.get_clean_fn(clean), _FakeHF()
+    return tok
+
+
+@pytest.mark.parametrize("mode,fits", [("", 5), ("clips", 3)])
+def test_collate_counts_hf_tokenizer_truncation(mode, fits):
+    """HFTokenizer (SigLIP family): a caption counts as cut exactly when the tokenizer drops a word; its clean
+    function runs first (punctuation removed by ``canonicalize`` is not counted)."""
+    tok = _hf_tokenizer(mode)
+    collate = ClipCollate(tok, (32, 32))
+    image = torch.zeros(3, 32, 32)
+    captions = {"short": "a red circle", "fits": " ".join(["w"] * fits), "over": " ".join(["w"] * (fits + 1)),
+                "punct": " ".join(["w"] * fits) + " , ! ?", "long": "a red circle " * 30}
+    batch = collate([{"key": k, "image": image, "caption": c} for k, c in captions.items()])
+    assert batch["ids"].shape == (5, 6)
+    assert batch["caption_truncated"].tolist() == [False, False, True, False, True]
+    for caption, cut in zip(captions.values(), batch["caption_truncated"].tolist()):  # the same rule as the tokenizer
+        whole = tok([caption], context_length=64)[0]
+        assert cut == (int((whole != 0).sum()) > 6)
+
+
 def _member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
