@@ -39,7 +39,7 @@ SKIP_REASONS = (
     "empty image", "image too large", "truncated image", "undecodable image", "missing image file",
     "missing image", "unsafe image path", "missing caption", "empty caption", "non-UTF-8 caption",
     "malformed row", "malformed line", "bad annotation", "no caption", "image could not be scored", "unsafe key",
-    "unreadable shard", "image not found in its shard",
+    "unreadable shard", "image not found in its shard", "member too large",
 )
 """The names a skip reason starts with (the summary's ``skipped.by_reason`` keys); anything else counts as
 ``"other"``."""
