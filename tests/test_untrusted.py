@@ -27,10 +27,11 @@ from clipib.data.common import ClipCollate, PairDataset, skip_item, skip_reason
 from clipib.data.sources.base import ModelTransforms
 from clipib.data.sources.refcoco import decode_mask, read_refcoco
 from clipib.data.sources.tables import read_csv, read_flickr8k, read_tsv
+from clipib.data.sources.rows import Selection
 from clipib.data.sources.webdataset import ShardDataset
 from clipib.models.loading import ModelLoadError
 from clipib.untrusted import (MAX_ASPECT, Rejected, clean_caption, decode_caption, decode_image, key_problem,
-                              markdown_text, safe_name)
+                              markdown_text, safe_name, tar_members)
 
 TINY = "tests/data/tiny-clip.json"
 PRE = open_clip.image_transform(32, is_train=False)
@@ -227,6 +228,52 @@ def test_table_paths_stay_under_the_image_root(tmp_path):
     assert skip_reason(unsafe["skip"]) == "unsafe key"
 
 
+class _FakeHF:
+    """A Hugging Face tokenizer's interface, as open_clip's ``HFTokenizer`` calls it (transformers is not installed):
+    one id per word, EOS appended as special token, right truncation keeping EOS (as HF's ``truncation=True``)."""
+
+    bos_token_id, eos_token_id, pad_token_id, cls_token_id = 2, 1, 0, 3
+
+    def encode(self, text, add_special_tokens=True):
+        ids = [10 + len(w) for w in text.split()]
+        return ids + [self.eos_token_id] if add_special_tokens else ids
+
+    def __call__(self, texts, return_tensors=None, max_length=None, padding=False, truncation=False,
+                 add_special_tokens=True):
+        rows = [self.encode(t, add_special_tokens) for t in texts]
+        if truncation:
+            rows = [r if len(r) <= max_length else r[: max_length - 1] + [self.eos_token_id] for r in rows]
+        if padding == "max_length":
+            rows = [r + [self.pad_token_id] * (max_length - len(r)) for r in rows]
+        return type("Encoding", (), {"input_ids": torch.tensor(rows) if return_tensors == "pt" else rows,
+                                     "__getitem__": lambda self, k: getattr(self, k)})()
+
+
+def _hf_tokenizer(mode: str = "", clean: str = "canonicalize", context: int = 6):
+    """open_clip's real ``HFTokenizer`` around :class:`_FakeHF` (its ``__init__`` would load transformers)."""
+    tok = object.__new__(open_clip.tokenizer.HFTokenizer)
+    tok.tokenizer_mode, tok.context_length, tok.strip_sep_token = mode, context, False
+    tok.clean_fn, tok.tokenizer = open_clip.tokenizer.get_clean_fn(clean), _FakeHF()
+    return tok
+
+
+@pytest.mark.parametrize("mode,fits", [("", 5), ("clips", 3)])
+def test_collate_counts_hf_tokenizer_truncation(mode, fits):
+    """HFTokenizer (SigLIP family): a caption counts as cut exactly when the tokenizer drops a word; its clean
+    function runs first (punctuation removed by ``canonicalize`` is not counted)."""
+    tok = _hf_tokenizer(mode)
+    collate = ClipCollate(tok, (32, 32))
+    image = torch.zeros(3, 32, 32)
+    captions = {"short": "a red circle", "fits": " ".join(["w"] * fits), "over": " ".join(["w"] * (fits + 1)),
+                "punct": " ".join(["w"] * fits) + " , ! ?", "long": "a red circle " * 30}
+    batch = collate([{"key": k, "image": image, "caption": c} for k, c in captions.items()])
+    assert batch["ids"].shape == (5, 6)
+    assert batch["caption_truncated"].tolist() == [False, False, True, False, True]
+    for caption, cut in zip(captions.values(), batch["caption_truncated"].tolist()):  # the same rule as the tokenizer
+        whole = tok([caption], context_length=64)[0]
+        assert cut == (int((whole != 0).sum()) > 6)
+
+
 def _member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -259,6 +306,52 @@ def test_shard_members_never_become_paths(tmp_path):
                        "00000/empty": "empty image", "00000/blank": "empty caption",
                        "00000/latin": "non-UTF-8 caption", "00001": "unreadable shard"}
     assert items["00000/ok"]["caption"] == "a red circle" and items["00000/anim"]["caption"] == "moving"
+
+
+def _shard_with_big_members(folder: Path, suffix: str) -> str:
+    """One shard (``.tar`` or ``.tar.gz``): samples a, b, c, d; b's image and c's caption are 3 MB members (zeros:
+    a gzip shard holds them in a few KB, the case a byte bound on the shard cannot catch), d has an unused 3 MB
+    ``.json`` member."""
+    folder.mkdir(parents=True)
+    good, big = encode(halves((16, 16))), bytes(3_000_000)
+    path = folder / f"00000.{suffix}"
+    with tarfile.open(path, "w:gz" if suffix.endswith("gz") else "w") as tf:
+        for name, data in [("a.jpg", good), ("a.txt", b"first"), ("b.jpg", big), ("b.txt", b"big image"),
+                           ("c.jpg", good), ("c.txt", big), ("d.jpg", good), ("d.txt", b"last"), ("d.json", big)]:
+            _member(tf, name, data)
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", ["tar", "tar.gz"])
+def test_oversized_shard_members_are_skipped_unread(suffix, tmp_path):
+    """A member past ``max_member_bytes`` (by its tar header) is not read: its sample is one ``member too large``
+    skip and the stream goes on; an unused oversized member harms nothing. The first pass (scan) agrees."""
+    shard = _shard_with_big_members(tmp_path / "shards", suffix)
+    with open(shard, "rb") as f:
+        members = dict(tar_members(f, max_bytes=1_000_000))
+    assert isinstance(members["b.jpg"], Rejected) and members["b.jpg"].reason == "member too large"
+    assert "3000000 bytes" in str(members["b.jpg"]) and members["d.txt"] == b"last"
+
+    data = ShardDataset(shard, max_member_bytes=1_000_000)
+    data.use_transforms(ModelTransforms.of(PRE, TOKENIZER))
+    data.prepare(0, 1, batch_size=2, num_workers=0)
+    items = list(data)
+    assert [it["key"] for it in items] == ["00000/a", "00000/b", "00000/c", "00000/d"]
+    assert [skip_reason(it.get("skip", "")) for it in items] == ["other", "member too large", "member too large", "other"]
+    assert items[0]["caption"] == "first" and items[3]["caption"] == "last"
+    default = ShardDataset(shard)  # 64 MiB: every member is read
+    default.use_transforms(ModelTransforms.of(PRE, TOKENIZER))
+    assert skip_reason(next(it for it in default if it["key"] == "00000/b")["skip"]) == "undecodable image"
+
+    selecting = ShardDataset(shard, max_member_bytes=1_000_000, selection=Selection(mismatched=True),
+                             manifest=str(tmp_path / "manifest"))
+    selecting.use_transforms(ModelTransforms.of(PRE, TOKENIZER))
+    selecting.prepare(0, 1, batch_size=2, num_workers=0)
+    scan = [json.loads(line) for p in (tmp_path / "manifest" / "scan").glob("*.jsonl") for line in p.read_text().splitlines()]
+    assert [(line["k"], skip_reason(line.get("s", ""))) for line in scan] == [
+        ("00000/a", "other"), ("00000/b", "member too large"), ("00000/c", "member too large"), ("00000/d", "other")]
+    reasons = {it["key"]: skip_reason(it["skip"]) for it in selecting if "skip" in it}
+    assert reasons == {"00000/b": "member too large", "00000/c": "member too large"}
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------

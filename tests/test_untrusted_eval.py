@@ -54,6 +54,7 @@ SAMPLES = [  # (member key, image bytes, caption bytes, skip reason or None)
     ("noise", np.random.default_rng(7).bytes(3000), b"noise", "undecodable image"),
     ("blank", _png(8), b" \t ", "empty caption"),
     ("latin", _png(9), b"caf\xe9", "non-UTF-8 caption"),
+    ("huge", bytes(200_000), b"huge", "member too large"),  # past the run's max_member_bytes: 100,000
 ]
 
 
@@ -93,7 +94,7 @@ def test_hostile_shards_end_to_end(tmp_path):
                   "metrics": {"similarity": {}}},
         "data": {"class_path": "clipib.data.EvalDataModule", "init_args": {"batch_size": 4, "dataset": {
             "class_path": "clipib.data.sources.webdataset.ShardDataset",
-            "init_args": {"shards": _shards(tmp_path / "shards"), "image_exts": ["png"]}}}},
+            "init_args": {"shards": _shards(tmp_path / "shards"), "image_exts": ["png"], "max_member_bytes": 100_000}}}},
     }
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     def outside() -> set:

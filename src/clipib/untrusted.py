@@ -1,4 +1,4 @@
-"""Untrusted input, read within bounds: images, captions, sample keys and text rendered for people.
+"""Untrusted input, read within bounds: images, captions, shard (tar) members, sample keys and text rendered for people.
 
 clipib reads web-scraped data (any bytes as an image, any text as a caption, any name as a sample key). This
 module is the one place that decides what such input may do; the data sources (:mod:`clipib.data`) and
@@ -14,7 +14,8 @@ import html
 import io
 import os
 import re
-from typing import Optional, Tuple, Union
+import tarfile
+from typing import IO, Iterator, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -36,6 +37,12 @@ caption."""
 
 MAX_KEY_CHARS = 512
 """Longest accepted sample key."""
+
+MAX_MEMBER_BYTES = 64 * 2**20
+"""Largest shard (tar) member read into memory, by the size its header declares: 64 MiB, far past any web image
+or caption clipib can use (a 9459 px square JPEG, near :data:`MAX_PIXELS`, is a few MiB), and small enough
+that a hostile shard cannot make a reader hold gigabytes for one sample. Checked before the member's data is
+read (:func:`tar_members`)."""
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters
 _MARKDOWN = re.compile(r"([\\`*_\[\]|~#])")  # characters that make markdown links, tables, emphasis, headings
@@ -186,6 +193,26 @@ def decode_caption(data: Optional[bytes], max_chars: int = MAX_CAPTION_CHARS) ->
     if not caption:
         raise Rejected("empty caption")
     return caption, cut
+
+
+# --- archives --------------------------------------------------------------------------------------------------
+
+
+def tar_members(fileobj: IO[bytes], max_bytes: int = MAX_MEMBER_BYTES) -> Iterator[Tuple[str, Union[bytes, Rejected]]]:
+    """``(name, data)`` of each regular file of a tar stream (plain or compressed), in order, read sequentially and
+    never extracted. A member whose header declares more than ``max_bytes`` gives a :class:`Rejected`
+    ``"member too large"`` in place of its data, and its data is skipped over in fixed-size blocks (never held in
+    memory). Errors of the tar format (a truncated or random-bytes file) propagate as ``tarfile`` raises them."""
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            if info.size > max_bytes:
+                yield info.name, Rejected("member too large", f"{info.size} bytes; the limit is {max_bytes} bytes")
+            else:
+                member = tar.extractfile(info)
+                yield info.name, member.read() if member is not None else b""
+            tar.members = []  # a stream reader would otherwise keep every header it has seen
 
 
 # --- keys and names --------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ SKIP_REASONS = (
     "empty image", "image too large", "truncated image", "undecodable image", "missing image file",
     "missing image", "unsafe image path", "missing caption", "empty caption", "non-UTF-8 caption",
     "malformed row", "malformed line", "bad annotation", "no caption", "image could not be scored", "unsafe key",
-    "unreadable shard", "image not found in its shard",
+    "unreadable shard", "image not found in its shard", "member too large",
 )
 """The names a skip reason starts with (the summary's ``skipped.by_reason`` keys); anything else counts as
 ``"other"``."""
@@ -159,9 +159,10 @@ class ClipCollate:
     ``"has_mask"`` BoolTensor[B] when any sample has one (all-False rows where it has none). ``B`` may be
     0 when a whole batch was skipped; ``"skipped"`` is then non-empty. Items that carry ``"ids"`` are not
     re-tokenized; any other field every sample has is passed on (tensors stacked, anything else listed),
-    e.g. the shapes world's ``"gold_tokens"`` or ``"run_seeds"`` (per-run samples: list of run-seed lists). ``"caption_truncated"`` marks captions cut to the tokenizer's
-    context (or, earlier, to :data:`clipib.untrusted.MAX_CAPTION_CHARS`); with a tokenizer that has no
-    ``encode`` (HF tokenizers), only the character cut is seen.
+    e.g. the shapes world's ``"gold_tokens"`` or ``"run_seeds"`` (per-run samples: list of run-seed lists).
+    ``"caption_truncated"`` marks captions cut to the tokenizer's context (:func:`token_count`: open_clip's
+    BPE tokenizer and its ``HFTokenizer``, SigLIP-family models) or, earlier, to
+    :data:`clipib.untrusted.MAX_CAPTION_CHARS`; with any other tokenizer only the character cut is seen.
     """
 
     def __init__(self, tokenizer: Tokenizer, image_size: Tuple[int, int], context_length: Optional[int] = None):
@@ -202,9 +203,31 @@ class ClipCollate:
         return batch
 
     def too_long(self, item: Item) -> bool:
-        """Whether the tokenizer cuts ``item``'s caption to its context (items that bring ``ids``: never): its
-        BPE tokens plus SOT and EOT do not fit."""
-        encode = getattr(self.tokenizer, "encode", None)
-        if "ids" in item or encode is None:
+        """Whether the tokenizer cuts ``item``'s caption to its context (items that bring ``ids``, or a tokenizer
+        :func:`token_count` does not know: never)."""
+        if "ids" in item:
             return False
-        return len(encode(item.get("caption", ""))) + 2 > self.context_length
+        count = token_count(self.tokenizer, item.get("caption", ""))
+        return count is not None and count > self.context_length
+
+
+def token_count(tokenizer: Any, text: str) -> Optional[int]:
+    """How many ids ``tokenizer`` makes of ``text`` before it cuts them to its context, special tokens included
+    (``None`` for a tokenizer whose rule is not known here). Duck-typed, as open_clip's tokenizers tokenize:
+
+    * ``SimpleTokenizer`` (has ``encode``, the BPE tokens of the cleaned text): those tokens plus SOT and EOT;
+    * ``HFTokenizer`` (a Hugging Face tokenizer in ``.tokenizer``; SigLIP / SigLIP 2): the HF tokenizer's ids of
+      ``clean_fn(text)`` with its special tokens (it is called with ``truncation=True, max_length=context``);
+      in its ``tokenizer_mode="clips"`` the ids without special tokens plus 3 (BOS, EOS and the class token).
+    """
+    encode = getattr(tokenizer, "encode", None)
+    if callable(encode):
+        return len(encode(text)) + 2
+    hf = getattr(tokenizer, "tokenizer", None)
+    if not callable(getattr(hf, "encode", None)):
+        return None
+    clean = getattr(tokenizer, "clean_fn", None)
+    text = clean(text) if callable(clean) else text
+    if getattr(tokenizer, "tokenizer_mode", "") == "clips":
+        return len(hf.encode(text, add_special_tokens=False)) + 3
+    return len(hf.encode(text, add_special_tokens=True))

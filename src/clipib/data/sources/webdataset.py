@@ -2,8 +2,11 @@
 
 Shards are given as local paths, brace patterns (``shards/{00000..01241}.tar``, ``::``-separated
 lists) or anything webdataset's ``gopen`` opens (``pipe:curl -s …``, ``http(s)://…``); expansion,
-opening and tar parsing are webdataset's own (``expand_urls``, ``SimpleShardList``,
-``tarfile_to_samples``).
+opening and grouping members into samples are webdataset's own (``expand_urls``, ``SimpleShardList``,
+``url_opener``, ``group_by_keys``). Members are read by :func:`clipib.untrusted.tar_members`, which checks each
+member's size in its tar header before reading it (webdataset's ``tarfile_to_samples`` reads every member
+whole, and its ``select_files`` hook sees only the name): a member past ``max_member_bytes`` (default
+:data:`clipib.untrusted.MAX_MEMBER_BYTES`, 64 MiB) is skipped over unread.
 
 Splitting (``split=``): the rank x DataLoader-worker grid has ``S = world_size * num_workers`` slots,
 slot ``s = rank * num_workers + worker``.
@@ -21,11 +24,12 @@ Both are deterministic and exact: no sample twice, none missing, and every rank 
 padding, no collective calls), so a rank with fewer samples just finishes earlier.
 
 Corrupt data never raises: a sample with an undecodable, truncated, empty or oversized image, a missing
-image, a missing, empty or non-UTF-8 caption, or an unsafe key (a member named ``../../evil.jpg``, an
-absolute path, a NUL; :func:`clipib.untrusted.key_problem`) becomes a skip marker (key + reason, see
-:mod:`clipib.data.common`); a shard that cannot be opened, a truncated tar or a file of random bytes becomes
-a skip marker keyed by the shard name. Skips travel in the batches' ``"skipped"`` list. Members are read
-into memory by webdataset's tar reader, never extracted: no member name becomes a path.
+image, a missing, empty or non-UTF-8 caption, an image or caption member larger than ``max_member_bytes``
+(``member too large``), or an unsafe key (a member named ``../../evil.jpg``, an absolute path, a NUL;
+:func:`clipib.untrusted.key_problem`) becomes a skip marker (key + reason, see :mod:`clipib.data.common`); a
+shard that cannot be opened, a truncated tar or a file of random bytes becomes a skip marker keyed by the
+shard name. Skips travel in the batches' ``"skipped"`` list. Members are read into memory, never extracted: no
+member name becomes a path.
 
 Excluded keys (a resumed run, :meth:`ShardDataset.exclude`) are dropped on the raw sample's key, before
 its image or caption is decoded. YAML::
@@ -40,7 +44,8 @@ of the table sources) runs as a first pass in :meth:`ShardDataset.prepare` that 
 
 1. **scan**: every shard is read once (shards split over ranks), without decoding images; a part per shard
    lists its samples in stream order: ``{"k": key, "c": caption}``, or ``{"k": key, "s": reason}`` for a sample
-   that cannot be used (no image member, missing / empty / non-UTF-8 caption; a shard that cannot be read).
+   that cannot be used (no image member, missing / empty / non-UTF-8 caption, an image or caption member too
+   large to read; a shard that cannot be read).
    Parts are reused by later runs over the same shards (they hold keys and captions only).
 2. **select**: the usable samples, numbered in shard order, are sampled by position (the table sources'
    :func:`~clipib.data.selection.sample_positions`, so a table with the same usable rows in the same order picks
@@ -62,7 +67,7 @@ import re
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import webdataset as wds
@@ -79,6 +84,7 @@ ShardSpec = Union[str, Sequence[str]]
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTS = ("txt", "caption", "text")
 SPLITS = ("auto", "shard", "sample")
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, which it leaves out of samples
 
 
 def expand_shards(spec: ShardSpec) -> List[str]:
@@ -99,6 +105,31 @@ def shard_name(url: str) -> str:
     """Stable short name of a shard: the last ``*.tar`` component (``…/00012.tar`` -> ``00012``)."""
     found = re.findall(r"([^/\s]+?)\.(?:tar\.gz|tgz|tar)\b", url)
     return found[-1] if found else url
+
+
+def _shard_files(src: Iterable[Dict[str, Any]], handler: Callable[[Exception], bool],
+                 max_member_bytes: int) -> Iterator[Dict[str, Any]]:
+    """webdataset's member stream (``{"fname", "data", "__url__"}``, ``{}`` at the end of each shard) for opened
+    shards, read by :func:`clipib.untrusted.tar_members`: an oversized member's ``data`` is a
+    :class:`~clipib.untrusted.Rejected`. webdataset's metadata members (``__name__``) are left out, as it does.
+    A shard's read error goes to ``handler`` (with the shard's URL in its args), which says whether to go on."""
+    for source in wds.tariterators.url_opener(src, handler=handler):
+        try:
+            for name, data in untrusted.tar_members(source["stream"], max_member_bytes):
+                if not _META.match(name):
+                    yield {"fname": name, "data": data, "__url__": source["url"]}
+            yield {}
+        except Exception as exn:  # tarfile's errors on truncated or random data, the stream's OSErrors, ...
+            exn.args = exn.args + (source["url"],)
+            if not handler(exn):
+                break
+
+
+def tar_samples(src: Iterable[Dict[str, Any]], handler: Callable[[Exception], bool] = wds.reraise_exception,
+                max_member_bytes: int = untrusted.MAX_MEMBER_BYTES) -> Iterator[Dict[str, Any]]:
+    """webdataset's ``tarfile_samples`` (opened shards -> samples ``{"__key__", "__url__", ext: bytes}``) with the
+    member size bound: a member past ``max_member_bytes`` is a :class:`~clipib.untrusted.Rejected`, not bytes."""
+    return wds.tariterators.group_by_keys(_shard_files(src, handler, max_member_bytes), handler=handler)
 
 
 def _slice(src: Iterable[Any], start: int, step: int) -> Iterator[Any]:
@@ -127,6 +158,9 @@ class ShardDataset(Source, IterableDataset):
             first pass (module docstring) that needs ``manifest``.
         manifest: folder for the first pass's parts and the manifest (shared by every process; reused by later
             runs over the same shards).
+        max_member_bytes: largest member read, by its tar header's size (default
+            :data:`clipib.untrusted.MAX_MEMBER_BYTES`, 64 MiB); a sample whose image or caption member is larger
+            is a ``member too large`` skip and that member is skipped over unread.
 
     The rank and world size come from :meth:`prepare` (the DataModule passes the trainer's; ``None`` reads
     them like webdataset does: ``RANK``/``WORLD_SIZE`` env vars, else ``torch.distributed``). Sample keys are
@@ -141,6 +175,7 @@ class ShardDataset(Source, IterableDataset):
         caption_exts: Sequence[str] = CAPTION_EXTS,
         selection: Optional[Selection] = None,
         manifest: Optional[str] = None,
+        max_member_bytes: int = untrusted.MAX_MEMBER_BYTES,
     ) -> None:
         super().__init__()
         if split not in SPLITS:
@@ -156,6 +191,9 @@ class ShardDataset(Source, IterableDataset):
             raise ValueError("ShardDataset: sample / mismatched / partition run a first pass over the shards that "
                              "writes a manifest; give manifest: <a folder every process can read>")
         self.manifest = manifest
+        if max_member_bytes < 1:
+            raise ValueError(f"max_member_bytes must be positive, got {max_member_bytes}")
+        self.max_member_bytes = int(max_member_bytes)
         self.rows: Optional[List[Row]] = None  # the manifest's pairs (selection only)
         self._info: Dict[str, Any] = {}
 
@@ -177,15 +215,20 @@ class ShardDataset(Source, IterableDataset):
             self.rows = self.first_pass(grid_rank, grid_world, batch_size)
             self._info["rows"] = len(self.rows)
 
+    def _read(self, handler: Callable[[Exception], bool]) -> Any:
+        """The pipeline stage shards -> raw samples (:func:`tar_samples` with this source's member bound)."""
+        return wds.filters.pipelinefilter(tar_samples)(handler=handler, max_member_bytes=self.max_member_bytes)
+
     # ---- first pass: scan, select, score, manifest -------------------------------------------------------
 
     def _folder(self) -> Path:
         return Path(str(self.manifest))
 
     def scan_paths(self) -> List[Path]:
-        """The scan part of each shard (named by position, shard name and a digest of its URL and extensions)."""
-        return [self._folder() / "scan" / f"{i:05d}-{shard_name(u)}-{manifest.spec_hash([u, self.image_exts, self.caption_exts])}.jsonl"
-                for i, u in enumerate(self.urls)]
+        """The scan part of each shard (named by position, shard name and a digest of its URL, extensions and member
+        bound)."""
+        digest = lambda u: manifest.spec_hash([u, self.image_exts, self.caption_exts, self.max_member_bytes])  # noqa: E731
+        return [self._folder() / "scan" / f"{i:05d}-{shard_name(u)}-{digest(u)}.jsonl" for i, u in enumerate(self.urls)]
 
     def scan_shard(self, index: int) -> List[Dict[str, Any]]:
         """Scan lines of shard ``index`` in stream order (keys and captions; images are not decoded)."""
@@ -199,12 +242,17 @@ class ShardDataset(Source, IterableDataset):
                 lines.append({"k": item["key"], "s": item["skip"]})
             return True
 
-        for raw in wds.DataPipeline(wds.SimpleShardList([self.urls[index]]), wds.tarfile_to_samples(handler=handler)):
+        for raw in wds.DataPipeline(wds.SimpleShardList([self.urls[index]]), self._read(handler)):
             key = self.raw_key(raw)
-            if next((e for e in self.image_exts if e in raw), None) is None:
+            image_ext = next((e for e in self.image_exts if e in raw), None)
+            if image_ext is None:
                 lines.append({"k": key, "s": "missing image"})
                 continue
             caption_ext = next((e for e in self.caption_exts if e in raw), None)
+            too_large = _too_large(raw, image_ext, caption_ext)
+            if too_large is not None:
+                lines.append({"k": key, "s": too_large["skip"]})
+                continue
             try:
                 lines.append({"k": key, "c": decode_caption(raw[caption_ext] if caption_ext else None)})
             except ValueError as exn:
@@ -225,6 +273,7 @@ class ShardDataset(Source, IterableDataset):
             self._info["partition_bounds"] = bounds
         self._info.update(draw_info(opts, draws))
         spec = {"shards": self.urls, "exts": [self.image_exts, self.caption_exts], "selection": asdict(opts),
+                "max_member_bytes": self.max_member_bytes,
                 "draws": [asdict(d) for d in draws]}
         if opts.partition:
             spec["scorer"] = manifest.scorer_fingerprint(self.need_transforms().score, self.need_transforms().image_size)
@@ -295,7 +344,7 @@ class ShardDataset(Source, IterableDataset):
         for r in rows:
             by_image.setdefault(r["image_key"], []).append(r)
         images, captions, keys, out = [], [], [], []
-        for raw in wds.DataPipeline(wds.SimpleShardList([self.urls[index]]), wds.tarfile_to_samples(handler=wds.ignore_and_continue)):
+        for raw in wds.DataPipeline(wds.SimpleShardList([self.urls[index]]), self._read(wds.ignore_and_continue)):
             mine = by_image.pop(self.raw_key(raw), None)
             if not mine:
                 continue
@@ -345,7 +394,7 @@ class ShardDataset(Source, IterableDataset):
         stages: List[Any] = [wds.SimpleShardList(self.urls)]
         if mode == "shard":
             stages += [wds.filters.pipelinefilter(_slice)(rank, world), wds.filters.pipelinefilter(_slice)(worker, n_workers)]
-        stages.append(wds.tarfile_to_samples(handler=handler))
+        stages.append(self._read(handler))
         if mode == "sample":
             stages.append(wds.filters.pipelinefilter(_slice)(slot, slots))
         report_errors = mode == "shard" or slot == 0  # in "sample" mode every slot sees the same errors
@@ -381,7 +430,7 @@ class ShardDataset(Source, IterableDataset):
                     seen.add(self.raw_key(raw))
                     yield raw
 
-        stages: List[Any] = [wds.SimpleShardList(mine), wds.tarfile_to_samples(handler=wds.ignore_and_continue),
+        stages: List[Any] = [wds.SimpleShardList(mine), self._read(wds.ignore_and_continue),
                              wanted] if mine else []
         if mine and mode == "sample":
             stages.append(wds.filters.pipelinefilter(_slice)(slot, slots))
@@ -428,6 +477,9 @@ class ShardDataset(Source, IterableDataset):
         if image_ext is None:
             return skip_item(key, "missing image")
         caption_ext = next((e for e in self.caption_exts if e in raw), None)
+        too_large = _too_large(raw, image_ext, caption_ext)
+        if too_large is not None:
+            return too_large
         try:
             caption, cut = untrusted.decode_caption(raw[caption_ext] if caption_ext else None)
         except untrusted.Rejected as exn:
@@ -438,6 +490,15 @@ class ShardDataset(Source, IterableDataset):
             return {"key": key, "skip": image_error(exn)}
         item = {"key": key, "image": preprocess(image), "caption": caption, "matched": True}
         return {**item, "caption_truncated": True} if cut else item
+
+
+def _too_large(raw: dict, image_ext: str, caption_ext: Optional[str]) -> Optional[Item]:
+    """The ``member too large`` skip of a raw sample whose image or caption member was not read (else None); other
+    members, which clipib does not use, may be too large without harm."""
+    for ext in (image_ext, caption_ext):
+        if ext is not None and isinstance(raw[ext], untrusted.Rejected):
+            return skip_item(ShardDataset.raw_key(raw), raw[ext].reason, f".{ext}: {raw[ext].detail}")
+    return None
 
 
 def _scan_row(line: Dict[str, Any]) -> Row:
