@@ -24,7 +24,7 @@ import open_clip
 from open_clip.transform import PreprocessCfg, image_transform_v2
 import torch
 
-from clipib.models.split import SplitCLIP
+from clipib.models.split import SplitCLIP, caption_tokens
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 SHIPPED_MODELS = {
@@ -253,7 +253,8 @@ def load_clip(
     name = register_model(model)
     weights = _resolve_pretrained(model, name, pretrained)
     clip_model, preprocess = _create(name, weights, device)
-    return SplitCLIP(clip_model, preprocess=preprocess, tokenizer=LazyTokenizer(name), name=model)
+    tokens = caption_tokens((open_clip.get_model_config(name) or {}).get("text_cfg", {}), name)
+    return SplitCLIP(clip_model, preprocess=preprocess, tokenizer=LazyTokenizer(name), name=model, text_tokens=tokens)
 
 
 def load_transforms(model: str) -> Tuple[Callable, Callable]:
