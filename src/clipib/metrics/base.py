@@ -263,7 +263,7 @@ def default_eot(ids: Tensor, eot: Optional[Tensor] = None) -> Tensor:
 
 def caption_rule(text: Any, ids: Tensor) -> Tuple[Tensor, int]:
     """``(caption ends [B], first content position)`` of ``ids`` under a text tower's own rule
-    (``TextTower.caption_ends`` / ``content_start``: EOT and 1 for CLIP, the padding EOS and 0 for SigLIP);
+    (``TextTower.caption_ends`` / ``content_start``: EOT and 1 for CLIP, the EOS and 0 for SigLIP / SigLIP 2);
     a tower without them (duck-typed test doubles) is read as CLIP's: its ``eot_positions`` and 1."""
     ends = getattr(text, "caption_ends", text.eot_positions)(ids)
     return ends, int(getattr(text, "content_start", 1))

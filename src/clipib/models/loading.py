@@ -24,7 +24,7 @@ import open_clip
 from open_clip.transform import PreprocessCfg, image_transform_v2
 import torch
 
-from clipib.models.split import SplitCLIP
+from clipib.models.split import SplitCLIP, caption_tokens
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 SHIPPED_MODELS = {
@@ -254,12 +254,13 @@ def load_clip(
         ModelLoadError: unknown model, missing file, weights that cannot be downloaded (no network),
             or an architecture :class:`SplitCLIP` cannot split.
     """
+    if text_length_multiple < 1:
+        raise ValueError(f"text_length_multiple must be >= 1, got {text_length_multiple}")
     name = register_model(model)
     weights = _resolve_pretrained(model, name, pretrained)
     clip_model, preprocess = _create(name, weights, device)
-    if text_length_multiple < 1:
-        raise ValueError(f"text_length_multiple must be >= 1, got {text_length_multiple}")
-    clip = SplitCLIP(clip_model, preprocess=preprocess, tokenizer=LazyTokenizer(name), name=model)
+    tokens = caption_tokens((open_clip.get_model_config(name) or {}).get("text_cfg", {}), name)
+    clip = SplitCLIP(clip_model, preprocess=preprocess, tokenizer=LazyTokenizer(name), name=model, text_tokens=tokens)
     clip.text.length_multiple = int(text_length_multiple)
     return clip
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,52 @@ def fit_rows(mask: Tensor, length: int) -> Tensor:
     if mask.shape[1] >= length:
         return mask[:, :length]
     return torch.cat([mask, mask.new_zeros(mask.shape[0], length - mask.shape[1])], 1)
+
+
+@dataclass(frozen=True)
+class CaptionTokens:
+    """Where a caption sits in the fixed-length ids of a tokenizer that feeds a ``last`` / ``first``-pooled text
+    tower (no EOT to ``argmax`` for): what :meth:`TextTower.caption_ends` / ``content_start`` read.
+
+    ``sot``: position 0 holds a start token (BERT's ``[CLS]``), not the first word. ``ends``: the ids that close a
+    caption and pad it (EOS, padding); the caption's EOS is the first position of the trailing run of these ids.
+    Empty ``ends``: the trailing run of each row's own final id (a tokenizer that pads with its EOS).
+    """
+
+    sot: bool = False
+    ends: Tuple[int, ...] = ()
+
+
+SIGLIP_T5_TOKENS = CaptionTokens(sot=False, ends=(1,))
+"""SigLIP (c4-en / mc4 T5 sentencepiece, open_clip ``timm/ViT-*-SigLIP*``): no BOS, words, then ``</s>`` = 1 as EOS
+*and* padding (big_vision ``tokenize(eos="sticky", pad_value=1)``; open_clip's ``SigLipTokenizer`` sets
+``pad_token_id = 1``): ``[w…, 1, 1, …]``, truncated ``[w₁…w₆₃, 1]``."""
+SIGLIP2_GEMMA_TOKENS = CaptionTokens(sot=False, ends=(1, 0))
+"""SigLIP 2 (Gemma tokenizer, open_clip ``timm/ViT-*-SigLIP2*``): no BOS, words, ``<eos>`` = 1, then ``<pad>`` = 0
+(big_vision ``tok(model="gemma", bos="no", eos="sticky")`` pads with the tokenizer's pad id; open_clip's
+``SigLipTokenizer``: ``GemmaTokenizerFast(add_bos_token=False, add_eos_token=True)``, ``pad_token_id = 0``):
+``[w…, 1, 0, 0, …]``, truncated ``[w₁…w₆₃, 1]``."""
+BERT_TOKENS = CaptionTokens(sot=True, ends=(0, 102))
+"""``bert-base-uncased`` (CLIPA): ``[CLS]`` = 101, words, ``[SEP]`` = 102 (written as 0 under open_clip's
+``strip_sep_token``), ``[PAD]`` = 0."""
+
+
+def caption_tokens(text_cfg: Mapping, name: str = "") -> Optional[CaptionTokens]:
+    """The :class:`CaptionTokens` of an open_clip ``text_cfg`` whose tokenizer clipib knows (by
+    ``hf_tokenizer_name``, or, without one, by the model ``name`` as open_clip's ``get_tokenizer`` picks its
+    SigLIP tokenizer), else None (:meth:`TextTower.caption_ends` then reads the trailing run of the final id).
+
+    >>> caption_tokens({"hf_tokenizer_name": "timm/ViT-B-16-SigLIP2"}) == SIGLIP2_GEMMA_TOKENS
+    True
+    """
+    tok = str(text_cfg.get("hf_tokenizer_name") or name).lower()
+    if "siglip2" in tok:
+        return SIGLIP2_GEMMA_TOKENS
+    if "siglip" in tok:
+        return SIGLIP_T5_TOKENS
+    if tok.startswith("bert-base"):
+        return BERT_TOKENS
+    return None
 
 
 class UnsupportedModelError(ValueError):
@@ -451,10 +498,15 @@ class TextTower(Tower):
     (``pool_type`` then only says where each caption ends); its attention masks the padding keys (ids equal to
     ``pad_id``) per sample, so it runs on the whole context, the stream has ``context_length + 1`` rows, and the
     mask needs the ids: :meth:`run` and :meth:`encode_embeddings` take them. Bidirectional towers with
-    ``use_pad_mask`` mask padding the same way."""
+    ``use_pad_mask`` mask padding the same way.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``tokens`` (:class:`CaptionTokens`, from :func:`caption_tokens` at load time) says where a caption starts
+    and ends in the ids of a ``last`` / ``first`` tower's tokenizer; the pooled position does not depend on it."""
+
+    def __init__(self, model: nn.Module, tokens: Optional[CaptionTokens] = None) -> None:
         super().__init__()
+        self.tokens = tokens
+        """The tokenizer's caption layout for ``last`` / ``first`` pooling (None: the generic rule)."""
         text = model.text if isinstance(getattr(model, "text", None), nn.Module) else model
         if text is not model and not isinstance(text, TextTransformer):
             raise UnsupportedModelError(f"text tower {type(text).__name__} is not an open_clip TextTransformer")
@@ -508,8 +560,13 @@ class TextTower(Tower):
 
     @property
     def content_start(self) -> int:
-        """First content token: 1 after CLIP's SOT (``argmax`` / ``eos`` / ``first`` towers), 0 for ``last``
-        towers (SigLIP's sentencepiece ids start with the first word)."""
+        """First content token: 1 after CLIP's SOT (``argmax`` / ``eos`` towers) or a start token
+        (:attr:`tokens` ``.sot``: BERT's ``[CLS]``), 0 for SigLIP's sentencepiece ids (they start with the first
+        word). Without :attr:`tokens`: 0 for ``last`` towers, 1 for ``first`` towers (they pool position 0)."""
+        if self.pool_type in ("argmax", "eos") or self.cls_emb is not None:
+            return 1
+        if self.tokens is not None:
+            return int(self.tokens.sot)
         return 0 if self.pool_type == "last" else 1
 
     def eot_positions(self, ids: Tensor) -> Tensor:
@@ -530,15 +587,21 @@ class TextTower(Tower):
 
     def caption_ends(self, ids: Tensor) -> Tensor:
         """``[B]``: the position closing each caption — its EOT for ``argmax`` / ``eos`` towers; for ``last`` /
-        ``first`` towers the first token of the trailing padding run (SigLIP pads with its EOS, so this is the
-        EOS), or the last position when the caption fills the context."""
+        ``first`` towers the caption's EOS: the first position of the trailing run of :attr:`tokens` ``.ends``
+        (SigLIP: ``[w…, EOS=1, 1, …]``; SigLIP 2: ``[w…, EOS=1, PAD=0, …]``), or, without :attr:`tokens`, of the
+        trailing run of the row's final id (a tokenizer that pads with its EOS); the last position when the
+        caption fills the context with no such token."""
         if self.pool_type in ("argmax", "eos"):
             return self._caption_pool(ids)
         length = ids.shape[1]
-        differs = ids != ids[:, -1:]  # [B, L]: False on the trailing run of the final id
+        if self.tokens is not None and self.tokens.ends:
+            ends = torch.tensor(self.tokens.ends, dtype=ids.dtype, device=ids.device)
+            content = ~torch.isin(ids, ends)  # [B, L]: False on EOS / padding ids
+        else:
+            content = ids != ids[:, -1:]  # [B, L]: False on the trailing run of the final id
         pos = torch.arange(length, device=ids.device)
-        last_other = torch.where(differs, pos, torch.full_like(pos, -1)).amax(1)  # [B]
-        return (last_other + 1).clamp(max=length - 1)
+        last_word = torch.where(content, pos, torch.full_like(pos, -1)).amax(1)  # [B]
+        return (last_word + 1).clamp(max=length - 1)
 
     def span_mask(self, ids: Tensor, special: bool = True) -> Tensor:
         """``[B, ctx]`` bool: SOT..EOT of each row (the caption with its special tokens), or
@@ -619,14 +682,17 @@ class TextTower(Tower):
 class SplitCLIP(nn.Module):
     """A frozen open_clip CLIP with :class:`ImageTower` ``image`` and :class:`TextTower` ``text``."""
 
-    def __init__(self, model: nn.Module, preprocess: Callable, tokenizer: Callable, name: str = "") -> None:
+    def __init__(self, model: nn.Module, preprocess: Callable, tokenizer: Callable, name: str = "",
+                 text_tokens: Optional[CaptionTokens] = None) -> None:
+        """``text_tokens``: the tokenizer's caption layout for ``last`` / ``first``-pooled text towers
+        (:func:`caption_tokens`; :func:`clipib.load_clip` passes it from the model config)."""
         super().__init__()
         if not isinstance(model, (CLIP, CustomTextCLIP, CoCa)):
             raise UnsupportedModelError(f"{type(model).__name__} is not an open_clip CLIP/CustomTextCLIP/CoCa model")
         model.eval().requires_grad_(False)
         self.model = model
         self.image = image_tower(model.visual)
-        self.text = TextTower(model)
+        self.text = TextTower(model, text_tokens)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         """open_clip's tokenizer (CPU ids, for data pipelines); :meth:`tokenize` puts ids on the model's device."""
@@ -637,7 +703,10 @@ class SplitCLIP(nn.Module):
 
         Changing the copy's weights (e.g. the model-randomisation check) leaves this model untouched.
         """
-        return SplitCLIP(copy.deepcopy(self.model), self.preprocess, self.tokenizer, name=self.name)
+        twin = SplitCLIP(copy.deepcopy(self.model), self.preprocess, self.tokenizer, name=self.name,
+                         text_tokens=self.text.tokens)
+        twin.text.length_multiple = self.text.length_multiple
+        return twin
 
     def train(self, mode: bool = True) -> "SplitCLIP":
         """The model stays in eval mode (dropout and patch dropout off)."""

@@ -13,18 +13,35 @@ gradient of that score with respect to the block's own attention map as the expl
 * ``E_l = mean_heads mean_queries ReLU(∇A_l)`` ``[B, T]`` [LG-layer: only positive gradients, averaged
   over heads and over every query row];
 * ``E = Σ_l E_l`` over the chosen layers [LG-sum], read on the patch columns (class / register tokens
-  dropped); the public map is its min-max normalisation (``to_maps``, as the paper's).
+  dropped); the public map is its min-max normalisation (``to_maps``, as the package's).
 
-The bracketed tags name the paper's steps in the code below (equation numbers were not checked against the
-ICCV text: the steps follow the arXiv method description and the maintained package ``WalBouss/LeGrad``).
+The bracketed tags are clipib's names for the steps; they are not the paper's equation numbers.
 
-Default layers: the last two blocks (``layers=2``: the maintained package's ``layer_index=-2``);
-``layers="all"`` aggregates every block (the paper's full aggregation). Differences from the maintained
-package, named: clipib's ``Head`` is the tower's own (CLS token for OpenAI CLIP towers; the package averages
-every token of a CLS tower before ``ln_post``); for MAP-pooled towers (SigLIP, PE-Core) the package
-differentiates the MAP head's attention instead of the blocks' and subtracts an "empty prompt" map
-(it needs a tokenizer); clipib explains the blocks' self-attention on every tower. Text: not attributed
-(the paper explains images).
+What was checked, and against what (offline, 2026-12-02). The paper's method section (arXiv 2404.03214 v1/v2,
+ICCV 2025 pp. 20336-20345) could not be read here: only its abstract (arXiv v1/v2 pages, the ICCV open-access
+page) was available, so **no equation number is cited and none was verified**. The abstract confirms: the
+explanation signal is the gradient with respect to the attention maps of single ViT layers; the signal is
+aggregated over all layers, combining the activations of the last and of intermediate tokens. Every other step
+was checked against the authors' package ``WalBouss/LeGrad`` (``legrad/wrapper.py`` at 8c2ca90,
+``legrad/utils.py`` at c5c7b20), not against the paper: ``A_l`` is the post-softmax attention of block ``l``;
+``s_l`` is the similarity of the text embedding with the L2-normalised embedding read from block ``l``'s output;
+the gradient is clamped at 0 (ReLU), averaged over heads and then over every query row, the class column is
+dropped, the layer maps are summed (not averaged) and min-max normalised per map.
+
+Default layers: the last two blocks (``layers=2``: the package's ``LeWrapper(layer_index=-2)``);
+``layers="all"`` aggregates every block (the abstract's "over all layers"). Differences from the package, named:
+
+* CLS towers (OpenAI-style ViTs): the package reads block ``l``'s output as ``ln_post(mean of every token,
+  class token included) @ proj``; clipib applies the tower's own head (``tower.head``: the class token).
+* MAP-pooled towers (SigLIP / SigLIP 2 timm trunks; CoCa's attentional pooler): the package does not use the
+  blocks' self-attention there. It passes each chosen block's tokens through the MAP head (without the tower's
+  final norm) and differentiates the similarity with respect to *the MAP head's* attention probabilities (its one
+  query; CoCa: the first query), ReLU, mean over heads. For timm SigLIP it then builds the same map for the fixed
+  prompt "a photo of a" and zeroes the main map wherever that map, min-max normalised, exceeds 0.8
+  (``apply_correction``, ``correction_threshold=0.8``) — a tokenizer-dependent correction. clipib explains the
+  blocks' self-attention on every tower, with the tower's own head (MAP pooling included) as ``Head``, and applies
+  no correction; a researcher reproducing the package's SigLIP maps should expect them to differ.
+* Text: not attributed (the paper explains images).
 """
 
 from __future__ import annotations
