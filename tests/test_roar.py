@@ -23,7 +23,7 @@ from lightning.pytorch import Callback
 from clipib.callbacks.records import index_store, iter_attributions, read_map, store_id
 from clipib.data.sources import ModelTransforms, ShapesDataset
 from clipib.lit.cli import train_cli
-from clipib.removal import top_fraction_mask
+from clipib.removal import remove_image, top_fraction_mask
 from clipib.roar import DegradedDataset, MissingMapError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,8 +37,9 @@ def _shapes(n: int = N) -> ShapesDataset:
 
 
 def write_store(run: Path, keys: list, method: str, seed: int = 0, image_size=(32, 32), ctx: int = 77,
-                attempt: int = 0) -> dict:
-    """A store in RecordWriter's format with a reproducible random map per key; returns ``{key: (image, text)}``."""
+                attempt: int = 0, image_map: np.ndarray | None = None) -> dict:
+    """A store in RecordWriter's format with a reproducible random map per key (or ``image_map`` for every key);
+    returns ``{key: (image, text)}``."""
     (run / "records").mkdir(parents=True, exist_ok=True)
     (run / "attributions").mkdir(parents=True, exist_ok=True)
     name = f"rank0-{attempt:03d}"
@@ -48,6 +49,7 @@ def write_store(run: Path, keys: list, method: str, seed: int = 0, image_size=(3
         for i, key in enumerate(keys):
             g = torch.Generator().manual_seed(1000 * attempt + i)
             image, text = torch.rand(image_size, generator=g).numpy(), torch.rand(ctx, generator=g).numpy()
+            image = image if image_map is None else image_map
             maps[key] = (image.astype(np.float16), text.astype(np.float16))
             tar.write({"__key__": store_id(method, seed, key), "json": {"key": key, "method": method, "seed": seed},
                        "image.npy": maps[key][0], "text.npy": maps[key][1]})
@@ -101,6 +103,27 @@ def test_degraded_items_use_their_own_map(store: Path, tiny_clip) -> None:
     partial[2]
     with pytest.raises(MissingMapError, match=source.key(3)):
         partial[3]
+
+
+def test_road_noise_is_independent_of_the_tie_break(tmp_path: Path, tiny_clip) -> None:
+    """``fill: road`` on a binary (ground-truth-like) map: the noise on the removed background pixels, which the
+    tie-break map picked, has mean 0 like the object's (it once was the tie-break map itself: positive mean)."""
+    square = np.zeros((32, 32), np.float32)
+    square[8:16, 8:16] = 1.0  # the "object": 64 of 1,024 pixels
+    source = _shapes(4)
+    source.use_transforms(ModelTransforms.from_clip(tiny_clip))
+    write_store(tmp_path, [source.key(i) for i in range(4)], "gt", image_map=square)
+    data = DegradedDataset(source, index_store(tmp_path, "gt"), fraction=0.5, fill="road")
+    noise = []
+    for i in range(4):
+        key, clean = source.key(i), source[i]["image"]
+        gone = top_fraction_mask(torch.from_numpy(square)[None], 0.5, tiebreak=data._ties(key, (32, 32)))
+        assert int(gone.sum()) == 512 and bool(gone[0, 8:16, 8:16].all())
+        plain = remove_image(clean[None], gone, "road", noise=0.0)[0]  # the imputation without noise
+        noise.append((data[i]["image"] - plain)[:, gone[0] & (torch.from_numpy(square) == 0)])  # [3, 448]
+    noise = torch.cat(noise, 1)  # 4 x 448 background pixels, ROAD's std 0.01
+    assert noise.std().item() == pytest.approx(0.01, rel=0.1)
+    assert noise.mean(1).abs().max().item() < 5 * 0.01 / noise.shape[1] ** 0.5, noise.mean(1)
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -218,6 +241,48 @@ def test_ddp_gives_the_same_score(runs: Path, store: Path, tmp_path: Path) -> No
     assert ddp["steps"] == one["steps"] and ddp["val_pairs"] == one["val_pairs"]
     assert ddp["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
     assert ddp["score"] == pytest.approx(one["score"], rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_two_process_sweep_writes_each_point_once_and_resumes(runs: Path, store: Path, tmp_path: Path) -> None:
+    """``clipib roar`` with the DDP trainer block: Lightning's launcher re-runs the sweep command in a second
+    process, both walk the grid, rank 0 alone writes each point's roar.json and the sweep's summary (printed
+    once); the scores are the single-process runs'; a second sweep on the same folder reruns nothing."""
+    from clipib.roar.sweep import run_sweep
+
+    cfg = _config(tmp_path, store, "unused", method=None)
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "clipib", "roar", "-c", str(BASE), "-c", str(cfg), "-c",
+                           str(ROOT / "configs" / "trainer" / "ddp_cpu.yaml"), "--out", str(out), "--maps", str(store),
+                           "--methods", "random_a", "--repeats", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ROAR run finished") == 2 and proc.stdout.count("| method |") == 1, proc.stdout
+    points = {"reference": (out / "reference" / "r0", runs / "ref"), "random_a": (out / "random_a" / "fdefault" / "r0",
+                                                                                    runs / "deg")}
+    for two, one in points.values():
+        a, b = json.loads((two / "roar.json").read_text()), json.loads((one / "roar.json").read_text())
+        assert a["steps"] == b["steps"] and a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+        assert a.get("score", 0.0) == pytest.approx(b.get("score", 0.0), rel=1e-3, abs=1e-5)
+    written = {name: (two / "roar.json").stat().st_mtime_ns for name, (two, _) in points.items()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["random_a"]["roar_plus_image"]["n"] == 1
+    again = run_sweep([str(BASE), str(cfg)], out, ["random_a"], repeats=1, maps=store)  # resumed: nothing to run
+    assert {name: (two / "roar.json").stat().st_mtime_ns for name, (two, _) in points.items()} == written
+    assert again["random_a"] == summary["random_a"]
+
+
+def test_multi_process_sweep_refuses_to_make_maps(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Under torchrun every process would write the one attribution store: missing maps are one line, exit 2."""
+    from clipib.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["roar", "-c", str(BASE), "--out", str(tmp_path / "sweep"), "--methods", "oracle",
+                 "--maps-config", str(ROOT / "configs" / "roar" / "shapes_maps.yaml")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "make them before a multi-process sweep" in err, err
+    assert not (tmp_path / "sweep" / "maps").exists()
 
 
 # ------------------------------------------------------------------------------- shapes: the ordering

@@ -68,7 +68,7 @@ def _parser(bench_options: bool = True) -> argparse.ArgumentParser:
 
 
 def _run_roar(args: argparse.Namespace) -> None:
-    from clipib.roar.sweep import CURVE_FRACTIONS, run_sweep
+    from clipib.roar.sweep import CURVE_FRACTIONS, SweepError, run_sweep, sweep_rank
 
     for c in args.config + ([args.maps_config] if args.maps_config else []):
         if not Path(c).is_file():
@@ -78,9 +78,13 @@ def _run_roar(args: argparse.Namespace) -> None:
     fractions = list(CURVE_FRACTIONS) if args.curve else (args.fractions or [None])
     if any(f is not None and not 0.0 < f < 1.0 for f in fractions):
         raise InputError(f"fractions must lie in (0, 1), got {fractions}")
-    run_sweep(args.config, Path(args.out), args.methods, fractions, args.repeats, args.seed,
-              Path(args.maps) if args.maps else None, args.maps_config, args.overrides)
-    print((Path(args.out) / "summary.md").read_text())
+    try:
+        run_sweep(args.config, Path(args.out), args.methods, fractions, args.repeats, args.seed,
+                  Path(args.maps) if args.maps else None, args.maps_config, args.overrides)
+    except SweepError as err:  # e.g. maps missing in a multi-process sweep
+        raise InputError(str(err)) from err
+    if sweep_rank() == 0:  # the other processes of a multi-process sweep print nothing
+        print((Path(args.out) / "summary.md").read_text())
 
 
 def _run_explain(args: argparse.Namespace) -> None:

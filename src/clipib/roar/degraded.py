@@ -26,6 +26,19 @@ DEFAULT_QUANTILE = {"image": 0.75, "text": 0.5}
 :func:`~clipib.removal.top_fraction_mask` gives ``quantile=``: 1,024 of 4,096 pixels, 1 of 3 content tokens)."""
 
 
+def noise_seeds(key: str, seed: int = 0) -> torch.Tensor:
+    """``[1]`` seed of a sample's ROAD noise: a stream apart from its tie-break map's (``key_seeds([key], seed)``).
+
+    Were they one stream, the noise of pixel ``i`` in the first channel would be its tie-break value: the
+    background pixels a binary map removes (those with the highest tie-break values) would get noise of positive
+    mean and the object's zero-mean noise, so the fill would mark which removed pixels were the object.
+
+    >>> bool(noise_seeds("a") != key_seeds(["a"]))
+    True
+    """
+    return key_seeds([f"road-noise/{key}"], seed)
+
+
 class MissingMapError(LookupError):
     """A sample has no stored map for the method (its key is in the message)."""
 
@@ -45,6 +58,7 @@ class DegradedDataset(Dataset):
         ties: :func:`~clipib.removal.top_fraction_mask`'s tie rule; ``"rank"`` removes exactly the fraction,
             ties broken by a random map drawn from the sample's key (``tie_seed``), so a binary ground-truth map
             does not remove the background in reading order.
+        tie_seed: seeds the tie-break map and (on a stream of its own, :func:`noise_seeds`) ROAD's noise.
         tokenizer: tokenizes captions of items without ``"ids"`` (text modality).
         road_iters: ROAD's solver steps.
     """
@@ -90,8 +104,7 @@ class DegradedDataset(Dataset):
                              f"image {tuple(image.shape[-2:])} (another preprocess?)")
         gone = top_fraction_mask(scores, ties=self.ties, **self._amount("image"),
                                  tiebreak=self._ties(key, tuple(scores.shape[-2:])))
-        out = remove_image(image[None], gone, self.fill, seeds=key_seeds([key], self.tie_seed),
-                           iters=self.road_iters)
+        out = remove_image(image[None], gone, self.fill, seeds=noise_seeds(key, self.tie_seed), iters=self.road_iters)
         return out[0]
 
     def degrade_ids(self, key: str, ids: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,19 @@ curve (InputIBA App. D.4) is the grid over fractions 0.1 ... 0.9. Layout of ``ou
 Resume: a point whose ``roar.json`` exists is never rerun; a point with a ``checkpoints/last.ckpt`` continues
 from it (``--ckpt_path last``); eval resumes its own maps. Repeat ``r`` uses seed ``seed + r`` for the
 split, the shuffle and the global seed, the same for the reference and every method.
+
+Several processes (a DDP trainer block among the configs, e.g. ``configs/trainer/ddp_cpu.yaml``): Lightning's
+launcher starts the other processes at the first fit by re-running the same ``clipib roar`` command line (or
+``torchrun`` starts them all), so every process walks the same grid and joins each fit; rank 0 alone writes
+each ``roar.json`` (every process waits for it, :class:`~clipib.callbacks.roar.RoarScoreWriter`), the maps and
+the sweep's summary, curve and TensorBoard runs.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -27,6 +34,18 @@ from clipib.callbacks.roar import metric_name, read_result
 
 CURVE_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 """InputIBA App. D.4: 10 % ... 90 % removal."""
+
+
+class SweepError(ValueError):
+    """A sweep that cannot run as asked (its message is one line for the command line)."""
+
+
+def sweep_rank() -> int:
+    """This process's global rank in a multi-process sweep (0 when alone): Lightning's, which it reads from
+    ``RANK`` / ``LOCAL_RANK`` (torchrun, Lightning's launcher) and sets at each distributed fit."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 def point_dir(out: Path, method: Optional[str], fraction: Optional[float], repeat: int) -> Path:
@@ -62,6 +81,9 @@ def make_maps(maps_config: str, maps: Path, extra: Sequence[str] = ()) -> None:
     """Run ``eval.py test`` with ``maps_config`` into ``maps`` (it resumes itself; finished: nothing to do)."""
     if (maps / "summary.json").is_file():
         return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every process would write the one store
+        raise SweepError(f"the maps in {maps} are missing: make them before a multi-process sweep, in one process "
+                         f"(python eval.py test -c {maps_config} --trainer.default_root_dir {maps})")
     from clipib.lit.cli import eval_cli
 
     eval_cli(args=["test", "-c", maps_config, "--trainer.default_root_dir", str(maps), *extra])
@@ -70,7 +92,8 @@ def make_maps(maps_config: str, maps: Path, extra: Sequence[str] = ()) -> None:
 def run_sweep(configs: Sequence[str], out: Path, methods: Sequence[str], fractions: Sequence[Optional[float]] = (None,),
               repeats: int = 5, seed: int = 0, maps: Optional[Path] = None, maps_config: Optional[str] = None,
               extra: Sequence[str] = ()) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """Run (or resume) the grid and write the summary and the curve; returns the summary.
+    """Run (or resume) the grid and write the summary and the curve (rank 0 of a multi-process sweep); returns
+    the summary.
 
     Args:
         configs: the ``train.py`` configs of one run (``-c`` each), e.g. ``configs/roar/shapes.yaml``.
@@ -87,7 +110,7 @@ def run_sweep(configs: Sequence[str], out: Path, methods: Sequence[str], fractio
     if maps_config is not None:
         make_maps(maps_config, maps)
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise SweepError(f"repeats must be >= 1, got {repeats}")
     for method, fraction, r in grid(methods, fractions, repeats):
         run = point_dir(out, method, fraction, r)
         if (run / "roar.json").is_file():
@@ -105,7 +128,8 @@ def run_sweep(configs: Sequence[str], out: Path, methods: Sequence[str], fractio
         if not (run / "roar.json").is_file():
             raise RuntimeError(f"the run in {run} ended without a result (interrupted?); run the sweep again to resume")
     summary = collect(out, methods, fractions, repeats)
-    write_outputs(out, summary, methods, fractions)
+    if sweep_rank() == 0:
+        write_outputs(out, summary, methods, fractions)
     return summary
 
 
