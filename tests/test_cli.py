@@ -78,3 +78,11 @@ def test_image_modes(tmp_path, mode):
     if mode == "I;16":  # 16-bit range rescaled, not clipped to white
         assert abs(np.asarray(loaded)[..., 0].astype(int) - np.asarray(rgb.convert("L"))).max() <= 1
     assert _explain(tmp_path, path, method="nib") == 0
+
+
+def test_roar_without_maps_is_one_line(tmp_path, capsys):
+    """`clipib roar` with neither stored maps nor --maps-config stops before any run, with one line."""
+    code = main(["roar", "-c", "configs/roar/shapes.yaml", "--out", str(tmp_path / "sweep"), "--maps", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("clipib: error:") and "--maps-config" in err and "\n" not in err, err
+    assert not (tmp_path / "sweep").exists()

@@ -78,6 +78,10 @@ def _run_roar(args: argparse.Namespace) -> None:
     fractions = list(CURVE_FRACTIONS) if args.curve else (args.fractions or [None])
     if any(f is not None and not 0.0 < f < 1.0 for f in fractions):
         raise InputError(f"fractions must lie in (0, 1), got {fractions}")
+    maps = Path(args.maps) if args.maps else Path(args.out) / "maps"
+    if args.maps_config is None and not any((maps / "attributions").glob("rank*-*.tar")):
+        raise InputError(f"{maps} holds no stored maps (attributions/rank*-*.tar): give --maps-config <eval config> "
+                         "to make them there, or --maps <an eval run with records.store_maps true>")
     try:
         run_sweep(args.config, Path(args.out), args.methods, fractions, args.repeats, args.seed,
                   Path(args.maps) if args.maps else None, args.maps_config, args.overrides)
