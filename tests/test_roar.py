@@ -314,3 +314,24 @@ def test_shapes_oracle_degrades_most_random_least(tmp_path: Path) -> None:
     assert score["oracle"] > score["m2ib"] > score["random"], score
     assert score["oracle"] > 2 * max(score["random"], 0.01), score
     assert json.loads((tmp_path / "sweep" / "summary.json").read_text())["protocol"] == "roar_plus"
+
+
+def test_curve_outputs_with_repeats(tmp_path):
+    """Several fractions: curve.png (± std bars when repeats > 1), curve.json and TensorBoard scalars per method."""
+    from PIL import Image
+
+    from clipib.roar.sweep import write_outputs
+    from clipib.viz import curve_figure
+
+    fractions = [0.1, 0.5, 0.9]
+    summary = {m: {f"roar_image@{f:g}": {"mean": base + f / 10, "std": 0.02, "sem": 0.014, "n": 2} for f in fractions}
+               for m, base in (("oracle", 0.2), ("random", 0.0))}
+    write_outputs(tmp_path, summary, ["oracle", "random"], fractions)
+    saved = json.loads((tmp_path / "curve.json").read_text())
+    assert saved["fractions"] == fractions and saved["scores"]["oracle"] == pytest.approx([0.21, 0.25, 0.29])
+    assert Image.open(tmp_path / "curve.png").size == (640, 400)
+    assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == ["oracle", "random"]
+    curves = {"a": [0.2, 0.25, 0.3]}
+    plain = np.asarray(curve_figure(fractions, curves, y_range=(0.0, 0.4)))
+    bars = np.asarray(curve_figure(fractions, curves, y_range=(0.0, 0.4), errors={"a": [0.05, 0.05, 0.05]}))
+    assert (plain != bars).any(axis=2).sum() > 3 * 10  # three bars of ~25 px each

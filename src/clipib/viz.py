@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -213,12 +214,32 @@ def roc_figure(curves: Dict[str, Tuple[Sequence[float], Sequence[float], float]]
     return fig
 
 
-def curve_figure(xs: Sequence[float], curves: Dict[str, Sequence[float]], title: str = "",
-                 x_label: str = "", y_range: Tuple[float, float] = (-1.0, 1.0), size: Tuple[int, int] = (480, 320)
-                 ) -> Image.Image:
-    """A line chart (PIL only): one line per ``curves`` entry over ``xs``, a legend, axes with end labels.
+def nice_ticks(lo: float, hi: float, most: int = 6) -> List[float]:
+    """Round values (1, 2 or 5 × a power of ten apart) between ``lo`` and ``hi``, at most ``most`` of them.
 
-    NaN points are left out of their line. Used for the model-randomisation curves (similarity per step).
+    >>> nice_ticks(0.0, 0.3)
+    [0.0, 0.1, 0.2, 0.3]
+    >>> nice_ticks(-1.0, 1.0)
+    [-1.0, -0.5, 0.0, 0.5, 1.0]
+    """
+    if not hi > lo:
+        return [lo]
+    raw = (hi - lo) / max(most - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+    first = math.ceil(lo / step - 1e-9)
+    ticks = [round(k * step, 12) for k in range(first, math.floor(hi / step + 1e-9) + 1)]
+    return [t + 0.0 for t in ticks]  # no -0.0
+
+
+def curve_figure(xs: Sequence[float], curves: Dict[str, Sequence[float]], title: str = "",
+                 x_label: str = "", y_range: Tuple[float, float] = (-1.0, 1.0), size: Tuple[int, int] = (480, 320),
+                 errors: Optional[Dict[str, Sequence[float]]] = None) -> Image.Image:
+    """A line chart (PIL only): one line per ``curves`` entry over ``xs``, a legend, gridlines at round values.
+
+    NaN points are left out of their line. ``errors`` (same keys and lengths, e.g. a std over repeats) draws a
+    vertical bar of ± that value at each point. Used for the model-randomisation curves (similarity per step)
+    and the ROAR removal curve.
     """
     w, h = size
     left, right, top, bottom = 44, 12, 26, 36
@@ -234,8 +255,8 @@ def curve_figure(xs: Sequence[float], curves: Dict[str, Sequence[float]], title:
         return px, py
 
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    for y in (lo, 0.0, hi) if lo < 0 < hi else (lo, hi):
-        draw.line([point(x0, y), point(x1, y)], fill="#dddddd")
+    for y in nice_ticks(lo, hi):
+        draw.line([point(x0, y), point(x1, y)], fill="#aaaaaa" if y == 0 else "#e4e4e4")
         draw.text((4, point(x0, y)[1] - 6), f"{y:g}", fill="black", font=font)
     for x in xs:
         draw.text((point(x, lo)[0] - 8, h - bottom + 4), f"{x:g}", fill="black", font=font)
@@ -248,5 +269,11 @@ def curve_figure(xs: Sequence[float], curves: Dict[str, Sequence[float]], title:
             draw.line(pts, fill=colour, width=2)
         for px, py in pts:
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+        for x, y, e in zip(xs, ys, (errors or {}).get(name, ())):
+            if y == y and e == e and e > 0:
+                (px, p_hi), (_, p_lo) = point(x, y + e), point(x, y - e)
+                draw.line([(px, p_hi), (px, p_lo)], fill=colour, width=1)
+                draw.line([(px - 3, p_hi), (px + 3, p_hi)], fill=colour)
+                draw.line([(px - 3, p_lo), (px + 3, p_lo)], fill=colour)
         draw.text((w - right - 110, top + 4 + 14 * i), name, fill=colour, font=font)
     return fig

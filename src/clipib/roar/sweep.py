@@ -171,11 +171,14 @@ def write_outputs(out: Path, summary: Dict[str, Dict[str, Dict[str, float]]], me
 
     xs = [float(f) for f in fractions]  # type: ignore[arg-type]
     curves = {m: [_at(summary[m], f) for f in xs] for m in methods}
-    top = max([v for c in curves.values() for v in c if not math.isnan(v)], default=1.0)
-    low = min([v for c in curves.values() for v in c if not math.isnan(v)], default=0.0)
+    spread = {m: [_at(summary[m], f, "std") for f in xs] for m in methods}  # over repeats; 0 with one repeat
+    ends = [v + s * e for m in methods for v, e in zip(curves[m], spread[m]) for s in (-1, 1) if v == v and e == e]
+    top, low = max(ends, default=1.0), min(ends, default=0.0)
     y_range = (min(0.0, math.floor(low * 20) / 20), math.ceil(max(top, 1e-6) * 1.1 * 20) / 20)  # 0.05 steps
-    curve_figure(xs, curves, title="ROAR: (L_c - L_o) / L_o against the removed fraction", x_label="removed fraction",
-                 y_range=y_range, size=(640, 400)).save(out / "curve.png")
+    repeats = max((int(s.get("n", 1)) for m in methods for s in summary[m].values()), default=1)
+    title = "ROAR: (L_c - L_o) / L_o against the removed fraction" + (f" (± std, {repeats} repeats)" if repeats > 1 else "")
+    curve_figure(xs, curves, title=title, x_label="removed fraction", y_range=y_range, size=(640, 400),
+                 errors=spread).save(out / "curve.png")
     for method, values in curves.items():
         writer = SummaryWriter(str(out / "tensorboard" / method))
         for x, v in zip(xs, values):
@@ -184,9 +187,9 @@ def write_outputs(out: Path, summary: Dict[str, Dict[str, Dict[str, float]]], me
     (out / "curve.json").write_text(json.dumps({"fractions": xs, "scores": curves}, indent=2))
 
 
-def _at(values: Dict[str, Dict[str, float]], fraction: float) -> float:
-    """The mean score at ``fraction`` from a method's summary row (NaN when missing)."""
+def _at(values: Dict[str, Dict[str, float]], fraction: float, stat: str = "mean") -> float:
+    """``stat`` (mean, std, ...) of the score at ``fraction`` from a method's summary row (NaN when missing)."""
     for name, s in values.items():
         if name.endswith(f"@{fraction:g}"):
-            return float(s["mean"])
+            return float(s.get(stat, float("nan")))
     return float("nan")
