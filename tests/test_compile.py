@@ -30,19 +30,40 @@ def _close(a: clipib.Attribution, b: clipib.Attribution) -> None:
 
 @pytest.mark.slow
 def test_compiled_equals_eager(tiny_clip, pairs):
-    """M2IB (both towers: the compiled bottleneck step), AdaIB (the same graphs), NIB text: compiled == eager."""
+    """M2IB (both towers: the compiled bottleneck step), AdaIB (the same graphs), NIB (both towers' suffix
+    passes): compiled == eager."""
     images, ids = pairs
     before = compile_counts()
-    cases = ((clipib.M2IB, FAST, "both"), (clipib.AdaIB, FAST, "both"), (clipib.NIB, {}, "text"))
+    cases = ((clipib.M2IB, FAST, "both"), (clipib.AdaIB, FAST, "both"), (clipib.NIB, {}, "both"))
     for cls, kwargs, modality in cases:
         eager = cls(tiny_clip, **kwargs).attribute(images, ids, modality=modality, seeds=SEEDS)
         compiled = cls(tiny_clip, compile=True, **kwargs).attribute(images, ids, modality=modality, seeds=SEEDS)
         _close(eager, compiled)
     graphs = compile_counts()["graphs"] - before["graphs"]
-    assert graphs >= 3  # M2IB image + text step, NIB text pass: compiled, not silently eager
+    assert graphs >= 4  # M2IB image + text step, NIB image + text pass: compiled, not silently eager
     again = compile_counts()
     clipib.M2IB(tiny_clip, compile=True, **FAST).attribute(images, ids, seeds=SEEDS)  # same shapes: no recompile
     assert compile_counts()["graphs"] == again["graphs"]
+
+
+@pytest.mark.slow
+def test_text_length_multiple_bounds_recompiles(tiny_clip, pairs, monkeypatch):
+    """Two batches whose longest captions differ: a recompilation at the exact length, none when both round up
+    to the same ``text_length_multiple``."""
+    images, ids = pairs
+    shorter = ids.clone()
+    longest = int(tiny_clip.text.eot_positions(ids).argmax())
+    shorter[longest] = ids[int(tiny_clip.text.eot_positions(ids).argmin())]  # the longest caption replaced
+    assert tiny_clip.text.valid_length(shorter) < tiny_clip.text.valid_length(ids)
+    counts = []
+    for multiple in (1, 16):
+        monkeypatch.setattr(tiny_clip.text, "length_multiple", multiple)
+        method = clipib.M2IB(tiny_clip, compile=True, **FAST)
+        method.attribute(images, ids, modality="text", seeds=SEEDS)
+        before = compile_counts()["graphs"]
+        method.attribute(images, shorter, modality="text", seeds=SEEDS)
+        counts.append(compile_counts()["graphs"] - before)
+    assert counts[0] >= 1 and counts[1] == 0, counts
 
 
 def test_compile_needs_a_compiler(tiny_clip, monkeypatch):
