@@ -75,6 +75,35 @@ def test_ties_are_deterministic_index_order_or_the_tiebreak():
     assert R.top_fraction_mask(binary, 0.25, tiebreak=-torch.arange(8.0)[None]).nonzero()[:, 1].tolist() == [1, 3]
 
 
+def _lexicographic_top(maps, k, valid, tiebreak):
+    """The reference rule, written out: sort every feature by (valid, value, tiebreak) descending, index
+    ascending, and keep the first k of each row."""
+    out = torch.zeros(maps.shape, dtype=torch.bool)
+    for b in range(maps.shape[0]):
+        feats = sorted(range(maps.shape[1]), key=lambda i: (not bool(valid[b, i]), -float(maps[b, i]),
+                                                            -float(tiebreak[b, i]), i))
+        out[b, [i for i in feats[: int(k[b])] if valid[b, i]]] = True
+    return out
+
+
+@pytest.mark.parametrize("levels", [2, 5, 0])  # binary maps, few values (many ties), continuous
+def test_rank_mode_equals_a_full_lexicographic_sort(levels):
+    gen = torch.Generator().manual_seed(levels)
+    maps = torch.rand(4, 300, generator=gen)
+    if levels:
+        maps = (maps * levels).floor()
+    maps[0, :10] = float("nan")
+    valid = torch.rand(4, 300, generator=gen) > 0.2
+    tiebreak = torch.randn(4, 300, generator=gen).round(decimals=1)  # ties in the tiebreak too: index decides
+    fractions = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    got = R.top_fraction_mask(maps, fractions, valid=valid, tiebreak=tiebreak)
+    n = (valid & ~torch.isnan(maps)).sum(1)
+    k = torch.floor(fractions.double() * n + 0.5 + 1e-9)
+    ok = valid & ~torch.isnan(maps)
+    assert torch.equal(got, _lexicographic_top(maps.nan_to_num(-1e9), k, ok, tiebreak))
+    assert torch.equal(got.sum(1), k.long())
+
+
 def test_nan_features_are_never_removed_nor_counted():
     m = torch.tensor([[float("nan"), 0.3, 0.2, 0.1, float("nan")]])
     gone = R.top_fraction_mask(m, 1.0)

@@ -49,12 +49,6 @@ TIES = ("rank", "threshold")
 
 # --------------------------------------------------------------------------------------------------- which
 
-def _sort_by(order: Tensor, key: Tensor) -> Tensor:
-    """``order`` re-sorted by ``key`` (gathered along it), descending, stable: one pass of a lexicographic sort."""
-    idx = key.gather(1, order).sort(dim=1, descending=True, stable=True).indices
-    return order.gather(1, idx)
-
-
 def _row_quantile(x: Tensor, ok: Tensor, q: Tensor) -> Tensor:
     """Linear-interpolation quantile ``q [B]`` (NumPy's default, as ``np.percentile``) of each row's ``ok`` values."""
     srt = x.masked_fill(~ok, torch.inf).sort(dim=1).values  # [B, N], invalid last
@@ -130,16 +124,36 @@ def top_fraction_mask(
         k = (n - 1 - torch.floor(q * (n - 1).clamp(min=0).double())).clamp(min=0)
     else:  # nearest, halves up (the epsilon: a product that rounds to just below .5)
         k = torch.floor(given * n + 0.5 + 1e-9)  # [B]
-    order = torch.arange(flat.shape[1], device=flat.device).expand(b, -1)  # [B, N]
+    second = None
     if tiebreak is not None:
         if tiebreak.shape != maps.shape:
             raise ValueError(f"tiebreak must have the maps' shape {tuple(maps.shape)}, got {tuple(tiebreak.shape)}")
-        order = _sort_by(order, tiebreak.reshape(b, -1).to(flat.device).double().nan_to_num(-torch.inf))
+        second = tiebreak.reshape(b, -1).to(flat.device).double().nan_to_num(-torch.inf)  # [B, N]
     # valid features first: their values (-inf lifted to the lowest finite value) above every invalid one (-inf)
     key = torch.where(ok, flat.clamp(min=torch.finfo(flat.dtype).min), torch.full_like(flat, -torch.inf))
-    order = _sort_by(order, key)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand(b, -1))
-    return (ok & (rank < k[:, None])).view(maps.shape)
+    out = torch.zeros_like(ok)
+    for row in range(b):
+        out[row] = _top_k_row(key[row], int(k[row]), None if second is None else second[row])
+    return (ok & out).view(maps.shape)
+
+
+def _top_k_row(key: Tensor, k: int, second: Optional[Tensor]) -> Tensor:
+    """The ``k`` first features of one row ``[N]`` in the order (``key`` descending, ``second`` descending,
+    index ascending), as a bool mask: the k-th largest key by selection (O(N)), then a sort of the features tied
+    with it only - the same features a full lexicographic sort would give, without sorting the row."""
+    chosen = torch.zeros(key.shape, dtype=torch.bool, device=key.device)
+    if k <= 0:
+        return chosen
+    if k >= key.numel():
+        return ~chosen
+    kth = -torch.kthvalue(-key, k).values  # the k-th largest key
+    chosen = key > kth
+    tied = torch.nonzero(key == kth).flatten()  # ascending index
+    need = k - int(chosen.sum())
+    if need < tied.numel() and second is not None:  # tied features by second key, descending; stable: index asc
+        tied = tied[second[tied].sort(descending=True, stable=True).indices]
+    chosen[tied[:need]] = True
+    return chosen
 
 
 def content_tokens(ids: Tensor, eot: Optional[Tensor] = None, start: int = 1) -> Tensor:
