@@ -24,7 +24,8 @@ explanation signal is the gradient with respect to the attention maps of single 
 aggregated over all layers, combining the activations of the last and of intermediate tokens. Every other step
 was checked against the authors' package ``WalBouss/LeGrad`` (``legrad/wrapper.py`` at 8c2ca90,
 ``legrad/utils.py`` at c5c7b20), not against the paper: ``A_l`` is the post-softmax attention of block ``l``;
-``s_l`` is the similarity of the text embedding with the L2-normalised embedding read from block ``l``'s output;
+``s_l`` is the similarity of the text embedding with the L2-normalised embedding read from block ``l``'s output
+(CoCa: not normalised, below);
 the gradient is clamped at 0 (ReLU), averaged over heads and then over every query row, the class column is
 dropped, the layer maps are summed (not averaged) and min-max normalised per map.
 
@@ -220,7 +221,8 @@ class LeGrad(Attributor):
         try:
             ids = clip.tokenize([CORRECTION_PROMPT])
         except ModelLoadError as err:  # a lazily built tokenizer that cannot be built here
-            raise ValueError(f"the LeGrad correction embeds {CORRECTION_PROMPT!r}: {err}; or pass correction=False") from err
+            raise ValueError(f"the LeGrad correction embeds {CORRECTION_PROMPT!r}: {err}; "
+                             "or pass correction=False") from err
         vocab = clip.text.token_embedding.num_embeddings
         if int(ids.max()) >= vocab or int(ids.min()) < 0:
             raise ValueError(f"the model's tokenizer gives ids outside its text vocabulary ({vocab}) for "
