@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import clipib
+from clipib.models.loading import ModelLoadError
 from clipib.models.split import SplitCLIP
 
 LAST_TWO = 2  # the package's layer_index=-2
@@ -165,18 +166,6 @@ def test_package_readout_on_siglip_with_and_without_correction(tiny_family, fami
     low = clipib.LeGrad(clip, readout="package", correction_threshold=0.3).attribute(images, ids, modality="image")
     assert (low.image_grid == 0).sum() > (got.image_grid == 0).sum()
     assert _differs(clipib.LeGrad(clip).attribute(images, ids, modality="image").image_grid, main)
-    # the tiny model's own tokenizer needs transformers here: one clear error naming the way out
-    if not _has_transformers():
-        with pytest.raises(ValueError, match="correction=False"):
-            clipib.LeGrad(base, readout="package").attribute(images, ids, modality="image")
-
-
-def _has_transformers() -> bool:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def test_package_readout_refusals(tiny_clip, tiny_family, family_pairs):
@@ -188,7 +177,15 @@ def test_package_readout_refusals(tiny_clip, tiny_family, family_pairs):
     images, ids = family_pairs(eva)
     with pytest.raises(ValueError, match="no path"):
         clipib.LeGrad(eva, readout="package").attribute(images[:1], ids[:1], modality="image")
-    bare = SplitCLIP(tiny_family("siglip").model, None, None)
-    images, ids = family_pairs(bare)
-    with pytest.raises(ValueError, match="no tokenizer"):
-        clipib.LeGrad(bare, readout="package").attribute(images[:1], ids[:1], modality="image")
+    model = tiny_family("siglip").model
+    images, ids = family_pairs(tiny_family("siglip"))
+
+    def unbuildable(texts):  # a lazily built SigLIP tokenizer without transformers raises this
+        raise ModelLoadError("the tokenizer of tiny-siglip needs the 'transformers' package")
+
+    for tokenizer, message in ((None, "no tokenizer"), (unbuildable, "transformers.*correction=False"),
+                               (lambda texts: torch.full((len(texts), 16), 5000), "outside its text vocabulary")):
+        clip = SplitCLIP(model, None, tokenizer)
+        with pytest.raises(ValueError, match=message):  # the correction (on by default here) cannot embed its prompt
+            clipib.LeGrad(clip, readout="package").attribute(images[:1], ids[:1], modality="image")
+        clipib.LeGrad(clip, readout="package", correction=False).attribute(images[:1], ids[:1], modality="image")
