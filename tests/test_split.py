@@ -169,6 +169,27 @@ def test_tiny_families_every_cut(tiny_family, family_pairs, family):
     assert clip.image.to_grid(w).shape == (4, *clip.grid)
 
 
+@pytest.mark.parametrize("family", ["coca", "pe", "siglip"])
+def test_attention_pool_is_the_head(tiny_family, family_pairs, family):
+    """``ImageTower.attention_pool`` (the MAP head with its attention explicit) is ``head`` with the final norm,
+    something else without it; its hook sees the head's probabilities over the rows it reads."""
+    clip = tiny_family(family)
+    images, _ = family_pairs(clip)
+    tower = clip.image
+    with torch.no_grad():
+        h = tower.prefix(images[:2], tower.n_layers)
+        seen = []
+        emb = tower.attention_pool(h, attn_hook=lambda i, a: seen.append((i, a)) or a)
+        torch.testing.assert_close(emb, tower.head(h, images[:2]), atol=1e-5, rtol=0)
+        raw = tower.attention_pool(h, final_norm=False, normalize=False)
+    (index, probs), = seen
+    assert index == tower.n_layers and probs.shape[0] == 2 and probs.shape[-1] == h.shape[1]
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+    assert (F.normalize(raw, dim=-1) - emb).abs().max() > 1e-4
+    with pytest.raises(UnsupportedModelError):
+        tower.mean_token_embedding(h)
+
+
 def test_siglip_text_rules(tiny_family, make_siglip_ids):
     """A bidirectional last-pooled tower: pooled at the last position, runs on the whole context (padding
     changes the embedding), spans end at the first padding EOS and have no SOT."""

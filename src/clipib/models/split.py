@@ -332,9 +332,89 @@ class ImageTower(Tower):
 
     def head(self, h: Tensor, x: Tensor, normalize: bool = True) -> Tensor:
         pooled, _ = self.visual._pool(h)  # [B, D]
+        return self._project(pooled, normalize)
+
+    def _project(self, pooled: Tensor, normalize: bool) -> Tensor:
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj
         return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def attention_pool(self, h: Tensor, attn_hook: Optional[AttnHook] = None, final_norm: bool = True,
+                       normalize: bool = True) -> Tensor:
+        """The embedding ``[B, E]`` an attention-pooling head (``pool_type == "map"``) reads from a residual
+        stream ``h`` ``[B, T, D]``, the head's attention computed explicitly: its probabilities
+        ``[B, heads, queries, n]`` pass through ``attn_hook(n_layers, probs)``. ``n``: the rows the head reads,
+        the last ``n`` rows of ``h`` (every row, or the patch rows of a timm trunk that pools without its prefix
+        tokens); query 0 is the one that becomes the contrastive embedding (CoCa; timm SigLIP has one query).
+
+        ``final_norm=False`` leaves the tower's final norm out: timm's ``norm`` before the MAP head, CoCa's
+        ``ln_post`` (after its original pooler, before its 'parallel' one). With ``final_norm=True`` this is
+        :meth:`head` of ``h`` up to float rounding. ``normalize=False``: before the L2 normalisation.
+        Raises :class:`UnsupportedModelError` on a tower without attention pooling.
+        """
+        v = self.visual
+        if v.attn_pool is None:
+            raise UnsupportedModelError(f"attention_pool needs an attention-pooled tower, this one pools "
+                                        f"'{self.pool_type}'")
+        hook = attn_hook or (lambda i, a: a)
+        if v.attn_pool_contrastive is None:  # the original CoCa pooler: pool, ln_post, then the class query
+            out = _attentional_pooler(v.attn_pool, h, hook, self.n_layers)  # [B, queries, d]
+            pooled, _ = v._global_pool(v.ln_post(out) if final_norm else out)
+        else:  # 'parallel': ln_post, then the one-query contrastive pooler
+            pooled = _attentional_pooler(v.attn_pool_contrastive, v.ln_post(h) if final_norm else h, hook,
+                                         self.n_layers)
+        return self._project(pooled, normalize)
+
+    def mean_token_embedding(self, h: Tensor, normalize: bool = True) -> Tensor:
+        """``ln_post(mean of every row of h, class token included) @ proj`` ``[B, E]``: the read-out LeGrad's
+        package (``WalBouss/LeGrad``) applies to intermediate blocks of open_clip ViTs; not the tower's own head
+        (which reads the class token or the patch mean). Raises :class:`UnsupportedModelError` on
+        attention-pooled towers (their ``ln_post`` normalises the pooler's output)."""
+        if self.visual.attn_pool is not None:
+            raise UnsupportedModelError("mean_token_embedding needs a ViT without attentional pooling")
+        return self._project(self.visual.ln_post(h.mean(dim=1)), normalize)
+
+
+def _attentional_pooler(pool: nn.Module, h: Tensor, hook: AttnHook, index: int) -> Tensor:
+    """open_clip's ``AttentionalPooler`` on ``h`` ``[B, T, D]`` with its attention explicit (the same equations as
+    its ``nn.MultiheadAttention``; probabilities ``[B, heads, queries, T]`` through ``hook``): ``[B, queries, d]``."""
+    mha: nn.MultiheadAttention = pool.attn
+    if not mha.batch_first or mha.bias_k is not None or mha.add_zero_attn:
+        raise UnsupportedModelError("attention hooks on an attentional pooler need a batch-first attention "
+                                    "without bias_k / add_zero_attn")
+    y = pool.ln_k(h)  # [B, T, D]
+    query = pool.ln_q(pool.query)  # [Q, d]
+    b, t, _ = y.shape
+    d, heads = mha.embed_dim, mha.num_heads
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    bq, bk, bv = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)
+    split = lambda u: u.reshape(u.shape[0], -1, heads, d // heads).transpose(1, 2)  # noqa: E731  [B, H, ·, d/H]
+    q = split(F.linear(query, wq, bq).expand(b, -1, -1))  # [B, H, Q, d/H]
+    k, v = split(F.linear(y, wk, bk)), split(F.linear(y, wv, bv))  # [B, H, T, d/H]
+    probs = hook(index, (q @ k.transpose(-1, -2) * (d // heads) ** -0.5).softmax(dim=-1))  # [B, H, Q, T]
+    return mha.out_proj((probs @ v).transpose(1, 2).reshape(b, -1, d))  # [B, Q, d]
+
+
+def _latent_pool(pool: nn.Module, y: Tensor, hook: AttnHook, index: int) -> Tensor:
+    """timm's ``AttentionPoolLatent`` on ``y`` ``[B, n, D]`` with its attention explicit (timm's non-fused
+    equations; probabilities ``[B, heads, latents, n]`` through ``hook``): its pooled output."""
+    if pool.pos_embed is not None:
+        y = y + pool.pos_embed.unsqueeze(0).to(y.dtype)
+    b, n, _ = y.shape
+    heads, dim = pool.num_heads, pool.head_dim
+    q = pool.q(pool.latent.expand(b, -1, -1)).reshape(b, pool.latent_len, heads, dim).transpose(1, 2)
+    k, v = pool.kv(y).reshape(b, n, 2, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, n, dim] each
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    probs = hook(index, ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1))  # [B, H, latents, n]
+    out = pool.proj_drop(pool.proj((probs @ v).transpose(1, 2).reshape(b, pool.latent_len, heads * dim)))
+    if getattr(pool, "mlp", None) is not None:
+        out = out + pool.mlp(pool.norm(out))
+    if pool.pool == "token":
+        return out[:, 0]
+    return out.mean(1) if pool.pool == "avg" else out
 
 
 class _ProbsHook(nn.Module):
@@ -459,22 +539,31 @@ class TimmImageTower(ImageTower):
         out = self.visual.head(self.trunk.head(pooled))
         return F.normalize(out, dim=-1) if normalize else out
 
+    def _map_skip(self) -> int:
+        """Rows before the ones the MAP head reads: 0, or the prefix tokens when the trunk pools without them."""
+        return 0 if getattr(self.trunk, "pool_include_prefix", True) in (True, None) else self.n_prefix
+
+    def attention_pool(self, h: Tensor, attn_hook: Optional[AttnHook] = None, final_norm: bool = True,
+                       normalize: bool = True) -> Tensor:
+        if self.pool_type != "map":
+            raise UnsupportedModelError(f"attention_pool needs a MAP head, this timm tower pools '{self.pool_type}'")
+        y = (self.trunk.norm(h) if final_norm else h)[:, self._map_skip():]
+        pooled = _latent_pool(self.trunk.attn_pool, y, attn_hook or (lambda i, a: a), self.n_layers)
+        out = self.visual.head(self.trunk.head(self.trunk.fc_norm(pooled)))
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def mean_token_embedding(self, h: Tensor, normalize: bool = True) -> Tensor:
+        raise UnsupportedModelError("mean_token_embedding is defined on open_clip ViTs, not on timm trunks")
+
     def pool_weights(self, x: Tensor) -> Tensor:
         if self.pool_type != "map":
             return super().pool_weights(x)
-        pool = self.trunk.attn_pool
-        h = self.trunk.norm(self.prefix(x, self.n_layers))  # [B, T, D]
-        skip = 0 if getattr(self.trunk, "pool_include_prefix", True) in (True, None) else self.n_prefix
-        y = h[:, skip:]
-        if pool.pos_embed is not None:
-            y = y + pool.pos_embed.unsqueeze(0).to(y.dtype)
-        b, n, _ = y.shape
-        q = pool.q(pool.latent.expand(b, -1, -1)).reshape(b, pool.latent_len, pool.num_heads, pool.head_dim)
-        k = pool.kv(y).reshape(b, n, 2, pool.num_heads, pool.head_dim)[:, :, 0]  # [B, n, heads, d]
-        q, k = pool.q_norm(q.transpose(1, 2)), pool.k_norm(k.transpose(1, 2))  # [B, heads, ·, d]
-        probs = ((q * pool.scale) @ k.transpose(-2, -1)).softmax(-1)  # [B, heads, latent, n]
-        w = torch.zeros(b, h.shape[1], device=x.device, dtype=probs.dtype)
-        w[:, skip:] = probs.mean(dim=(1, 2))
+        seen: List[Tensor] = []
+        h = self.prefix(x, self.n_layers)  # [B, T, D]
+        self.attention_pool(h, attn_hook=lambda i, a: seen.append(a) or a)
+        probs = seen[0]  # [B, heads, latent, n]
+        w = torch.zeros(h.shape[0], h.shape[1], device=x.device, dtype=probs.dtype)
+        w[:, self._map_skip():] = probs.mean(dim=(1, 2))
         return w
 
 
